@@ -1,0 +1,314 @@
+//! `tokenizer.json` through the `tokenizers` crate, and the Gemma turn format
+//!
+//! ```text
+//! <bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n{completion}<end_of_turn>\n
+//! ```
+//!
+//! Control tokens are inserted by id; text from data is always encoded as
+//! plain text, so a literal `<start_of_turn>` in a prompt never becomes the
+//! control token.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    Tokenizer, TokenizerImpl,
+};
+
+pub const PAD: &str = "<pad>";
+pub const EOS: &str = "<eos>";
+pub const BOS: &str = "<bos>";
+pub const UNK: &str = "<unk>";
+pub const START_OF_TURN: &str = "<start_of_turn>";
+pub const END_OF_TURN: &str = "<end_of_turn>";
+
+/// The control tokens in id order of a trained tokenizer (Gemma's first ids).
+pub const CONTROL_TOKENS: [&str; 6] = [PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{path}: cannot read tokenizer: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("{path}: tokenizer has no {token} token")]
+    MissingControl { path: PathBuf, token: &'static str },
+    #[error("{path}: cannot write tokenizer: {reason}")]
+    Save { path: PathBuf, reason: String },
+    #[error("tokenizer training failed: {0}")]
+    Train(String),
+    #[error("cannot encode text: {0}")]
+    Encode(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    /// `assistant` is accepted as the OpenAI / TRL spelling.
+    #[serde(alias = "assistant")]
+    Model,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Clone)]
+pub struct ChatTokenizer {
+    inner: Tokenizer,
+    pub pad: u32,
+    pub eos: u32,
+    pub bos: u32,
+    pub start_of_turn: u32,
+    pub end_of_turn: u32,
+}
+
+enum Piece<'a> {
+    Control(u32),
+    Text(&'a str),
+}
+
+impl ChatTokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
+        let inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::new(inner, path)
+    }
+
+    fn new(mut inner: Tokenizer, path: &Path) -> Result<Self, TokenizerError> {
+        inner.set_encode_special_tokens(true);
+        let id = |token: &'static str| {
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| TokenizerError::MissingControl {
+                    path: path.to_path_buf(),
+                    token,
+                })
+        };
+        Ok(Self {
+            pad: id(PAD)?,
+            eos: id(EOS)?,
+            bos: id(BOS)?,
+            start_of_turn: id(START_OF_TURN)?,
+            end_of_turn: id(END_OF_TURN)?,
+            inner,
+        })
+    }
+
+    /// Trains a BPE tokenizer (Metaspace `▁` word boundaries, as Gemma's) on
+    /// `texts`, with the control tokens as the first ids.
+    pub fn train<I, S>(texts: I, vocab_size: usize) -> Result<Self, TokenizerError>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        let specials: Vec<AddedToken> = CONTROL_TOKENS
+            .iter()
+            .map(|t| AddedToken::from(*t, true))
+            .collect();
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(0)
+            .show_progress(false)
+            .special_tokens(specials)
+            .build();
+        let bpe = BPE::builder()
+            .unk_token(UNK.to_string())
+            .build()
+            .map_err(|e| TokenizerError::Train(e.to_string()))?;
+        let mut tk: TokenizerImpl<
+            BPE,
+            NormalizerWrapper,
+            PreTokenizerWrapper,
+            PostProcessorWrapper,
+            DecoderWrapper,
+        > = TokenizerImpl::new(bpe);
+        let metaspace = Metaspace::new('▁', PrependScheme::First, false);
+        tk.with_pre_tokenizer(Some(metaspace.clone()));
+        tk.with_decoder(Some(metaspace));
+        tk.train(&mut trainer, texts)
+            .map_err(|e| TokenizerError::Train(e.to_string()))?;
+        Self::new(Tokenizer::from(tk), Path::new("<trained>"))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
+        let mut plain = self.inner.clone();
+        plain.set_encode_special_tokens(false);
+        plain.save(path, true).map_err(|e| TokenizerError::Save {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Plain text to ids; control-token spellings stay text.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids to text, control tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    fn render(&self, pieces: &[Piece]) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::new();
+        let mut text = String::new();
+        for piece in pieces {
+            match piece {
+                Piece::Text(t) => text.push_str(t),
+                Piece::Control(id) => {
+                    ids.extend(self.encode(&text)?);
+                    text.clear();
+                    ids.push(*id);
+                }
+            }
+        }
+        ids.extend(self.encode(&text)?);
+        Ok(ids)
+    }
+
+    /// A conversation, ending with the opening of the model's turn so that
+    /// generation continues it.
+    pub fn render_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, TokenizerError> {
+        let mut pieces = vec![Piece::Control(self.bos)];
+        for m in messages {
+            pieces.push(Piece::Control(self.start_of_turn));
+            pieces.push(Piece::Text(match m.role {
+                Role::User => "user\n",
+                Role::Model => "model\n",
+            }));
+            pieces.push(Piece::Text(&m.content));
+            pieces.push(Piece::Control(self.end_of_turn));
+            pieces.push(Piece::Text("\n"));
+        }
+        pieces.push(Piece::Control(self.start_of_turn));
+        pieces.push(Piece::Text("model\n"));
+        self.render(&pieces)
+    }
+
+    /// A single-turn prompt and its completion: the ids and, per id, whether
+    /// it is a completion token to learn (the completion and the
+    /// `<end_of_turn>` that closes it, so trained models learn to stop).
+    pub fn render_pair(
+        &self,
+        prompt: &str,
+        completion: &str,
+    ) -> Result<(Vec<u32>, Vec<bool>), TokenizerError> {
+        let mut ids = self.render_prompt(&[Message {
+            role: Role::User,
+            content: prompt.to_string(),
+        }])?;
+        let prompt_len = ids.len();
+        ids.extend(self.encode(completion)?);
+        ids.push(self.end_of_turn);
+        let mask = (0..ids.len()).map(|i| i >= prompt_len).collect();
+        Ok((ids, mask))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus() -> Vec<String> {
+        [
+            "What is two plus three?",
+            "Two plus three is five.",
+            "Reverse the word cat.",
+            "The word cat reversed is tac.",
+            "user\nmodel\n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn trained() -> ChatTokenizer {
+        ChatTokenizer::train(corpus().into_iter(), 120).unwrap()
+    }
+
+    #[test]
+    fn control_tokens_come_first() {
+        let t = trained();
+        assert_eq!(
+            (t.pad, t.eos, t.bos, t.start_of_turn, t.end_of_turn),
+            (0, 1, 2, 4, 5)
+        );
+    }
+
+    #[test]
+    fn literal_control_text_stays_text() {
+        let t = trained();
+        let ids = t.encode("say <start_of_turn> now").unwrap();
+        assert!(!ids.contains(&t.start_of_turn), "{ids:?}");
+        let (ids, _) = t.render_pair("a <end_of_turn> b", "ok").unwrap();
+        assert_eq!(
+            ids.iter().filter(|&&i| i == t.end_of_turn).count(),
+            2,
+            "only the template's two turn ends: {ids:?}"
+        );
+    }
+
+    #[test]
+    fn pair_mask_covers_completion_and_turn_end() {
+        let t = trained();
+        let (ids, mask) = t.render_pair("What is two plus three?", "five").unwrap();
+        let prompt = t
+            .render_prompt(&[Message {
+                role: Role::User,
+                content: "What is two plus three?".into(),
+            }])
+            .unwrap();
+        assert_eq!(&ids[..prompt.len()], &prompt[..]);
+        assert!(mask[..prompt.len()].iter().all(|m| !m));
+        assert!(mask[prompt.len()..].iter().all(|&m| m));
+        assert_eq!(*ids.last().unwrap(), t.end_of_turn);
+        assert_eq!(prompt[0], t.bos);
+        assert_eq!(prompt[1], t.start_of_turn);
+        assert_eq!(t.decode(&ids[prompt.len()..]).unwrap().trim(), "five");
+    }
+
+    #[test]
+    fn save_and_load_roundtrip() {
+        let t = trained();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        t.save(&path).unwrap();
+        let back = ChatTokenizer::from_file(&path).unwrap();
+        let text = "Reverse the word <start_of_turn>.";
+        assert_eq!(back.encode(text).unwrap(), t.encode(text).unwrap());
+    }
+
+    #[test]
+    fn missing_control_token_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let t = trained();
+        t.save(&path).unwrap();
+        let text = fs_err::read_to_string(&path)
+            .unwrap()
+            .replace("<end_of_turn>", "<eot>");
+        fs_err::write(&path, text).unwrap();
+        let err = ChatTokenizer::from_file(&path).err().unwrap().to_string();
+        assert!(err.contains("<end_of_turn>") && err.contains("tokenizer.json"), "{err}");
+    }
+}

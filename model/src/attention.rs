@@ -1,0 +1,123 @@
+//! Grouped-query self-attention with Gemma 2's score scale
+//! `query_pre_attn_scalar^-½` and soft-capping `cap · tanh(s / cap)`.
+
+use burn::module::Module;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Tensor};
+
+use crate::config::Gemma2Config;
+use crate::error::Result;
+use crate::init::ParamSource;
+use crate::layers::Linear;
+use crate::rope::Rope;
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f64,
+    pub softcap: Option<f64>,
+}
+
+/// Keys and values of one layer, after RoPE and before head repetition:
+/// `[batch, kv_heads, columns, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    pub k: Option<Tensor<4>>,
+    pub v: Option<Tensor<4>>,
+}
+
+impl Attention {
+    pub(crate) fn new(
+        source: &mut dyn ParamSource,
+        name: &str,
+        c: &Gemma2Config,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        Ok(Self {
+            q_proj: Linear::new(source, &format!("{name}.q_proj"), h, q, device)?,
+            k_proj: Linear::new(source, &format!("{name}.k_proj"), h, kv, device)?,
+            v_proj: Linear::new(source, &format!("{name}.v_proj"), h, kv, device)?,
+            o_proj: Linear::new(source, &format!("{name}.o_proj"), q, h, device)?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            scale: c.query_pre_attn_scalar.powf(-0.5),
+            softcap: c.attn_logit_softcapping,
+        })
+    }
+
+    fn split_heads(&self, x: Tensor<3>, heads: usize) -> Tensor<4> {
+        let [b, t, _] = x.dims();
+        x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
+    }
+
+    fn repeat_kv(&self, x: Tensor<4>) -> Tensor<4> {
+        let groups = self.heads / self.kv_heads;
+        if groups == 1 {
+            return x;
+        }
+        let [b, kv, s, d] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv, groups, s, d])
+            .reshape([b, kv * groups, s, d])
+    }
+
+    /// `x` is `[batch, len, hidden]`; with a cache, the new keys are appended
+    /// to it and attention runs over all cached columns.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        mask: Option<Tensor<4, Bool>>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let q = rope.apply(self.split_heads(self.q_proj.forward(x.clone()), self.heads));
+        let mut k = rope.apply(self.split_heads(self.k_proj.forward(x.clone()), self.kv_heads));
+        let mut v = self.split_heads(self.v_proj.forward(x), self.kv_heads);
+        if let Some(cache) = cache {
+            if let (Some(pk), Some(pv)) = (cache.k.take(), cache.v.take()) {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            cache.k = Some(k.clone());
+            cache.v = Some(v.clone());
+        }
+        let options = AttentionModuleOptions {
+            scale: Some(self.scale),
+            softcap: self.softcap,
+            is_causal: mask.is_none(),
+        };
+        let out = attention(q, self.repeat_kv(k), self.repeat_kv(v), mask, None, options);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, self.heads * self.head_dim]))
+    }
+}
+
+impl LayerCache {
+    /// Drops all but the last `keep` columns.
+    pub fn keep_last(&mut self, keep: usize) {
+        for slot in [&mut self.k, &mut self.v] {
+            if let Some(t) = slot.take() {
+                let s = t.dims()[2];
+                *slot = Some(if s > keep { t.narrow(2, s - keep, keep) } else { t });
+            }
+        }
+    }
+
+    pub fn columns(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    }
+}

@@ -1,0 +1,142 @@
+//! The checkpoint directory: `config.json` + `model.safetensors` (or shards)
+//! + `tokenizer.json` + provenance. Loading validates every tensor against
+//! the config; writing goes to a temp dir that is renamed into place, so a
+//! directory under the final name is always complete.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::Device;
+
+use crate::config::Gemma2Config;
+use crate::error::{ModelError, Result};
+use crate::gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification};
+use crate::init::CheckpointSource;
+use crate::params::named_params;
+use crate::safetensors_io::{SINGLE_FILE, SaveDtype, Weights, to_safetensors_bytes};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+pub fn load_config(dir: &Path) -> Result<Gemma2Config> {
+    let path = dir.join(CONFIG_FILE);
+    if !path.is_file() {
+        return Err(ModelError::Config {
+            path,
+            reason: "file not found".into(),
+        });
+    }
+    Gemma2Config::from_file(&path)
+}
+
+pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
+    let config = load_config(dir)?;
+    let weights = Weights::open(dir)?;
+    let mut source = CheckpointSource::new(&weights);
+    let model = Gemma2ForCausalLM::new(&config, &mut source, device)?;
+    source.finish()?;
+    Ok((config, model))
+}
+
+pub fn load_reward_model(
+    dir: &Path,
+    device: &Device,
+) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
+    let config = load_config(dir)?;
+    let weights = Weights::open(dir)?;
+    let mut source = CheckpointSource::new(&weights);
+    let model = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
+    source.finish()?;
+    Ok((config, model))
+}
+
+/// Writes `bytes` to `path` and flushes it to disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs_err::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A checkpoint directory being written. Nothing appears under the final
+/// name until [`CheckpointWriter::commit`].
+pub struct CheckpointWriter {
+    target: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl CheckpointWriter {
+    /// Refuses an existing `target` unless `overwrite`.
+    pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
+        if target.exists() && !overwrite {
+            return Err(ModelError::Output {
+                path: target.to_path_buf(),
+                reason: "already exists (pass --overwrite to replace it)".into(),
+            });
+        }
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs_err::create_dir_all(&parent)?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "checkpoint".into());
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.tmp-"))
+            .tempdir_in(&parent)
+            .map_err(|e| ModelError::Output {
+                path: parent.clone(),
+                reason: format!("cannot create a temporary directory: {e}"),
+            })?;
+        Ok(Self {
+            target: target.to_path_buf(),
+            tmp,
+        })
+    }
+
+    /// Where files go before the commit.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn write(&self, file: &str, bytes: &[u8]) -> Result<()> {
+        write_synced(&self.path().join(file), bytes)
+    }
+
+    pub fn write_model<M: Module>(
+        &self,
+        model: &M,
+        config: &Gemma2Config,
+        dtype: SaveDtype,
+    ) -> Result<()> {
+        self.write(CONFIG_FILE, config.to_json().as_bytes())?;
+        let tensors = named_params(model);
+        self.write(SINGLE_FILE, &to_safetensors_bytes(&tensors, dtype))
+    }
+
+    /// Copies `file` from `parent` when it exists there.
+    pub fn copy_from(&self, parent: &Path, file: &str) -> Result<bool> {
+        let src = parent.join(file);
+        if !src.is_file() {
+            return Ok(false);
+        }
+        self.write(file, &fs_err::read(&src)?)?;
+        Ok(true)
+    }
+
+    pub fn commit(self) -> Result<PathBuf> {
+        let tmp = self.tmp.keep();
+        if self.target.exists() {
+            let old = tmp.with_extension("old");
+            fs_err::rename(&self.target, &old)?;
+            fs_err::rename(&tmp, &self.target)?;
+            fs_err::remove_dir_all(&old)?;
+        } else {
+            fs_err::rename(&tmp, &self.target)?;
+        }
+        Ok(self.target)
+    }
+}

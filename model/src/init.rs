@@ -1,0 +1,105 @@
+//! Where a model's parameters come from: a checkpoint (names and shapes
+//! checked against the config) or a seeded initialisation as `transformers`
+//! does it (normal(0, 0.02) for matrices, zeros for the `(1 + w)` norms).
+
+use std::collections::BTreeSet;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+
+use crate::error::{ModelError, Result};
+use crate::safetensors_io::{HostTensor, Weights};
+
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Normal { std: f64 },
+    Zeros,
+}
+
+pub trait ParamSource {
+    /// The tensor called `name` (Hugging Face name and layout).
+    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<HostTensor>;
+}
+
+pub struct RandomInit {
+    rng: StdRng,
+}
+
+impl RandomInit {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl ParamSource for RandomInit {
+    fn tensor(&mut self, _name: &str, shape: &[usize], init: Init) -> Result<HostTensor> {
+        let n = shape.iter().product();
+        let data = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Normal { std } => {
+                let normal = Normal::new(0.0, std as f32).expect("positive std");
+                (0..n).map(|_| normal.sample(&mut self.rng)).collect()
+            }
+        };
+        Ok(HostTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+}
+
+/// Reads parameters from a checkpoint and remembers which it used, so that
+/// tensors the config does not explain are reported.
+pub struct CheckpointSource<'a> {
+    weights: &'a Weights,
+    used: BTreeSet<String>,
+}
+
+/// Tensors a checkpoint may carry beyond the model being built: the untied
+/// copy of the LM head, and the reward head when a reward checkpoint is read
+/// as a causal LM.
+const TOLERATED_EXTRAS: [&str; 2] = ["lm_head.weight", "score.weight"];
+
+impl<'a> CheckpointSource<'a> {
+    pub fn new(weights: &'a Weights) -> Self {
+        Self {
+            weights,
+            used: BTreeSet::new(),
+        }
+    }
+
+    pub fn finish(self) -> Result<()> {
+        for name in self.weights.names() {
+            if !self.used.contains(name) && !TOLERATED_EXTRAS.contains(&name) {
+                return Err(ModelError::UnexpectedTensor {
+                    dir: self.weights.dir().to_path_buf(),
+                    tensor: name.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ParamSource for CheckpointSource<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<HostTensor> {
+        let Some((_, stored)) = self.weights.info(name) else {
+            return Err(ModelError::MissingTensor {
+                dir: self.weights.dir().to_path_buf(),
+                tensor: name.to_string(),
+            });
+        };
+        if stored != shape {
+            return Err(ModelError::Tensor {
+                path: self.weights.path_of(name).expect("known").to_path_buf(),
+                tensor: name.to_string(),
+                reason: format!("shape {stored:?}, but config.json implies {shape:?}"),
+            });
+        }
+        self.used.insert(name.to_string());
+        self.weights.read(name)
+    }
+}

@@ -1,0 +1,25 @@
+//! Gemma 2 on Burn, numerically matching Hugging Face `transformers`:
+//! config, layers, causal LM and reward variants, KV-cached sampling, and
+//! checkpoint IO in Hugging Face names and layouts.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod gemma2;
+pub mod generate;
+pub mod init;
+pub mod layers;
+pub mod params;
+pub mod rope;
+pub mod safetensors_io;
+pub mod tokens;
+
+pub use checkpoint::{CheckpointWriter, load_causal_lm, load_config, load_reward_model};
+pub use config::Gemma2Config;
+pub use error::ModelError;
+pub use gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2Model, KvCache, Trace};
+pub use generate::{Completion, FinishReason, SamplingConfig, generate};
+pub use init::{CheckpointSource, RandomInit};
+pub use safetensors_io::{HostTensor, SaveDtype, Weights};
+pub use tokens::{Padding, TokenBatch};

@@ -1,0 +1,1 @@
+//! posttrain-sft: see DESIGN.md; this crate is filled in by later stages.
