@@ -1,1 +1,34 @@
-fn main() {}
+mod backend;
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let backend_name = format!("{:?}", cli.backend).to_lowercase();
+    match cli.command {
+        Command::Inspect(args) => commands::inspect::run(args),
+        Command::Tokenizer(command) => commands::tokenizer::run(command),
+        Command::Sample(args) => commands::sample::run(args, backend::device(cli.backend)?),
+        Command::Convert(args) => commands::convert::run(args, backend::device(cli.backend)?),
+        Command::Logits(args) => commands::logits::run(args, backend::device(cli.backend)?),
+        Command::Bench(args) => {
+            commands::bench::run(args, backend::device(cli.backend)?, &backend_name)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,5 @@
-//! posttrain-train: see DESIGN.md; this crate is filled in by later stages.
+//! What every stage's loop shares.
+
+pub mod progress;
+
+pub use progress::Progress;

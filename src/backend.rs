@@ -1,0 +1,27 @@
+//! The one place where a backend becomes a device.
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+
+use crate::cli::Backend;
+
+pub fn device(backend: Backend) -> Result<Device> {
+    Ok(match backend {
+        Backend::Flex => Device::flex(),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+        #[cfg(feature = "vulkan")]
+        Backend::Vulkan => Device::vulkan(burn::tensor::DeviceKind::DefaultDevice),
+        #[cfg(feature = "metal")]
+        Backend::Metal => Device::metal(burn::tensor::DeviceKind::DefaultDevice),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => Device::cuda(0),
+        #[allow(unreachable_patterns)]
+        other => {
+            let feature = format!("{other:?}").to_lowercase();
+            bail!(
+                "backend {feature} is not compiled in: rebuild with `cargo build --release --features {feature}`"
+            )
+        }
+    })
+}

@@ -1,0 +1,51 @@
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::params::named_params;
+use posttrain_model::safetensors_io::write_shards;
+use posttrain_model::{CheckpointWriter, SaveDtype, load_causal_lm, load_reward_model};
+
+use crate::cli::{ConvertArgs, DtypeArg};
+
+pub fn run(args: ConvertArgs, device: Device) -> Result<()> {
+    if args.shards == 0 {
+        bail!("--shards must be at least 1");
+    }
+    let dtype = match args.dtype {
+        DtypeArg::F32 => SaveDtype::F32,
+        DtypeArg::Bf16 => SaveDtype::Bf16,
+        DtypeArg::F16 => SaveDtype::F16,
+    };
+    let t0 = Instant::now();
+    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let (config, tensors) = if args.reward {
+        let (c, m) = load_reward_model(&args.model, &device)?;
+        (c, named_params(&m))
+    } else {
+        let (c, m) = load_causal_lm(&args.model, &device)?;
+        (c, named_params(&m))
+    };
+    writer.write("config.json", config.to_json().as_bytes())?;
+    if args.shards == 1 {
+        writer.write(
+            posttrain_model::safetensors_io::SINGLE_FILE,
+            &posttrain_model::safetensors_io::to_safetensors_bytes(&tensors, dtype),
+        )?;
+    } else {
+        write_shards(writer.path(), &tensors, args.shards, dtype)?;
+    }
+    writer.copy_from(&args.model, TOKENIZER_FILE)?;
+    writer.copy_from(&args.model, "generation_config.json")?;
+    let out = writer.commit()?;
+    eprintln!(
+        "convert: {} tensors -> {} ({:?}, {} shard(s)) in {:.1}s",
+        tensors.len(),
+        out.display(),
+        args.dtype,
+        args.shards,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,113 @@
+use std::io::Write;
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+use posttrain_datasets::{ChatTokenizer, Prompt, read_prompts};
+use posttrain_model::checkpoint::{TOKENIZER_FILE, write_atomic};
+use posttrain_model::{FinishReason, SamplingConfig, generate, load_causal_lm};
+use posttrain_train::Progress;
+
+use crate::cli::{SampleArgs, SamplingArgs};
+
+impl SamplingArgs {
+    pub fn config(&self, stop_ids: Vec<u32>) -> Result<SamplingConfig> {
+        if !(self.temperature >= 0.0) {
+            bail!("--temperature must be >= 0, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be positive");
+        }
+        Ok(SamplingConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop_ids,
+        })
+    }
+}
+
+pub fn run(args: SampleArgs, device: Device) -> Result<()> {
+    if let Some(out) = &args.out
+        && out.exists()
+        && !args.overwrite
+    {
+        bail!("{}: already exists (pass --overwrite to replace it)", out.display());
+    }
+    let prompts = match (&args.prompts, &args.prompt) {
+        (Some(path), _) => read_prompts(path)?,
+        (None, Some(text)) => vec![Prompt::Text(text.clone())],
+        (None, None) => bail!("give --prompts FILE or --prompt TEXT"),
+    };
+    let (config, model) = load_causal_lm(&args.model, &device)?;
+    let tokenizer_path = args.model.join(TOKENIZER_FILE);
+    let tokenizer = ChatTokenizer::from_file(&tokenizer_path)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        bail!(
+            "{}: tokenizer has {} tokens but the model's vocab_size is {}",
+            tokenizer_path.display(),
+            tokenizer.vocab_size(),
+            config.vocab_size
+        );
+    }
+    let mut encoded = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = if args.raw {
+            let mut ids = vec![tokenizer.bos];
+            ids.extend(tokenizer.encode(p.display())?);
+            ids
+        } else {
+            tokenizer.render_prompt(&p.messages())?
+        };
+        let total = ids.len() + args.sampling.max_new_tokens;
+        if total > config.max_position_embeddings {
+            bail!(
+                "prompt {}: {} prompt tokens + {} new exceed the model's context of {}",
+                i + 1,
+                ids.len(),
+                args.sampling.max_new_tokens,
+                config.max_position_embeddings
+            );
+        }
+        encoded.push(ids);
+    }
+    let mut stop = config.eos_ids();
+    stop.extend([tokenizer.eos, tokenizer.end_of_turn]);
+    let sampling = args.sampling.config(stop)?;
+
+    let mut lines = Vec::new();
+    let mut progress = Progress::new("sample", prompts.len() as u64, "prompts");
+    for (b, chunk) in encoded.chunks(args.sampling.batch_size).enumerate() {
+        let first = (b * args.sampling.batch_size) as u64;
+        let out = generate(&model, chunk, config.pad_id(), &sampling, first);
+        let mut new_tokens = 0;
+        for (k, completion) in out.iter().enumerate() {
+            let p = &prompts[first as usize + k];
+            let mut tokens = completion.tokens.as_slice();
+            if completion.finish == FinishReason::Stop {
+                tokens = &tokens[..tokens.len() - 1];
+            }
+            new_tokens += completion.tokens.len() as u64;
+            let row = serde_json::json!({
+                "prompt": p.display(),
+                "completion": tokenizer.decode(tokens)?,
+                "finish_reason": completion.finish,
+                "completion_tokens": completion.tokens.len(),
+            });
+            lines.push(row.to_string());
+        }
+        progress.advance(chunk.len() as u64, new_tokens);
+    }
+    progress.finish();
+    let mut text = lines.join("\n");
+    text.push('\n');
+    match &args.out {
+        Some(path) => write_atomic(path, text.as_bytes(), args.overwrite)?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}
