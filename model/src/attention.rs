@@ -53,7 +53,7 @@ impl Attention {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
-            scale: c.query_pre_attn_scalar.powf(-0.5),
+            scale: (c.query_pre_attn_scalar as f64).powf(-0.5),
             softcap: c.attn_logit_softcapping,
         })
     }

@@ -24,7 +24,7 @@ pub struct Gemma2Config {
     #[serde(default = "defaults::rms_norm_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "defaults::query_pre_attn_scalar")]
-    pub query_pre_attn_scalar: f64,
+    pub query_pre_attn_scalar: usize,
     #[serde(default = "defaults::sliding_window")]
     pub sliding_window: usize,
     #[serde(default = "defaults::attn_softcap")]
@@ -93,8 +93,8 @@ mod defaults {
     pub fn rms_norm_eps() -> f64 {
         1e-6
     }
-    pub fn query_pre_attn_scalar() -> f64 {
-        256.0
+    pub fn query_pre_attn_scalar() -> usize {
+        256
     }
     pub fn sliding_window() -> usize {
         4096
@@ -156,7 +156,7 @@ impl Gemma2Config {
             head_dim,
             max_position_embeddings: defaults::max_position_embeddings(),
             rms_norm_eps: defaults::rms_norm_eps(),
-            query_pre_attn_scalar: head_dim as f64,
+            query_pre_attn_scalar: head_dim,
             sliding_window,
             attn_logit_softcapping: defaults::attn_softcap(),
             final_logit_softcapping: defaults::final_softcap(),
@@ -205,6 +205,7 @@ impl Gemma2Config {
             ("num_key_value_heads", self.num_key_value_heads),
             ("head_dim", self.head_dim),
             ("sliding_window", self.sliding_window),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be positive"));
@@ -344,7 +345,7 @@ mod tests {
         let c = Gemma2Config::from_json(TINY).unwrap();
         assert_eq!(c.vocab_size, 256);
         assert_eq!(c.head_dim, 16);
-        assert_eq!(c.query_pre_attn_scalar, 24.0);
+        assert_eq!(c.query_pre_attn_scalar, 24);
         assert_eq!(c.rope_base(), 10_000.0);
         assert!(c.is_sliding(0) && !c.is_sliding(1) && c.is_sliding(2));
         assert_eq!(c.eos_ids(), vec![1]);
