@@ -8,6 +8,8 @@ use crate::cli::Backend;
 pub fn device(backend: Backend) -> Result<Device> {
     Ok(match backend {
         Backend::Flex => Device::flex(),
+        #[cfg(feature = "ndarray")]
+        Backend::Ndarray => Device::ndarray(),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
         #[cfg(feature = "vulkan")]

@@ -24,6 +24,8 @@ pub struct Cli {
 pub enum Backend {
     /// Burn's portable CPU backend (SIMD + threads); always built.
     Flex,
+    /// Burn's ndarray CPU backend (feature `ndarray`; deprecated upstream in favour of flex).
+    Ndarray,
     /// WebGPU through wgpu (WGSL shaders): Vulkan, Metal, DX12 (feature `wgpu`).
     Wgpu,
     /// Vulkan with SPIR-V shaders (feature `vulkan`).

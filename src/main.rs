@@ -8,6 +8,15 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let backend_name = format!("{:?}", cli.backend).to_lowercase();
     match cli.command {

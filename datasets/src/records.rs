@@ -107,8 +107,8 @@ fn prompt_of_row(map: &serde_json::Map<String, Value>) -> Result<Prompt, String>
         };
     }
     if let Some(v) = map.get("messages") {
-        let messages: Vec<Message> = serde_json::from_value(v.clone())
-            .map_err(|e| format!("column `messages`: {e}"))?;
+        let messages: Vec<Message> =
+            serde_json::from_value(v.clone()).map_err(|e| format!("column `messages`: {e}"))?;
         if messages.is_empty() {
             return Err("column `messages` is empty".into());
         }
@@ -152,13 +152,22 @@ mod tests {
     #[test]
     fn bad_rows_name_file_and_line() {
         for (text, expected) in [
-            ("{\"prompt\": \"ok\"}\n{\"prompt\": 3}\n", "p.jsonl:2: column `prompt` must be a string, found a number"),
-            ("{\"prompt\": \"\"}\n", "p.jsonl:1: column `prompt` is empty"),
+            (
+                "{\"prompt\": \"ok\"}\n{\"prompt\": 3}\n",
+                "p.jsonl:2: column `prompt` must be a string, found a number",
+            ),
+            (
+                "{\"prompt\": \"\"}\n",
+                "p.jsonl:1: column `prompt` is empty",
+            ),
             ("{\"text\": \"x\"}\n", "p.jsonl:1: missing column `prompt`"),
             ("{\"prompt\": \"a\"}\n{oops\n", "p.jsonl:2: not valid JSON"),
             ("[1]\n", "p.jsonl:1: expected a JSON object"),
             ("\n", "p.jsonl: holds no rows"),
-            ("{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}]}\n", "p.jsonl:1: column `messages`: unknown variant `system`"),
+            (
+                "{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}]}\n",
+                "p.jsonl:1: column `messages`: unknown variant `system`",
+            ),
         ] {
             let (_d, path) = file(text);
             let err = read_prompts(&path).unwrap_err().to_string();

@@ -309,6 +309,9 @@ mod tests {
             .replace("<end_of_turn>", "<eot>");
         fs_err::write(&path, text).unwrap();
         let err = ChatTokenizer::from_file(&path).err().unwrap().to_string();
-        assert!(err.contains("<end_of_turn>") && err.contains("tokenizer.json"), "{err}");
+        assert!(
+            err.contains("<end_of_turn>") && err.contains("tokenizer.json"),
+            "{err}"
+        );
     }
 }

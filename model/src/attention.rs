@@ -101,8 +101,10 @@ impl Attention {
             is_causal: mask.is_none(),
         };
         let out = attention(q, self.repeat_kv(k), self.repeat_kv(v), mask, None, options);
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, self.heads * self.head_dim]))
+        self.o_proj.forward(
+            out.swap_dims(1, 2)
+                .reshape([b, t, self.heads * self.head_dim]),
+        )
     }
 }
 
@@ -112,7 +114,11 @@ impl LayerCache {
         for slot in [&mut self.k, &mut self.v] {
             if let Some(t) = slot.take() {
                 let s = t.dims()[2];
-                *slot = Some(if s > keep { t.narrow(2, s - keep, keep) } else { t });
+                *slot = Some(if s > keep {
+                    t.narrow(2, s - keep, keep)
+                } else {
+                    t
+                });
             }
         }
     }

@@ -1,5 +1,5 @@
-//! The checkpoint directory: `config.json` + `model.safetensors` (or shards)
-//! + `tokenizer.json` + provenance. Loading validates every tensor against
+//! The checkpoint directory: `config.json`, `model.safetensors` (or shards),
+//! `tokenizer.json` and provenance. Loading validates every tensor against
 //! the config; writing goes to a temp dir that is renamed into place, so a
 //! directory under the final name is always complete.
 

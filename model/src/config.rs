@@ -144,7 +144,10 @@ impl Gemma2Config {
         sliding_window: usize,
     ) -> Self {
         let mut extra = Map::new();
-        extra.insert("architectures".into(), serde_json::json!(["Gemma2ForCausalLM"]));
+        extra.insert(
+            "architectures".into(),
+            serde_json::json!(["Gemma2ForCausalLM"]),
+        );
         extra.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
         Self {
             vocab_size,
@@ -211,14 +214,20 @@ impl Gemma2Config {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
         if let Some(types) = &self.layer_types
             && types.len() != self.num_hidden_layers
@@ -325,7 +334,7 @@ impl Gemma2Config {
 }
 
 fn default_layer_type(layer: usize) -> LayerType {
-    if layer % 2 == 0 {
+    if layer.is_multiple_of(2) {
         LayerType::SlidingAttention
     } else {
         LayerType::FullAttention

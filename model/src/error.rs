@@ -16,7 +16,9 @@ pub enum ModelError {
     },
     #[error("{dir}: tensor {tensor} is missing (the config asks for it)")]
     MissingTensor { dir: PathBuf, tensor: String },
-    #[error("{dir}: tensor {tensor} is not part of this model (does config.json match the weights?)")]
+    #[error(
+        "{dir}: tensor {tensor} is not part of this model (does config.json match the weights?)"
+    )]
     UnexpectedTensor { dir: PathBuf, tensor: String },
     #[error("{dir}: no model.safetensors or model.safetensors.index.json")]
     NoWeights { dir: PathBuf },

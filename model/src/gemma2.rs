@@ -222,9 +222,7 @@ impl Gemma2Model {
         let sliding_mask = mask_for(cache.sliding_start, Some(self.sliding_window));
 
         let hidden = self.embed_tokens.weight.dims()[1];
-        let mut x = self
-            .embed(batch, device)
-            .mul_scalar((hidden as f32).sqrt());
+        let mut x = self.embed(batch, device).mul_scalar((hidden as f32).sqrt());
         if let Some(t) = trace.as_deref_mut() {
             t.embed = Some(x.clone());
         }

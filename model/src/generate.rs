@@ -192,7 +192,10 @@ mod tests {
             temperature: 0.0,
             ..Default::default()
         };
-        assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &c, &mut StdRng::seed_from_u64(0)), 1);
+        assert_eq!(
+            sample(&[0.1, 3.0, 3.0, -1.0], &c, &mut StdRng::seed_from_u64(0)),
+            1
+        );
     }
 
     #[test]

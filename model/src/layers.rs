@@ -48,7 +48,9 @@ impl Linear {
         let dims = x.dims();
         let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
-        let y = x.reshape([rows, d_in]).matmul(self.weight.val().transpose());
+        let y = x
+            .reshape([rows, d_in])
+            .matmul(self.weight.val().transpose());
         let mut out = dims;
         out[D - 1] = y.dims()[1];
         y.reshape(out)

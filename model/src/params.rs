@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::Tensor;
 use burn::tensor::Gradients;
+use burn::tensor::Tensor;
 
 use crate::safetensors_io::HostTensor;
 

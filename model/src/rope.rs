@@ -57,7 +57,10 @@ mod tests {
         let device = Device::default();
         let rope = Rope::new(&[vec![0, 1]], 4, 10_000.0, &device);
         let x = Tensor::<4>::from_data(
-            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0], [1, 1, 2, 4]),
+            TensorData::new(
+                vec![1.0f32, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0],
+                [1, 1, 2, 4],
+            ),
             &device,
         );
         let y = rope.apply(x).into_data().try_into_vec::<f32>().unwrap();
@@ -66,7 +69,12 @@ mod tests {
         // position 1: pair (x0, x2) rotates by 1 rad, pair (x1, x3) by 0.01 rad
         let (c, s) = (1f32.cos(), 1f32.sin());
         let (c2, s2) = (0.01f32.cos(), 0.01f32.sin());
-        let expected = [1.0 * c - 3.0 * s, 2.0 * c2 - 4.0 * s2, 3.0 * c + 1.0 * s, 4.0 * c2 + 2.0 * s2];
+        let expected = [
+            1.0 * c - 3.0 * s,
+            2.0 * c2 - 4.0 * s2,
+            3.0 * c + 1.0 * s,
+            4.0 * c2 + 2.0 * s2,
+        ];
         for (a, b) in y[4..].iter().zip(expected) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }

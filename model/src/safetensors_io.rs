@@ -214,8 +214,14 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
         Dtype::BF16 => pairs
             .map(|b| half::bf16::from_le_bytes(b).to_f32())
             .collect(),
-        Dtype::F16 => pairs.map(|b| half::f16::from_le_bytes(b).to_f32()).collect(),
-        other => return Err(format!("dtype {other:?} is not a float type posttrain reads")),
+        Dtype::F16 => pairs
+            .map(|b| half::f16::from_le_bytes(b).to_f32())
+            .collect(),
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not a float type posttrain reads"
+            ));
+        }
     })
 }
 
@@ -359,7 +365,10 @@ mod tests {
         let path = dir.path().join(SINGLE_FILE);
         fs_err::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let err = Weights::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("truncated"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -377,6 +386,9 @@ mod tests {
             .read("b")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("tensor b") && err.contains("non-finite"), "{err}");
+        assert!(
+            err.contains("tensor b") && err.contains("non-finite"),
+            "{err}"
+        );
     }
 }

@@ -68,7 +68,10 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
@@ -153,7 +156,10 @@ fn loss_gradients_and_one_adamw_step_match_transformers() {
     let loss = model.causal_lm_loss(&batch);
     let value = host(loss.clone())[0];
     let want = reference.floats("short.loss")[0];
-    assert!((value - want).abs() <= 1e-4 * want.abs(), "loss {value} vs {want}");
+    assert!(
+        (value - want).abs() <= 1e-4 * want.abs(),
+        "loss {value} vs {want}"
+    );
 
     let grads = loss.backward();
     let got = named_grads(&model, &grads);
@@ -163,7 +169,12 @@ fn loss_gradients_and_one_adamw_step_match_transformers() {
     for name in &names {
         let want = ref_grads.read(name).unwrap().data;
         let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        assert_close(&format!("grad {name}"), &got[name].data, &want, 1e-4 * scale + 1e-8);
+        assert_close(
+            &format!("grad {name}"),
+            &got[name].data,
+            &want,
+            1e-4 * scale + 1e-8,
+        );
     }
 
     let grads = GradientsParams::from_grads(grads, &model);
@@ -174,7 +185,10 @@ fn loss_gradients_and_one_adamw_step_match_transformers() {
     let model = optim.step(1e-3, model, grads);
     let after = host(model.causal_lm_loss(&batch))[0];
     let want = reference.floats("short.loss_after_adamw")[0];
-    assert!((after - want).abs() <= 1e-4 * want.abs(), "loss after AdamW {after} vs {want}");
+    assert!(
+        (after - want).abs() <= 1e-4 * want.abs(),
+        "loss after AdamW {after} vs {want}"
+    );
 }
 
 fn converted(dtype: SaveDtype, shards: usize) -> tempfile::TempDir {
@@ -185,14 +199,22 @@ fn converted(dtype: SaveDtype, shards: usize) -> tempfile::TempDir {
         .map(|n| (n.to_string(), weights.read(n).unwrap()))
         .collect();
     write_shards(dir.path(), &tensors, shards, dtype).unwrap();
-    std::fs::copy(fixture_dir().join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixture_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     dir
 }
 
 #[test]
 fn two_shards_give_the_same_model() {
     let dir = converted(SaveDtype::F32, 2);
-    assert!(dir.path().join("model-00002-of-00002.safetensors").is_file());
+    assert!(
+        dir.path()
+            .join("model-00002-of-00002.safetensors")
+            .is_file()
+    );
     check_forward(dir.path(), 1e-4, false);
     check_greedy(dir.path());
 }
@@ -239,20 +261,33 @@ fn saved_checkpoint_has_hf_names_and_loads_back_identically() {
     let target = out.path().join("ckpt");
     let writer = CheckpointWriter::create(&target, false).unwrap();
     writer.write_model(&model, &config, SaveDtype::F32).unwrap();
-    assert!(!target.exists(), "nothing under the final name before commit");
+    assert!(
+        !target.exists(),
+        "nothing under the final name before commit"
+    );
     writer.commit().unwrap();
 
     let original = Weights::open(&fixture_dir()).unwrap();
     let saved = Weights::open(&target).unwrap();
     let names: Vec<&str> = saved.names().collect();
     assert_eq!(names, original.names().collect::<Vec<_>>());
-    assert!(!names.contains(&"lm_head.weight"), "tied head is not duplicated");
+    assert!(
+        !names.contains(&"lm_head.weight"),
+        "tied head is not duplicated"
+    );
     for name in names {
-        assert_eq!(saved.read(name).unwrap(), original.read(name).unwrap(), "{name}");
+        assert_eq!(
+            saved.read(name).unwrap(),
+            original.read(name).unwrap(),
+            "{name}"
+        );
     }
     let (_, back) = load_causal_lm(&target, &device()).unwrap();
     assert_eq!(named_params(&back).len(), named_params(&model).len());
-    assert!(CheckpointWriter::create(&target, false).is_err(), "refuses to overwrite");
+    assert!(
+        CheckpointWriter::create(&target, false).is_err(),
+        "refuses to overwrite"
+    );
 }
 
 fn rows_of(reference: &Reference) -> Vec<Vec<u32>> {
@@ -274,7 +309,11 @@ fn left_and_right_padding_leave_real_tokens_unchanged() {
         let batch = TokenBatch::new(&rows, 0, padding);
         let logits = host(model.forward(&batch));
         for (r, row) in rows.iter().enumerate() {
-            let offset = if padding == Padding::Left { batch.len - row.len() } else { 0 };
+            let offset = if padding == Padding::Left {
+                batch.len - row.len()
+            } else {
+                0
+            };
             let start = (r * batch.len + offset) * vocab;
             let got = &logits[start..start + row.len() * vocab];
             assert_close(&format!("{padding:?} row {r}"), got, &alone[r], 1e-4);
@@ -286,8 +325,8 @@ fn left_and_right_padding_leave_real_tokens_unchanged() {
 fn reward_head_reads_the_last_real_token_on_either_side() {
     let reference = Reference::load();
     let config = posttrain_model::load_config(&fixture_dir()).unwrap();
-    let rm = Gemma2ForSequenceClassification::new(&config, &mut RandomInit::new(3), &device())
-        .unwrap();
+    let rm =
+        Gemma2ForSequenceClassification::new(&config, &mut RandomInit::new(3), &device()).unwrap();
     let rows = rows_of(&reference);
     let left = host(rm.forward(&TokenBatch::new(&rows, 0, Padding::Left)));
     let right = host(rm.forward(&TokenBatch::new(&rows, 0, Padding::Right)));

@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::Result;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::Device;
-use posttrain_model::{Gemma2Config, Gemma2ForCausalLM, RandomInit, SamplingConfig, TokenBatch, generate};
+use posttrain_model::{
+    Gemma2Config, Gemma2ForCausalLM, RandomInit, SamplingConfig, TokenBatch, generate,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -33,7 +35,13 @@ fn flops_per_token(c: &Gemma2Config, seq: usize, train: bool) -> f64 {
     let mut attn = 0.0;
     for l in 0..c.num_hidden_layers {
         let ctx: usize = (0..seq)
-            .map(|q| if c.is_sliding(l) { (q + 1).min(c.sliding_window) } else { q + 1 })
+            .map(|q| {
+                if c.is_sliding(l) {
+                    (q + 1).min(c.sliding_window)
+                } else {
+                    q + 1
+                }
+            })
             .sum();
         attn += 4.0 * (ctx as f64 / seq as f64) * (c.num_attention_heads * c.head_dim) as f64;
     }
@@ -77,7 +85,11 @@ fn bench_train(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serde
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for i in 0..a.warmup + a.reps {
-        let batch = TokenBatch::dense(random_ids(&mut rng, a.batch * a.seq, c.vocab_size), a.batch, a.seq);
+        let batch = TokenBatch::dense(
+            random_ids(&mut rng, a.batch * a.seq, c.vocab_size),
+            a.batch,
+            a.seq,
+        );
         let t0 = Instant::now();
         let loss = model.causal_lm_loss(&batch);
         let grads = GradientsParams::from_grads(loss.backward(), &model);

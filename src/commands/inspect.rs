@@ -1,3 +1,5 @@
+use std::fmt::Write;
+
 use anyhow::Result;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::{Weights, load_config};
@@ -18,7 +20,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
             .and_then(|p| p.file_name())
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        tensors.push(json!({"name": name, "dtype": format!("{dtype:?}"), "shape": shape, "file": file}));
+        tensors.push(
+            json!({"name": name, "dtype": format!("{dtype:?}"), "shape": shape, "file": file}),
+        );
     }
     let provenance = fs_err::read_to_string(args.dir.join("posttrain.json"))
         .ok()
@@ -47,11 +51,12 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "tensors": tensors,
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-        return Ok(());
+        return crate::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?));
     }
-    println!("{}", args.dir.display());
-    println!(
+    let mut out = String::new();
+    writeln!(out, "{}", args.dir.display())?;
+    writeln!(
+        out,
         "  gemma2: {} layers ({sliding} sliding, window {}), hidden {}, intermediate {}, heads {}/{} x {}, vocab {}, context {}",
         config.num_hidden_layers,
         config.sliding_window,
@@ -62,31 +67,43 @@ pub fn run(args: InspectArgs) -> Result<()> {
         config.head_dim,
         config.vocab_size,
         config.max_position_embeddings
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  parameters: {} ({:.2}M); stored: {stored}",
         config.num_params(),
         config.num_params() as f64 / 1e6
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  tokenizer.json: {}",
-        if args.dir.join(TOKENIZER_FILE).is_file() { "yes" } else { "no" }
-    );
+        if args.dir.join(TOKENIZER_FILE).is_file() {
+            "yes"
+        } else {
+            "no"
+        }
+    )?;
     if let Some(p) = &summary["provenance"].as_object() {
-        println!(
+        writeln!(
+            out,
             "  provenance: stage {}",
             p.get("stage").and_then(|s| s.as_str()).unwrap_or("?")
-        );
+        )?;
     }
-    println!("  {:<56} {:>5} {:>16} file", "tensor", "dtype", "shape");
+    writeln!(
+        out,
+        "  {:<56} {:>5} {:>16} file",
+        "tensor", "dtype", "shape"
+    )?;
     for t in summary["tensors"].as_array().expect("array") {
-        println!(
+        writeln!(
+            out,
             "  {:<56} {:>5} {:>16} {}",
             t["name"].as_str().unwrap_or_default(),
             t["dtype"].as_str().unwrap_or_default(),
             t["shape"].to_string(),
             t["file"].as_str().unwrap_or_default()
-        );
+        )?;
     }
-    Ok(())
+    crate::print_stdout(&out)
 }

@@ -17,7 +17,11 @@ fn read_ids(path: &std::path::Path) -> Result<TokenBatch> {
         .tensor("ids")
         .map_err(|_| anyhow::anyhow!("{}: no tensor named `ids`", path.display()))?;
     let [batch, len] = t.shape() else {
-        bail!("{}: tensor ids has shape {:?}, expected [batch, len]", path.display(), t.shape());
+        bail!(
+            "{}: tensor ids has shape {:?}, expected [batch, len]",
+            path.display(),
+            t.shape()
+        );
     };
     let ids: Vec<i64> = match t.dtype() {
         Dtype::I64 => t
@@ -30,25 +34,37 @@ fn read_ids(path: &std::path::Path) -> Result<TokenBatch> {
             .chunks_exact(4)
             .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
             .collect(),
-        other => bail!("{}: tensor ids is {other:?}, expected I64 or I32", path.display()),
+        other => bail!(
+            "{}: tensor ids is {other:?}, expected I64 or I32",
+            path.display()
+        ),
     };
     if *len == 0 {
         bail!("{}: tensor ids is empty", path.display());
     }
     let ids = ids
         .into_iter()
-        .map(|x| u32::try_from(x).map_err(|_| anyhow::anyhow!("{}: negative id {x}", path.display())))
+        .map(|x| {
+            u32::try_from(x).map_err(|_| anyhow::anyhow!("{}: negative id {x}", path.display()))
+        })
         .collect::<Result<Vec<u32>>>()?;
     Ok(TokenBatch::dense(ids, *batch, *len))
 }
 
 pub fn run(args: LogitsArgs, device: Device) -> Result<()> {
     if args.out.exists() && !args.overwrite {
-        bail!("{}: already exists (pass --overwrite to replace it)", args.out.display());
+        bail!(
+            "{}: already exists (pass --overwrite to replace it)",
+            args.out.display()
+        );
     }
     let batch = read_ids(&args.ids)?;
     let (config, model) = load_causal_lm(&args.model, &device)?;
-    if let Some(bad) = batch.ids.iter().find(|&&id| id as usize >= config.vocab_size) {
+    if let Some(bad) = batch
+        .ids
+        .iter()
+        .find(|&&id| id as usize >= config.vocab_size)
+    {
         bail!(
             "{}: token id {bad} is outside the model's vocabulary of {}",
             args.ids.display(),
@@ -59,6 +75,10 @@ pub fn run(args: LogitsArgs, device: Device) -> Result<()> {
     let shape = logits.dims().to_vec();
     let data = logits.into_data().try_into_vec_as::<f32>()?;
     let tensors = BTreeMap::from([("logits".to_string(), HostTensor { shape, data })]);
-    write_atomic(&args.out, &to_safetensors_bytes(&tensors, SaveDtype::F32), args.overwrite)?;
+    write_atomic(
+        &args.out,
+        &to_safetensors_bytes(&tensors, SaveDtype::F32),
+        args.overwrite,
+    )?;
     Ok(())
 }

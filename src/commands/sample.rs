@@ -1,5 +1,3 @@
-use std::io::Write;
-
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, Prompt, read_prompts};
@@ -11,10 +9,10 @@ use crate::cli::{SampleArgs, SamplingArgs};
 
 impl SamplingArgs {
     pub fn config(&self, stop_ids: Vec<u32>) -> Result<SamplingConfig> {
-        if !(self.temperature >= 0.0) {
+        if self.temperature.is_nan() || self.temperature < 0.0 {
             bail!("--temperature must be >= 0, got {}", self.temperature);
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
         if self.batch_size == 0 {
@@ -36,7 +34,10 @@ pub fn run(args: SampleArgs, device: Device) -> Result<()> {
         && out.exists()
         && !args.overwrite
     {
-        bail!("{}: already exists (pass --overwrite to replace it)", out.display());
+        bail!(
+            "{}: already exists (pass --overwrite to replace it)",
+            out.display()
+        );
     }
     let prompts = match (&args.prompts, &args.prompt) {
         (Some(path), _) => read_prompts(path)?,
@@ -107,7 +108,7 @@ pub fn run(args: SampleArgs, device: Device) -> Result<()> {
     text.push('\n');
     match &args.out {
         Some(path) => write_atomic(path, text.as_bytes(), args.overwrite)?,
-        None => std::io::stdout().write_all(text.as_bytes())?,
+        None => crate::print_stdout(&text)?,
     }
     Ok(())
 }

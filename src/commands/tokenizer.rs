@@ -12,12 +12,19 @@ pub fn run(command: TokenizerCommand) -> Result<()> {
 
 fn train(args: TokenizerTrainArgs) -> Result<()> {
     if args.out.exists() && !args.overwrite {
-        bail!("{}: already exists (pass --overwrite to replace it)", args.out.display());
+        bail!(
+            "{}: already exists (pass --overwrite to replace it)",
+            args.out.display()
+        );
     }
     let mut lines = Vec::new();
     for path in &args.input {
         let text = fs_err::read_to_string(path)?;
-        lines.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        lines.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
     }
     if lines.is_empty() {
         bail!("no text in {:?}", args.input);

@@ -59,11 +59,23 @@ fn logits_command_reproduces_the_reference() {
     let ids = dir.path().join("ids.safetensors");
     let out = dir.path().join("logits.safetensors");
     write_ids(&ids);
-    ok(&["logits", "--model", s(&fixture()), "--ids", s(&ids), "--out", s(&out)]);
+    ok(&[
+        "logits",
+        "--model",
+        s(&fixture()),
+        "--ids",
+        s(&ids),
+        "--out",
+        s(&out),
+    ]);
     let (shape, got) = read_f32(&out, "logits");
     let (want_shape, want) = read_f32(&fixture().join("parity.safetensors"), "long.logits");
     assert_eq!(shape, want_shape);
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
@@ -71,9 +83,22 @@ fn logits_command_reproduces_the_reference() {
 fn converted_bf16_shards_load_and_stay_close() {
     let dir = tempfile::tempdir().unwrap();
     let conv = dir.path().join("bf16");
-    ok(&["convert", "--model", s(&fixture()), "--out", s(&conv), "--dtype", "bf16", "--shards", "2"]);
+    ok(&[
+        "convert",
+        "--model",
+        s(&fixture()),
+        "--out",
+        s(&conv),
+        "--dtype",
+        "bf16",
+        "--shards",
+        "2",
+    ]);
     assert!(conv.join("model.safetensors.index.json").is_file());
-    assert!(conv.join("tokenizer.json").is_file(), "tokenizer travels with the checkpoint");
+    assert!(
+        conv.join("tokenizer.json").is_file(),
+        "tokenizer travels with the checkpoint"
+    );
     let inspect = ok(&["inspect", s(&conv), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(v["files"].as_array().unwrap().len(), 2);
@@ -81,10 +106,22 @@ fn converted_bf16_shards_load_and_stay_close() {
     let ids = dir.path().join("ids.safetensors");
     let out = dir.path().join("logits.safetensors");
     write_ids(&ids);
-    ok(&["logits", "--model", s(&conv), "--ids", s(&ids), "--out", s(&out)]);
+    ok(&[
+        "logits",
+        "--model",
+        s(&conv),
+        "--ids",
+        s(&ids),
+        "--out",
+        s(&out),
+    ]);
     let (_, got) = read_f32(&out, "logits");
     let (_, want) = read_f32(&fixture().join("parity.safetensors"), "long.logits");
-    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(diff > 0.0 && diff <= 2e-2, "bf16 max abs diff {diff}");
 }
 
@@ -94,7 +131,15 @@ fn logits_of(ckpt: &std::path::Path, needles: &[&str]) -> String {
     write_ids(&ids);
     let out = dir.path().join("out.safetensors");
     let line = fails(
-        &["logits", "--model", s(ckpt), "--ids", s(&ids), "--out", s(&out)],
+        &[
+            "logits",
+            "--model",
+            s(ckpt),
+            "--ids",
+            s(&ids),
+            "--out",
+            s(&out),
+        ],
         needles,
     );
     assert!(!out.exists(), "no output after a failure");
@@ -127,7 +172,9 @@ fn header_lying_about_sizes_is_named() {
 fn missing_tensor_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = fixture_copy(dir.path());
-    rewrite(&ckpt, |n, d, sh, b| (n != "model.layers.1.mlp.up_proj.weight").then_some((d, sh, b)));
+    rewrite(&ckpt, |n, d, sh, b| {
+        (n != "model.layers.1.mlp.up_proj.weight").then_some((d, sh, b))
+    });
     logits_of(&ckpt, &["model.layers.1.mlp.up_proj.weight", "missing"]);
 }
 
@@ -142,7 +189,14 @@ fn wrong_shape_is_named() {
             Some((d, sh, b))
         }
     });
-    logits_of(&ckpt, &["model.layers.2.self_attn.k_proj.weight", "shape [64, 32]", "[32, 64]"]);
+    logits_of(
+        &ckpt,
+        &[
+            "model.layers.2.self_attn.k_proj.weight",
+            "shape [64, 32]",
+            "[32, 64]",
+        ],
+    );
 }
 
 #[test]
@@ -155,7 +209,10 @@ fn nan_in_weights_is_named() {
         }
         Some((d, sh, b))
     });
-    logits_of(&ckpt, &["model.norm.weight", "non-finite", "model.safetensors"]);
+    logits_of(
+        &ckpt,
+        &["model.norm.weight", "non-finite", "model.safetensors"],
+    );
 }
 
 fn edit_config(ckpt: &std::path::Path, key: &str, value: serde_json::Value) {

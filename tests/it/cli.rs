@@ -17,7 +17,15 @@ fn sample(dir: &std::path::Path, name: &str, extra: &[&str]) -> Vec<serde_json::
     let out = dir.join(name);
     let p = prompts(dir);
     let model = fixture();
-    let mut args = vec!["sample", "--model", s(&model), "--prompts", s(&p), "--out", s(&out)];
+    let mut args = vec![
+        "sample",
+        "--model",
+        s(&model),
+        "--prompts",
+        s(&p),
+        "--out",
+        s(&out),
+    ];
     args.extend_from_slice(extra);
     ok(&args);
     std::fs::read_to_string(&out)
@@ -36,9 +44,17 @@ fn sampling_is_reproducible_and_seeded() {
     assert_eq!(a.len(), 3);
     assert_eq!(a, b, "same seed, same samples");
     // one prompt per batch gives the same rows: each prompt has its own stream
-    let c = sample(dir.path(), "c.jsonl", &["--max-new-tokens", "12", "--seed", "5", "--batch-size", "1"]);
+    let c = sample(
+        dir.path(),
+        "c.jsonl",
+        &["--max-new-tokens", "12", "--seed", "5", "--batch-size", "1"],
+    );
     assert_eq!(a, c);
-    let d = sample(dir.path(), "d.jsonl", &["--max-new-tokens", "12", "--seed", "6"]);
+    let d = sample(
+        dir.path(),
+        "d.jsonl",
+        &["--max-new-tokens", "12", "--seed", "6"],
+    );
     assert_ne!(a, d, "another seed, other samples");
     for row in &a {
         assert!(row["completion_tokens"].as_u64().unwrap() <= 12);
@@ -50,7 +66,15 @@ fn sampling_is_reproducible_and_seeded() {
 #[test]
 fn greedy_sampling_with_one_prompt_on_stdout() {
     let out = ok(&[
-        "sample", "--model", s(&fixture()), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "8",
+        "sample",
+        "--model",
+        s(&fixture()),
+        "--prompt",
+        "Hello",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
     ]);
     let row: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(row["prompt"], "Hello");
@@ -62,7 +86,15 @@ fn existing_output_is_left_alone() {
     let out = dir.path().join("out.jsonl");
     std::fs::write(&out, "precious\n").unwrap();
     fails(
-        &["sample", "--model", s(&fixture()), "--prompt", "Hi", "--out", s(&out)],
+        &[
+            "sample",
+            "--model",
+            s(&fixture()),
+            "--prompt",
+            "Hi",
+            "--out",
+            s(&out),
+        ],
         &["out.jsonl", "already exists", "--overwrite"],
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "precious\n");
@@ -93,10 +125,21 @@ fn tokenizer_larger_than_the_model_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = crate::fixture_copy(dir.path());
     let corpus = dir.path().join("corpus.txt");
-    std::fs::write(&corpus, include_str!("../fixtures/gemma2-tiny/tokenizer-corpus.txt")).unwrap();
+    std::fs::write(
+        &corpus,
+        include_str!("../fixtures/gemma2-tiny/tokenizer-corpus.txt"),
+    )
+    .unwrap();
     ok(&[
-        "tokenizer", "train", "--input", s(&corpus), "--vocab-size", "300", "--out",
-        s(&ckpt.join("tokenizer.json")), "--overwrite",
+        "tokenizer",
+        "train",
+        "--input",
+        s(&corpus),
+        "--vocab-size",
+        "300",
+        "--out",
+        s(&ckpt.join("tokenizer.json")),
+        "--overwrite",
     ]);
     fails(
         &["sample", "--model", s(&ckpt), "--prompt", "Hi"],
@@ -110,7 +153,15 @@ fn backend_not_compiled_in_is_explained() {
         return;
     }
     fails(
-        &["--backend", "cuda", "sample", "--model", s(&fixture()), "--prompt", "Hi"],
+        &[
+            "--backend",
+            "cuda",
+            "sample",
+            "--model",
+            s(&fixture()),
+            "--prompt",
+            "Hi",
+        ],
         &["cuda", "--features cuda"],
     );
 }
@@ -119,7 +170,15 @@ fn backend_not_compiled_in_is_explained() {
 fn unknown_flag_values_are_refused() {
     let out = posttrain(&["--backend", "tpu", "inspect", s(&fixture())]);
     assert!(!out.status.success());
-    let out = posttrain(&["sample", "--model", s(&fixture()), "--prompt", "x", "--top-p", "0"]);
+    let out = posttrain(&[
+        "sample",
+        "--model",
+        s(&fixture()),
+        "--prompt",
+        "x",
+        "--top-p",
+        "0",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--top-p"));
 }

@@ -25,7 +25,11 @@ pub fn stderr(out: &Output) -> String {
 /// Runs and expects success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
     let out = posttrain(args);
-    assert!(out.status.success(), "posttrain {args:?} failed: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "posttrain {args:?} failed: {}",
+        stderr(&out)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -38,7 +42,11 @@ pub fn fails(args: &[&str], needles: &[&str]) -> String {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line expected, got: {err}");
     for n in needles {
-        assert!(lines[0].contains(n), "{:?} does not mention {n:?}", lines[0]);
+        assert!(
+            lines[0].contains(n),
+            "{:?} does not mention {n:?}",
+            lines[0]
+        );
     }
     lines[0].to_string()
 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# posttrain vs the PyTorch + transformers peer, alternating, in one sitting.
+#
+#   bash bench/compare.sh PEER_VENV [ROUNDS] [EXTRA_BACKEND]
+#
+# PEER_VENV is made by shared/bench/peer/setup.sh. Each round runs, per
+# shape, the peer's training and generation benchmarks and posttrain's,
+# one process per case (so peak RSS is per case). EXTRA_BACKEND (e.g.
+# ndarray) also measures posttrain built with that feature, from
+# POSTTRAIN_EXTRA_BIN. Prints a markdown table of medians over rounds.
+# Never run this while anything else (a cargo build!) uses the CPUs.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${1:?usage: bash bench/compare.sh PEER_VENV [ROUNDS] [EXTRA_BACKEND]}"
+ROUNDS="${2:-3}"
+EXTRA="${3:-}"
+BIN="${POSTTRAIN_BIN:-${CARGO_TARGET_DIR:-$HERE/../target}/release/posttrain}"
+PEER="${PEER_DIR:-$HERE/../../shared/bench/peer}"
+OUT="${OUT:-$(mktemp -d)}"
+echo "results in $OUT" >&2
+for _ in $(seq "$ROUNDS"); do
+  for shape in tiny small; do
+    "$VENV/bin/python" "$PEER/bench_train.py" --preset "$shape" --steps 10 --warmup 2 >> "$OUT/peer.jsonl"
+    "$BIN" bench --shape "$shape" --case train --reps 10 --warmup 2 >> "$OUT/posttrain.jsonl"
+    "$VENV/bin/python" "$PEER/bench_generate.py" --preset "$shape" --reps 5 >> "$OUT/peer.jsonl"
+    "$BIN" bench --shape "$shape" --case sample --reps 5 --warmup 1 >> "$OUT/posttrain.jsonl"
+    if [[ -n "$EXTRA" ]]; then
+      "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case train --reps 10 --warmup 2 >> "$OUT/posttrain.jsonl"
+      "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case sample --reps 5 --warmup 1 >> "$OUT/posttrain.jsonl"
+    fi
+  done
+done
+python3 "$HERE/table.py" "$OUT"
