@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Device, Tensor};
 use crate::config::Gemma2Config;
 use crate::error::Result;
 use crate::init::ParamSource;
-use crate::layers::Linear;
+use crate::layers::{Linear, soft_cap};
 use crate::rope::Rope;
 
 #[derive(Module, Debug)]
@@ -23,6 +23,15 @@ pub struct Attention {
     pub head_dim: usize,
     pub scale: f64,
     pub softcap: Option<f64>,
+}
+
+/// The attention mask of one layer kind, in the form each path needs:
+/// `bool` (`None` = plain causal) for the fused inference kernel, an
+/// additive `bias` for the differentiable path. Both `[batch, 1, q, k]`.
+#[derive(Debug, Clone)]
+pub struct LayerMask {
+    pub bool: Option<Tensor<4, Bool>>,
+    pub bias: Tensor<4>,
 }
 
 /// Keys and values of one layer, after RoPE and before head repetition:
@@ -80,7 +89,7 @@ impl Attention {
         &self,
         x: Tensor<3>,
         rope: &Rope,
-        mask: Option<Tensor<4, Bool>>,
+        mask: &LayerMask,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
@@ -95,16 +104,50 @@ impl Attention {
             cache.k = Some(k.clone());
             cache.v = Some(v.clone());
         }
-        let options = AttentionModuleOptions {
-            scale: Some(self.scale),
-            softcap: self.softcap,
-            is_causal: mask.is_none(),
+        let out = if q.is_autodiff() {
+            self.differentiable(q, k, v, mask.bias.clone())
+        } else {
+            let options = AttentionModuleOptions {
+                scale: Some(self.scale),
+                softcap: self.softcap,
+                is_causal: mask.bool.is_none(),
+            };
+            let mask = mask.bool.clone().map(|m| {
+                let [mb, _, mq, mk] = m.dims();
+                m.expand([mb, self.heads, mq, mk])
+            });
+            attention(q, self.repeat_kv(k), self.repeat_kv(v), mask, None, options)
         };
-        let out = attention(q, self.repeat_kv(k), self.repeat_kv(v), mask, None, options);
         self.o_proj.forward(
             out.swap_dims(1, 2)
                 .reshape([b, t, self.heads * self.head_dim]),
         )
+    }
+
+    /// Attention from differentiable ops, for training: the query heads that
+    /// share a key/value head are stacked instead of repeating the keys, and
+    /// the soft-cap is written with `exp` (`c·tanh(z) = c − 2c / (e^{2z} + 1)`),
+    /// which the CPU backend computes far faster than `tanh`.
+    fn differentiable(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        bias: Tensor<4>,
+    ) -> Tensor<4> {
+        let [b, h, t, d] = q.dims();
+        let kv = self.kv_heads;
+        let g = h / kv;
+        let s = k.dims()[2];
+        let scores = q.reshape([b, kv, g * t, d]).matmul(k.swap_dims(2, 3));
+        let scores = match self.softcap {
+            Some(cap) => soft_cap(scores.mul_scalar(self.scale), Some(cap)),
+            None => scores.mul_scalar(self.scale),
+        };
+        let [mb, _, mq, mk] = bias.dims();
+        let scores = scores.reshape([b, kv, g, t, s]) + bias.reshape([mb, 1, 1, mq, mk]);
+        let probs = burn::tensor::activation::softmax(scores, 4).reshape([b, kv, g * t, s]);
+        probs.matmul(v).reshape([b, h, t, d])
     }
 }
 

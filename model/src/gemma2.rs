@@ -5,7 +5,7 @@
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use crate::attention::{Attention, LayerCache};
+use crate::attention::{Attention, LayerCache, LayerMask};
 use crate::config::Gemma2Config;
 use crate::error::Result;
 use crate::init::{Init, ParamSource};
@@ -62,7 +62,7 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         rope: &Rope,
-        mask: Option<Tensor<4, Bool>>,
+        mask: &LayerMask,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
         let h = self
@@ -208,6 +208,7 @@ impl Gemma2Model {
         }
         cache.columns += batch.len;
         let rope = Rope::new(&positions, self.head_dim, self.rope_base, device);
+        let train = self.embed_tokens.weight.val().is_autodiff();
         let mask_for = |k_start: usize, window: Option<usize>| {
             let spec = MaskSpec {
                 valid: &cache.valid,
@@ -216,7 +217,14 @@ impl Gemma2Model {
                 k_start,
                 window,
             };
-            spec.needed().then(|| spec.build(self.heads, device))
+            LayerMask {
+                bool: (!train && spec.needed()).then(|| spec.build(device)),
+                bias: if train {
+                    spec.bias(device)
+                } else {
+                    Tensor::empty([0, 0, 0, 0], device)
+                },
+            }
         };
         let global_mask = mask_for(0, None);
         let sliding_mask = mask_for(cache.sliding_start, Some(self.sliding_window));
@@ -228,9 +236,9 @@ impl Gemma2Model {
         }
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let mask = if layer.sliding {
-                sliding_mask.clone()
+                &sliding_mask
             } else {
-                global_mask.clone()
+                &global_mask
             };
             x = layer.forward(x, &rope, mask, keep.then_some(layer_cache));
             if keep && layer.sliding {

@@ -2,7 +2,6 @@
 //! name and layout (`Linear` is `[out, in]`), so checkpoints need no remapping.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::Result;
@@ -165,15 +164,48 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = gelu_approximate(self.gate_proj.forward(x.clone()));
+        let gate = gelu_tanh(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }
 }
 
-/// `cap · tanh(x / cap)`.
+/// `gelu_pytorch_tanh(x) = ½x(1 + tanh(u))`, `u = √(2/π)(x + 0.044715x³)`,
+/// written as `x / (1 + e^{−2u})` (the same function): `exp` is much cheaper
+/// than `tanh` and `powf` on the CPU backend.
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
+    let u = x.clone().square().mul_scalar(0.044715).add_scalar(1.0) * x.clone();
+    x / u.mul_scalar(-TWO_SQRT_2_OVER_PI).exp().add_scalar(1.0)
+}
+
+/// `cap · tanh(x / cap)`, written as `cap − 2·cap / (e^{2x/cap} + 1)`.
 pub fn soft_cap<const D: usize>(x: Tensor<D>, cap: Option<f64>) -> Tensor<D> {
     match cap {
-        Some(cap) => x.div_scalar(cap).tanh().mul_scalar(cap),
+        Some(cap) => x
+            .mul_scalar(2.0 / cap)
+            .exp()
+            .add_scalar(1.0)
+            .recip()
+            .mul_scalar(-2.0 * cap)
+            .add_scalar(cap),
         None => x,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_tanh_matches_the_tanh_form() {
+        let device = Device::default();
+        let xs: Vec<f32> = (-60..=60).map(|i| i as f32 * 0.25).collect();
+        let x = Tensor::<1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &device);
+        let got = gelu_tanh(x).into_data().try_into_vec::<f32>().unwrap();
+        for (x, y) in xs.iter().zip(got) {
+            let u = 0.797_884_6 * (x + 0.044715 * x * x * x);
+            let want = 0.5 * x * (1.0 + u.tanh());
+            assert!((y - want).abs() <= 1e-6 * (1.0 + want.abs()), "{x}: {y} vs {want}");
+        }
     }
 }

@@ -112,12 +112,11 @@ impl MaskSpec<'_> {
                 .any(|row| row[self.k_start..k_end].iter().any(|v| !v))
     }
 
-    /// `[batch, heads, q_len, k_len]`, `true` = masked.
-    pub fn build(&self, heads: usize, device: &Device) -> Tensor<4, Bool> {
+    /// Row-major `[batch, q_len, k_len]`, `true` = masked.
+    fn masked(&self) -> Vec<bool> {
         let k_end = self.q_start + self.q_len;
         let k_len = k_end - self.k_start;
-        let batch = self.valid.len();
-        let mut out = Vec::with_capacity(batch * self.q_len * k_len);
+        let mut out = Vec::with_capacity(self.valid.len() * self.q_len * k_len);
         for row in self.valid {
             for q in self.q_start..k_end {
                 for k in self.k_start..k_end {
@@ -130,8 +129,28 @@ impl MaskSpec<'_> {
                 }
             }
         }
-        Tensor::<4, Bool>::from_data(TensorData::new(out, [batch, 1, self.q_len, k_len]), device)
-            .expand([batch, heads, self.q_len, k_len])
+        out
+    }
+
+    fn shape(&self) -> [usize; 4] {
+        let k_len = self.q_start + self.q_len - self.k_start;
+        [self.valid.len(), 1, self.q_len, k_len]
+    }
+
+    /// `[batch, 1, q_len, k_len]`, `true` = masked.
+    pub fn build(&self, device: &Device) -> Tensor<4, Bool> {
+        Tensor::from_data(TensorData::new(self.masked(), self.shape()), device)
+    }
+
+    /// The same mask as an additive bias: 0 where visible, the most negative
+    /// float where masked (as `transformers` builds it).
+    pub fn bias(&self, device: &Device) -> Tensor<4> {
+        let bias: Vec<f32> = self
+            .masked()
+            .into_iter()
+            .map(|m| if m { f32::MIN } else { 0.0 })
+            .collect();
+        Tensor::from_data(TensorData::new(bias, self.shape()), device)
     }
 }
 
@@ -152,7 +171,7 @@ mod tests {
     }
 
     fn mask_rows(spec: &MaskSpec) -> Vec<bool> {
-        spec.build(1, &Device::default())
+        spec.build(&Device::default())
             .into_data()
             .try_into_vec::<bool>()
             .unwrap()
