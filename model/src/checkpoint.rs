@@ -3,6 +3,7 @@
 //! the config; writing goes to a temp dir that is renamed into place, so a
 //! directory under the final name is always complete.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,9 @@ use crate::error::{ModelError, Result};
 use crate::gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification};
 use crate::init::CheckpointSource;
 use crate::params::named_params;
-use crate::safetensors_io::{SINGLE_FILE, SaveDtype, Weights, to_safetensors_bytes};
+use crate::safetensors_io::{
+    HostTensor, SINGLE_FILE, SaveDtype, Weights, to_safetensors_bytes, write_shards,
+};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -142,9 +145,27 @@ impl CheckpointWriter {
         config: &Gemma2Config,
         dtype: SaveDtype,
     ) -> Result<()> {
-        self.write(CONFIG_FILE, config.to_json().as_bytes())?;
-        let tensors = named_params(model);
-        self.write(SINGLE_FILE, &to_safetensors_bytes(&tensors, dtype))
+        self.write_weights(config, &named_params(model), dtype, 1)
+    }
+
+    /// `config.json` plus the tensors, in one file or `shards` files with an
+    /// index.
+    pub fn write_weights(
+        &self,
+        config: &Gemma2Config,
+        tensors: &BTreeMap<String, HostTensor>,
+        dtype: SaveDtype,
+        shards: usize,
+    ) -> Result<()> {
+        self.write(
+            CONFIG_FILE,
+            config.to_json_with_dtype(dtype.torch_name()).as_bytes(),
+        )?;
+        if shards > 1 {
+            write_shards(self.path(), tensors, shards, dtype)
+        } else {
+            self.write(SINGLE_FILE, &to_safetensors_bytes(tensors, dtype))
+        }
     }
 
     /// Copies `file` from `parent` when it exists there.

@@ -306,8 +306,15 @@ impl Gemma2Config {
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
 
-    /// The same config in the transformers-5 dialect, ready to write.
+    /// The same config in the transformers-5 dialect, ready to write, for
+    /// f32 weights.
     pub fn to_json(&self) -> String {
+        self.to_json_with_dtype("float32")
+    }
+
+    /// As [`Self::to_json`], naming the stored weights' dtype (`float32`,
+    /// `bfloat16`, `float16`) so that `transformers` loads them as stored.
+    pub fn to_json_with_dtype(&self, dtype: &str) -> String {
         let mut out = self.clone();
         if out.rope_parameters.is_none() {
             out.rope_parameters = Some(RopeParameters {
@@ -324,7 +331,7 @@ impl Gemma2Config {
         out.hidden_activation = Some(self.activation().to_string());
         out.hidden_act = None;
         out.extra.remove("torch_dtype");
-        out.extra.insert("dtype".into(), "float32".into());
+        out.extra.insert("dtype".into(), dtype.into());
         let mut value = serde_json::to_value(&out).expect("config serialises");
         if let Value::Object(map) = &mut value {
             map.retain(|_, v| !v.is_null());

@@ -205,7 +205,10 @@ mod tests {
         for (x, y) in xs.iter().zip(got) {
             let u = 0.797_884_6 * (x + 0.044715 * x * x * x);
             let want = 0.5 * x * (1.0 + u.tanh());
-            assert!((y - want).abs() <= 1e-6 * (1.0 + want.abs()), "{x}: {y} vs {want}");
+            assert!(
+                (y - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{x}: {y} vs {want}"
+            );
         }
     }
 }

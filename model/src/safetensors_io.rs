@@ -235,6 +235,15 @@ pub enum SaveDtype {
 }
 
 impl SaveDtype {
+    /// The name `transformers` gives this dtype in `config.json`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "float32",
+            SaveDtype::Bf16 => "bfloat16",
+            SaveDtype::F16 => "float16",
+        }
+    }
+
     fn encode(self, data: &[f32]) -> (Dtype, Vec<u8>) {
         match self {
             SaveDtype::F32 => (
@@ -297,7 +306,7 @@ pub fn write_shards(
             .collect();
         let bytes = to_safetensors_bytes(&part, dtype);
         total += bytes.len();
-        fs_err::write(dir.join(&file), bytes)?;
+        crate::checkpoint::write_synced(&dir.join(&file), &bytes)?;
         for name in chunk {
             weight_map.insert((*name).clone(), file.clone());
         }
@@ -306,9 +315,11 @@ pub fn write_shards(
         "metadata": {"total_size": total},
         "weight_map": weight_map,
     });
-    fs_err::write(
-        dir.join(INDEX_FILE),
-        serde_json::to_string_pretty(&index).expect("json"),
+    crate::checkpoint::write_synced(
+        &dir.join(INDEX_FILE),
+        serde_json::to_string_pretty(&index)
+            .expect("json")
+            .as_bytes(),
     )?;
     Ok(())
 }

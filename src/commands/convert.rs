@@ -4,7 +4,6 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::params::named_params;
-use posttrain_model::safetensors_io::write_shards;
 use posttrain_model::{CheckpointWriter, SaveDtype, load_causal_lm, load_reward_model};
 
 use crate::cli::{ConvertArgs, DtypeArg};
@@ -27,15 +26,7 @@ pub fn run(args: ConvertArgs, device: Device) -> Result<()> {
         let (c, m) = load_causal_lm(&args.model, &device)?;
         (c, named_params(&m))
     };
-    writer.write("config.json", config.to_json().as_bytes())?;
-    if args.shards == 1 {
-        writer.write(
-            posttrain_model::safetensors_io::SINGLE_FILE,
-            &posttrain_model::safetensors_io::to_safetensors_bytes(&tensors, dtype),
-        )?;
-    } else {
-        write_shards(writer.path(), &tensors, args.shards, dtype)?;
-    }
+    writer.write_weights(&config, &tensors, dtype, args.shards)?;
     writer.copy_from(&args.model, TOKENIZER_FILE)?;
     writer.copy_from(&args.model, "generation_config.json")?;
     let out = writer.commit()?;
