@@ -33,25 +33,30 @@ pub fn load_config(dir: &Path) -> Result<Gemma2Config> {
     Gemma2Config::from_file(&path)
 }
 
-pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
+fn load<M>(
+    dir: &Path,
+    device: &Device,
+    build: impl FnOnce(&Gemma2Config, &mut CheckpointSource, &Device) -> Result<M>,
+) -> Result<(Gemma2Config, M)> {
     let config = load_config(dir)?;
     let weights = Weights::open(dir)?;
     let mut source = CheckpointSource::new(&weights);
-    let model = Gemma2ForCausalLM::new(&config, &mut source, device)?;
+    let model = build(&config, &mut source, device)?;
     source.finish()?;
     Ok((config, model))
+}
+
+pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
+    load(dir, device, |c, s, d| Gemma2ForCausalLM::new(c, s, d))
 }
 
 pub fn load_reward_model(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
-    let config = load_config(dir)?;
-    let weights = Weights::open(dir)?;
-    let mut source = CheckpointSource::new(&weights);
-    let model = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
-    source.finish()?;
-    Ok((config, model))
+    load(dir, device, |c, s, d| {
+        Gemma2ForSequenceClassification::new(c, s, d)
+    })
 }
 
 /// Writes `bytes` to `path` and flushes it to disk.
