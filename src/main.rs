@@ -23,7 +23,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Tokenizer(command) => commands::tokenizer::run(command),
         Command::Sample(args) => commands::sample::run(args, backend::device(cli.backend)?),
-        Command::Convert(args) => commands::convert::run(args, backend::device(cli.backend)?),
+        Command::Convert(args) => {
+            commands::convert::run(args, backend::device(cli.backend)?, &backend_name)
+        }
         Command::Logits(args) => commands::logits::run(args, backend::device(cli.backend)?),
         Command::Bench(args) => {
             commands::bench::run(args, backend::device(cli.backend)?, &backend_name)

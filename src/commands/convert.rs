@@ -4,11 +4,12 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::params::named_params;
-use posttrain_model::{CheckpointWriter, SaveDtype, load_causal_lm, load_reward_model};
+use posttrain_model::provenance::PROVENANCE_FILE;
+use posttrain_model::{CheckpointWriter, Provenance, SaveDtype, load_causal_lm, load_reward_model};
 
 use crate::cli::{ConvertArgs, DtypeArg};
 
-pub fn run(args: ConvertArgs, device: Device) -> Result<()> {
+pub fn run(args: ConvertArgs, device: Device, backend: &str) -> Result<()> {
     if args.shards == 0 {
         bail!("--shards must be at least 1");
     }
@@ -27,6 +28,17 @@ pub fn run(args: ConvertArgs, device: Device) -> Result<()> {
         (c, named_params(&m))
     };
     writer.write_weights(&config, &tensors, dtype, args.shards)?;
+    let provenance = Provenance::new(
+        "convert",
+        backend,
+        serde_json::json!({
+            "dtype": format!("{:?}", args.dtype).to_lowercase(),
+            "shards": args.shards,
+            "reward": args.reward,
+        }),
+    )
+    .with_parent(&args.model)?;
+    writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
     writer.copy_from(&args.model, TOKENIZER_FILE)?;
     writer.copy_from(&args.model, "generation_config.json")?;
     let out = writer.commit()?;

@@ -1,0 +1,112 @@
+//! `posttrain.json`: where a checkpoint came from — stage, parents (path and
+//! content hash), every hyperparameter, seed, backend, version, final metrics.
+
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::Result;
+
+pub const PROVENANCE_FILE: &str = "posttrain.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parent {
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub stage: String,
+    pub parents: Vec<Parent>,
+    pub params: Value,
+    pub seed: Option<u64>,
+    pub backend: String,
+    pub metrics: Value,
+    pub posttrain_version: String,
+}
+
+impl Provenance {
+    pub fn new(stage: &str, backend: &str, params: Value) -> Self {
+        Self {
+            stage: stage.to_string(),
+            parents: Vec::new(),
+            params,
+            seed: None,
+            backend: backend.to_string(),
+            metrics: Value::Object(Default::default()),
+            posttrain_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    pub fn with_parent(mut self, path: &Path) -> Result<Self> {
+        self.parents.push(Parent {
+            path: path.display().to_string(),
+            sha256: content_hash(path)?,
+        });
+        Ok(self)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("provenance serialises")
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = fs_err::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// sha256 of a file, or of a checkpoint directory: the hash of the sorted
+/// list of (name, sha256) of its config and weight files.
+pub fn content_hash(path: &Path) -> Result<String> {
+    if path.is_file() {
+        return sha256_file(path);
+    }
+    let mut names: Vec<String> = fs_err::read_dir(path)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n == "config.json" || (n.starts_with("model") && n.contains(".safetensors")))
+        .collect();
+    names.sort();
+    let mut hasher = Sha256::new();
+    for name in names {
+        hasher.update(name.as_bytes());
+        hasher.update(sha256_file(&path.join(&name))?.as_bytes());
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_hash_follows_weights_not_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        fs_err::write(dir.path().join("config.json"), "{}").unwrap();
+        fs_err::write(dir.path().join("model.safetensors"), "abc").unwrap();
+        let a = content_hash(dir.path()).unwrap();
+        fs_err::write(dir.path().join("metrics.jsonl"), "{}").unwrap();
+        assert_eq!(a, content_hash(dir.path()).unwrap());
+        fs_err::write(dir.path().join("model.safetensors"), "abd").unwrap();
+        assert_ne!(a, content_hash(dir.path()).unwrap());
+        // a file hashes as itself: sha256("{}")
+        assert_eq!(
+            content_hash(&dir.path().join("config.json")).unwrap(),
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+    }
+}
