@@ -38,6 +38,13 @@ pub enum Backend {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Data: the embedded English task and its ground-truth scorer.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train a causal LM from new weights (optionally distilled from a teacher).
+    Pretrain(PretrainArgs),
+    /// Write SFT pairs with a teacher's completions (and top-k log-probs).
+    Generate(GenerateArgs),
     /// Show a checkpoint: config, parameter count, tensors, provenance.
     Inspect(InspectArgs),
     /// Sample completions from a causal LM checkpoint (JSONL out).
@@ -214,4 +221,145 @@ pub enum DtypeArg {
     F32,
     Bf16,
     F16,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Write the embedded task: train/eval pairs and prompts, tokenizer.json, teacher and student configs.
+    Synth(SynthArgs),
+    /// Score completions (`prompt`, `completion`) with the task's ground-truth scorer.
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Training pairs.
+    #[arg(long, default_value_t = 4000)]
+    pub train: usize,
+    /// Held-out pairs (prompts disjoint from training).
+    #[arg(long, default_value_t = 200)]
+    pub eval: usize,
+    /// Tokenizer vocabulary size (control tokens included).
+    #[arg(long, default_value_t = 512)]
+    pub vocab_size: usize,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// JSONL or Parquet with `prompt` and `completion`.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Per-row scores (JSONL or Parquet); the summary always goes to stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossOnArg {
+    /// The completion and its closing `<end_of_turn>`.
+    Completion,
+    /// Every token.
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 600)]
+    pub steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: usize,
+    /// Cosine decay ends at lr × this.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    /// Clip gradients to this global L2 norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Eval loss every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Cut sequences longer than the context instead of failing.
+    #[arg(long)]
+    pub truncate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// Model config.json (HF Gemma2Config) for the new weights.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// tokenizer.json (copied into the checkpoint).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Training data: SFT pairs (JSONL or Parquet).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out pairs for the eval loss.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Distil from this checkpoint: (1-α)·CE + α·τ²·KL(teacher ‖ student).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// Weight α of the distillation term.
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f64,
+    /// Distillation temperature τ.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Which tokens are trained on.
+    #[arg(long, value_enum, default_value_t = LossOnArg::Completion)]
+    pub loss_on: LossOnArg,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Teacher checkpoint directory with tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompts (JSONL or Parquet: `prompt` or `messages`).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Output SFT pairs (JSONL or Parquet).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also store the teacher's top-K token ids and log-probs per completion token (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub topk: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[arg(long)]
+    pub overwrite: bool,
 }

@@ -20,6 +20,11 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let backend_name = format!("{:?}", cli.backend).to_lowercase();
     match cli.command {
+        Command::Data(command) => commands::data::run(command),
+        Command::Pretrain(args) => {
+            commands::pretrain::run(args, backend::device(cli.backend)?, &backend_name)
+        }
+        Command::Generate(args) => commands::generate::run(args, backend::device(cli.backend)?),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Tokenizer(command) => commands::tokenizer::run(command),
         Command::Sample(args) => commands::sample::run(args, backend::device(cli.backend)?),

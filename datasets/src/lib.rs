@@ -1,8 +1,15 @@
-//! Records, file formats, the tokenizer and the Gemma chat template.
-//! No ML framework here: everything is plain data.
+//! Records, file formats, the tokenizer and the Gemma chat template, and the
+//! embedded English task. No ML framework here: everything is plain data.
 
+pub mod batch;
+pub mod fsutil;
 pub mod records;
+pub mod task;
 pub mod tokenizer;
 
-pub use records::{DataError, Prompt, read_jsonl, read_prompts};
+pub use batch::{Example, LossOn, Overflow, bucketed_batches, encode_pairs};
+pub use fsutil::write_atomic;
+pub use records::{
+    DataError, Preference, Prompt, Record, SftPair, TopK, read_prompts, read_records, write_records,
+};
 pub use tokenizer::{ChatTokenizer, Message, Role, TokenizerError};

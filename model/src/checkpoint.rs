@@ -67,36 +67,6 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Writes a file so that no reader ever sees it half-written: a temp file
-/// in the same directory, flushed, then renamed. Refuses an existing file
-/// unless `overwrite`.
-pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
-    if path.exists() && !overwrite {
-        return Err(ModelError::Output {
-            path: path.to_path_buf(),
-            reason: "already exists (pass --overwrite to replace it)".into(),
-        });
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".posttrain-")
-        .tempfile_in(parent)
-        .map_err(|e| ModelError::Output {
-            path: path.to_path_buf(),
-            reason: format!("cannot write in {}: {e}", parent.display()),
-        })?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| ModelError::Output {
-        path: path.to_path_buf(),
-        reason: e.error.to_string(),
-    })?;
-    Ok(())
-}
-
 /// A checkpoint directory being written. Nothing appears under the final
 /// name until [`CheckpointWriter::commit`].
 pub struct CheckpointWriter {

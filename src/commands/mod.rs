@@ -1,6 +1,9 @@
 pub mod bench;
 pub mod convert;
+pub mod data;
+pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod pretrain;
 pub mod sample;
 pub mod tokenizer;

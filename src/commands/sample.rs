@@ -1,7 +1,8 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
+use posttrain_datasets::write_atomic;
 use posttrain_datasets::{ChatTokenizer, Prompt, read_prompts};
-use posttrain_model::checkpoint::{TOKENIZER_FILE, write_atomic};
+use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::{FinishReason, SamplingConfig, generate, load_causal_lm};
 use posttrain_train::Progress;
 

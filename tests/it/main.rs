@@ -2,6 +2,7 @@
 
 mod checkpoints;
 mod cli;
+mod pipeline;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

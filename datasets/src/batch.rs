@@ -1,0 +1,234 @@
+//! From records to token sequences with loss masks, and from sequences to
+//! batches (length-bucketed, seeded order).
+
+use std::path::Path;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::records::{DataError, SftPair};
+use crate::tokenizer::{ChatTokenizer, Message, Role};
+
+/// A token sequence and, per token, whether it is a training target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub target: Vec<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// A sequence longer than the context is an error naming its row.
+    Error,
+    /// Cut it at the context length.
+    Truncate,
+}
+
+/// Which tokens of a pair are trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossOn {
+    /// The completion and the `<end_of_turn>` closing it.
+    Completion,
+    /// Every token after the first.
+    All,
+}
+
+impl ChatTokenizer {
+    /// Prompt turns plus the completion as the model's turn; `target` marks
+    /// the completion and its closing `<end_of_turn>`.
+    pub fn render_example(
+        &self,
+        messages: &[Message],
+        completion: &str,
+    ) -> Result<Example, crate::TokenizerError> {
+        let mut ids = self.render_prompt(messages)?;
+        let prompt_len = ids.len();
+        ids.extend(self.encode(completion)?);
+        ids.push(self.end_of_turn);
+        let target = (0..ids.len()).map(|i| i >= prompt_len).collect();
+        Ok(Example { ids, target })
+    }
+}
+
+/// Tokenizes SFT pairs; `path` names the source in errors (rows 1-based).
+pub fn encode_pairs(
+    tokenizer: &ChatTokenizer,
+    pairs: &[SftPair],
+    max_len: usize,
+    overflow: Overflow,
+    loss_on: LossOn,
+    path: &Path,
+) -> Result<Vec<Example>, DataError> {
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, pair)| {
+            let err = |reason: String| DataError::Row {
+                path: path.to_path_buf(),
+                row: i + 1,
+                reason,
+            };
+            let mut ex = tokenizer
+                .render_example(&pair.prompt.messages(), &pair.completion)
+                .map_err(|e| err(e.to_string()))?;
+            if loss_on == LossOn::All {
+                ex.target = (0..ex.ids.len()).map(|i| i > 0).collect();
+            }
+            if ex.ids.len() > max_len {
+                match overflow {
+                    Overflow::Error => {
+                        return Err(err(format!(
+                            "{} tokens exceed the context of {max_len} (pass --truncate to cut)",
+                            ex.ids.len()
+                        )));
+                    }
+                    Overflow::Truncate => {
+                        ex.ids.truncate(max_len);
+                        ex.target.truncate(max_len);
+                        if !ex.target.iter().any(|&t| t) {
+                            return Err(err(format!(
+                                "the prompt alone fills the context of {max_len}: nothing left to train on"
+                            )));
+                        }
+                    }
+                }
+            }
+            Ok(ex)
+        })
+        .collect()
+}
+
+/// Example indices in batches: shuffled by `seed`, sorted by length within
+/// windows of 16 batches so that a batch holds similar lengths (little
+/// padding), then the batch order shuffled again.
+pub fn bucketed_batches(lengths: &[usize], batch_size: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rng);
+    let window = batch_size * 16;
+    let mut batches = Vec::new();
+    for chunk in order.chunks_mut(window) {
+        chunk.sort_by_key(|&i| lengths[i]);
+        batches.extend(chunk.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
+/// A user turn with `text`.
+pub fn user(text: &str) -> Vec<Message> {
+    vec![Message {
+        role: Role::User,
+        content: text.to_string(),
+    }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::Prompt;
+
+    fn tokenizer() -> ChatTokenizer {
+        let corpus = [
+            "What is two plus three?",
+            "Two plus three is five.",
+            "user model",
+        ];
+        ChatTokenizer::train(corpus.iter(), 100).unwrap()
+    }
+
+    fn pair(p: &str, c: &str) -> SftPair {
+        SftPair {
+            prompt: Prompt::Text(p.into()),
+            completion: c.into(),
+            teacher_topk: None,
+        }
+    }
+
+    #[test]
+    fn masks_exclude_the_prompt_and_include_the_closing_turn_end() {
+        let t = tokenizer();
+        let ex = &encode_pairs(
+            &t,
+            &[pair("What is two plus three?", "five")],
+            64,
+            Overflow::Error,
+            LossOn::Completion,
+            Path::new("x.jsonl"),
+        )
+        .unwrap()[0];
+        let prompt = t.render_prompt(&user("What is two plus three?")).unwrap();
+        assert!(ex.target[..prompt.len()].iter().all(|t| !t));
+        assert!(ex.target[prompt.len()..].iter().all(|&t| t));
+        assert_eq!(*ex.ids.last().unwrap(), t.end_of_turn);
+        assert!(*ex.target.last().unwrap());
+    }
+
+    #[test]
+    fn overflow_is_an_error_or_a_cut() {
+        let t = tokenizer();
+        let pairs = [
+            pair("hi", "five"),
+            pair("What is two plus three?", "five five five five"),
+        ];
+        let path = Path::new("d.jsonl");
+        let full =
+            encode_pairs(&t, &pairs, 1000, Overflow::Error, LossOn::Completion, path).unwrap();
+        let (short, long) = (full[0].ids.len(), full[1].ids.len());
+        assert!(long > short + 2);
+        let err = encode_pairs(&t, &pairs, short, Overflow::Error, LossOn::Completion, path)
+            .unwrap_err()
+            .to_string();
+        let want = format!("d.jsonl: row 2: {long} tokens exceed the context of {short}");
+        assert!(err.contains(&want), "{err}");
+        let cut = encode_pairs(
+            &t,
+            &pairs,
+            long - 2,
+            Overflow::Truncate,
+            LossOn::Completion,
+            path,
+        )
+        .unwrap();
+        assert_eq!(cut[0], full[0]);
+        assert_eq!(cut[1].ids, full[1].ids[..long - 2]);
+        let prompt_len = t
+            .render_prompt(&user("What is two plus three?"))
+            .unwrap()
+            .len();
+        let err = encode_pairs(
+            &t,
+            &pairs[1..],
+            prompt_len,
+            Overflow::Truncate,
+            LossOn::Completion,
+            path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("nothing left to train on"), "{err}");
+    }
+
+    #[test]
+    fn batches_cover_every_example_once_with_similar_lengths() {
+        let lengths: Vec<usize> = (0..100).map(|i| (i * 37) % 50 + 1).collect();
+        let b = bucketed_batches(&lengths, 8, 3);
+        let mut all: Vec<usize> = b.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        assert_eq!(b, bucketed_batches(&lengths, 8, 3));
+        assert_ne!(b, bucketed_batches(&lengths, 8, 4));
+        let spread: usize = b
+            .iter()
+            .map(|batch| {
+                let l: Vec<usize> = batch.iter().map(|&i| lengths[i]).collect();
+                l.iter().max().unwrap() - l.iter().min().unwrap()
+            })
+            .sum();
+        assert!(
+            spread < 100 * 8 / 8,
+            "bucketing keeps lengths close: {spread}"
+        );
+    }
+}
