@@ -129,7 +129,7 @@ impl ChatTokenizer {
             PostProcessorWrapper,
             DecoderWrapper,
         > = TokenizerImpl::new(bpe);
-        let metaspace = Metaspace::new('▁', PrependScheme::First, false);
+        let metaspace = Metaspace::new('▁', PrependScheme::Always, true);
         tk.with_pre_tokenizer(Some(metaspace.clone()));
         tk.with_decoder(Some(metaspace));
         tk.train(&mut trainer, texts)

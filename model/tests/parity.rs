@@ -361,3 +361,23 @@ fn new_model_from_config_has_the_configured_size() {
     let n: usize = named_params(&model).values().map(|t| t.data.len()).sum();
     assert_eq!(n, config.num_params());
 }
+
+#[test]
+fn training_path_matches_inference_path_under_padding() {
+    let reference = Reference::load();
+    let rows = rows_of(&reference);
+    let (_, plain) = load_causal_lm(&fixture_dir(), &device()).unwrap();
+    let (_, train) = load_causal_lm(&fixture_dir(), &device().autodiff()).unwrap();
+    for padding in [Padding::Left, Padding::Right] {
+        let batch = TokenBatch::new(&rows, 0, padding);
+        let a = host(plain.forward(&batch));
+        let b = host(train.forward(&batch));
+        let vocab = plain.vocab_size();
+        for (r, row) in rows.iter().enumerate() {
+            let offset = if padding == Padding::Left { batch.len - row.len() } else { 0 };
+            let start = (r * batch.len + offset) * vocab;
+            let end = start + row.len() * vocab;
+            assert_close(&format!("{padding:?} row {r}"), &b[start..end], &a[start..end], 1e-4);
+        }
+    }
+}
