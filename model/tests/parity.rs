@@ -374,10 +374,19 @@ fn training_path_matches_inference_path_under_padding() {
         let b = host(train.forward(&batch));
         let vocab = plain.vocab_size();
         for (r, row) in rows.iter().enumerate() {
-            let offset = if padding == Padding::Left { batch.len - row.len() } else { 0 };
+            let offset = if padding == Padding::Left {
+                batch.len - row.len()
+            } else {
+                0
+            };
             let start = (r * batch.len + offset) * vocab;
             let end = start + row.len() * vocab;
-            assert_close(&format!("{padding:?} row {r}"), &b[start..end], &a[start..end], 1e-4);
+            assert_close(
+                &format!("{padding:?} row {r}"),
+                &b[start..end],
+                &a[start..end],
+                1e-4,
+            );
         }
     }
 }

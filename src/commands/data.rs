@@ -90,15 +90,7 @@ impl Record for Scored {
 }
 
 fn score_file(args: ScoreArgs) -> Result<()> {
-    if let Some(out) = &args.out
-        && out.exists()
-        && !args.overwrite
-    {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            out.display()
-        );
-    }
+    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
     let pairs: Vec<SftPair> = read_records(&args.input)?;
     let mut rows = Vec::with_capacity(pairs.len());
     for (i, p) in pairs.iter().enumerate() {

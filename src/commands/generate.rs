@@ -8,12 +8,7 @@ use posttrain_sft::generate::generate_pairs;
 use crate::cli::GenerateArgs;
 
 pub fn run(args: GenerateArgs, device: Device) -> Result<()> {
-    if args.out.exists() && !args.overwrite {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            args.out.display()
-        );
-    }
+    super::refuse_existing(Some(&args.out), args.overwrite)?;
     let prompts = read_prompts(&args.prompts)?;
     let (config, model) = load_causal_lm(&args.model, &device)?;
     let tokenizer = ChatTokenizer::from_file(&args.model.join(TOKENIZER_FILE))?;

@@ -52,12 +52,7 @@ fn read_ids(path: &std::path::Path) -> Result<TokenBatch> {
 }
 
 pub fn run(args: LogitsArgs, device: Device) -> Result<()> {
-    if args.out.exists() && !args.overwrite {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            args.out.display()
-        );
-    }
+    super::refuse_existing(Some(&args.out), args.overwrite)?;
     let batch = read_ids(&args.ids)?;
     let (config, model) = load_causal_lm(&args.model, &device)?;
     if let Some(bad) = batch

@@ -31,15 +31,7 @@ impl SamplingArgs {
 }
 
 pub fn run(args: SampleArgs, device: Device) -> Result<()> {
-    if let Some(out) = &args.out
-        && out.exists()
-        && !args.overwrite
-    {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            out.display()
-        );
-    }
+    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
     let prompts = match (&args.prompts, &args.prompt) {
         (Some(path), _) => read_prompts(path)?,
         (None, Some(text)) => vec![Prompt::Text(text.clone())],

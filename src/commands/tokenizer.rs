@@ -11,12 +11,7 @@ pub fn run(command: TokenizerCommand) -> Result<()> {
 }
 
 fn train(args: TokenizerTrainArgs) -> Result<()> {
-    if args.out.exists() && !args.overwrite {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            args.out.display()
-        );
-    }
+    super::refuse_existing(Some(&args.out), args.overwrite)?;
     let mut lines = Vec::new();
     for path in &args.input {
         let text = fs_err::read_to_string(path)?;
