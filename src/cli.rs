@@ -238,8 +238,8 @@ pub struct SynthArgs {
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// Training pairs (at most what the task's ~1,500 distinct questions leave after eval).
-    #[arg(long, default_value_t = 1200)]
+    /// Training pairs (at most what the task's distinct questions leave after eval).
+    #[arg(long, default_value_t = 3000)]
     pub train: usize,
     /// Held-out pairs (prompts disjoint from training).
     #[arg(long, default_value_t = 200)]

@@ -26,8 +26,26 @@ const WORDS: &[&str] = &[
     "dragon", "flower", "guitar", "island", "jacket", "kitten", "ladder", "market", "needle",
     "parrot", "cat", "dog", "sun", "moon", "star", "tree", "bird", "fish", "book", "door", "milk",
     "rain", "snow", "wind", "fire", "road", "ship", "king", "lamp", "rose", "salt", "wolf", "bear",
-    "frog", "duck", "cake", "corn", "hill", "lake", "leaf", "nest", "sand",
+    "frog", "duck", "cake", "corn", "hill", "lake", "leaf", "nest", "sand", "about", "above",
+    "actor", "adult", "agent", "alarm", "album", "angle", "ankle", "arrow", "badge", "baker",
+    "bench", "berry", "blade", "blank", "board", "boots", "brain", "brick", "brush", "cabin",
+    "camel", "canal", "cargo", "chain", "chalk", "cheek", "chess", "chief", "child", "cider",
+    "clock", "coach", "coast", "coral", "couch", "crane", "crown", "cycle", "dance", "delta",
+    "denim", "diary", "diver", "eagle", "earth", "elbow", "fable", "fairy", "feast", "fence",
+    "ferry", "flame", "flute", "frost", "giant", "globe", "glove", "goose", "honey", "hotel",
+    "igloo", "ivory", "jelly", "jewel", "judge", "juice", "knife", "koala", "label", "layer",
+    "lemur", "lilac", "llama", "lodge", "lunch", "magic", "mango", "maple", "medal", "melon",
+    "metal", "miner", "motor", "noble", "novel", "nurse", "olive", "onion", "opera", "otter",
+    "panda", "patio", "peach", "pearl", "piano", "pilot", "pizza", "plate", "poem", "pond",
+    "quilt", "radio", "raven", "ridge", "rival", "robin", "salad", "scarf", "shark", "shell",
+    "skirt", "slope", "solar", "spoon", "squid", "stamp", "stove", "sword", "syrup", "tango",
+    "teeth", "thumb", "toast", "torch", "tower", "trail", "truck", "tulip", "uncle", "valley",
+    "vapor", "venue", "vest", "video", "villa", "vocal", "wagon", "whale", "wheat", "witch",
+    "yacht", "youth", "zone", "ant", "bee", "cow", "egg", "fox", "hat", "ice", "jam", "key", "map",
+    "net", "owl", "pen", "pig", "rat", "sky", "toy", "van", "web", "yak",
 ];
+
+const MAX_NUMBER: u32 = 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
@@ -61,7 +79,10 @@ pub struct Item {
 fn item(rng: &mut StdRng) -> Item {
     let family = *FAMILIES.choose(rng).expect("families");
     let word = *WORDS.choose(rng).expect("words");
-    let (a, b) = (rng.random_range(0..=20u32), rng.random_range(0..=20u32));
+    let (a, b) = (
+        rng.random_range(0..=MAX_NUMBER),
+        rng.random_range(0..=MAX_NUMBER),
+    );
     let (prompt, completion, answer) = match family {
         Family::Add => (
             format!("What is {a} plus {b}?"),
@@ -77,7 +98,11 @@ fn item(rng: &mut StdRng) -> Item {
             )
         }
         Family::Larger => {
-            let b = if a == b { (b + 1) % 21 } else { b };
+            let b = if a == b {
+                (b + 1) % (MAX_NUMBER + 1)
+            } else {
+                b
+            };
             let (hi, lo) = (a.max(b), a.min(b));
             (
                 format!("Which is larger, {a} or {b}?"),
