@@ -11,7 +11,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RUN="${1:-runs/embedded}"
-STEPS="${2:-600}"
+STEPS="${2:-800}"
 SEED="${SEED:-0}"
 cargo build --release --manifest-path "$ROOT/Cargo.toml" --quiet
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/posttrain"
