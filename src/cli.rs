@@ -317,10 +317,10 @@ pub struct PretrainArgs {
     /// tokenizer.json (copied into the checkpoint).
     #[arg(long)]
     pub tokenizer: PathBuf,
-    /// Training data: SFT pairs (JSONL or Parquet).
+    /// Training data (JSONL or Parquet): `text` rows, or `prompt`/`completion` pairs.
     #[arg(long)]
     pub data: PathBuf,
-    /// Held-out pairs for the eval loss.
+    /// Held-out rows (same kinds) for the eval loss.
     #[arg(long)]
     pub eval: Option<PathBuf>,
     /// Output checkpoint directory.

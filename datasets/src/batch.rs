@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-use crate::records::{DataError, SftPair};
+use crate::records::{DataError, TrainRecord};
 use crate::tokenizer::{ChatTokenizer, Message, Role};
 
 /// A token sequence and, per token, whether it is a training target.
@@ -51,28 +51,39 @@ impl ChatTokenizer {
     }
 }
 
-/// Tokenizes SFT pairs; `path` names the source in errors (rows 1-based).
-pub fn encode_pairs(
+/// Tokenizes training rows; `path` names the source in errors (rows
+/// 1-based). Text rows become `<bos> text <eos>` with every token a target;
+/// pairs follow the chat template and `loss_on`.
+pub fn encode_records(
     tokenizer: &ChatTokenizer,
-    pairs: &[SftPair],
+    records: &[TrainRecord],
     max_len: usize,
     overflow: Overflow,
     loss_on: LossOn,
     path: &Path,
 ) -> Result<Vec<Example>, DataError> {
-    pairs
+    records
         .iter()
         .enumerate()
-        .map(|(i, pair)| {
+        .map(|(i, record)| {
             let err = |reason: String| DataError::Row {
                 path: path.to_path_buf(),
                 row: i + 1,
                 reason,
             };
-            let mut ex = tokenizer
-                .render_example(&pair.prompt.messages(), &pair.completion)
-                .map_err(|e| err(e.to_string()))?;
-            if loss_on == LossOn::All {
+            let mut ex = match record {
+                TrainRecord::Pair(pair) => tokenizer
+                    .render_example(&pair.prompt.messages(), &pair.completion)
+                    .map_err(|e| err(e.to_string()))?,
+                TrainRecord::Text(text) => {
+                    let mut ids = vec![tokenizer.bos];
+                    ids.extend(tokenizer.encode(text).map_err(|e| err(e.to_string()))?);
+                    ids.push(tokenizer.eos);
+                    let target = vec![true; ids.len()];
+                    Example { ids, target }
+                }
+            };
+            if loss_on == LossOn::All || matches!(record, TrainRecord::Text(_)) {
                 ex.target = (0..ex.ids.len()).map(|i| i > 0).collect();
             }
             if ex.ids.len() > max_len {
@@ -127,7 +138,7 @@ pub fn user(text: &str) -> Vec<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::Prompt;
+    use crate::records::{Prompt, SftPair};
 
     fn tokenizer() -> ChatTokenizer {
         let corpus = [
@@ -138,18 +149,35 @@ mod tests {
         ChatTokenizer::train(corpus.iter(), 100).unwrap()
     }
 
-    fn pair(p: &str, c: &str) -> SftPair {
-        SftPair {
+    fn pair(p: &str, c: &str) -> TrainRecord {
+        TrainRecord::Pair(SftPair {
             prompt: Prompt::Text(p.into()),
             completion: c.into(),
             teacher_topk: None,
-        }
+        })
+    }
+
+    #[test]
+    fn text_rows_train_on_every_token_after_bos() {
+        let t = tokenizer();
+        let ex = &encode_records(
+            &t,
+            &[TrainRecord::Text("two plus three".into())],
+            64,
+            Overflow::Error,
+            LossOn::Completion,
+            Path::new("x.jsonl"),
+        )
+        .unwrap()[0];
+        assert_eq!(ex.ids[0], t.bos);
+        assert_eq!(*ex.ids.last().unwrap(), t.eos);
+        assert!(!ex.target[0] && ex.target[1..].iter().all(|&x| x));
     }
 
     #[test]
     fn masks_exclude_the_prompt_and_include_the_closing_turn_end() {
         let t = tokenizer();
-        let ex = &encode_pairs(
+        let ex = &encode_records(
             &t,
             &[pair("What is two plus three?", "five")],
             64,
@@ -174,15 +202,15 @@ mod tests {
         ];
         let path = Path::new("d.jsonl");
         let full =
-            encode_pairs(&t, &pairs, 1000, Overflow::Error, LossOn::Completion, path).unwrap();
+            encode_records(&t, &pairs, 1000, Overflow::Error, LossOn::Completion, path).unwrap();
         let (short, long) = (full[0].ids.len(), full[1].ids.len());
         assert!(long > short + 2);
-        let err = encode_pairs(&t, &pairs, short, Overflow::Error, LossOn::Completion, path)
+        let err = encode_records(&t, &pairs, short, Overflow::Error, LossOn::Completion, path)
             .unwrap_err()
             .to_string();
         let want = format!("d.jsonl: row 2: {long} tokens exceed the context of {short}");
         assert!(err.contains(&want), "{err}");
-        let cut = encode_pairs(
+        let cut = encode_records(
             &t,
             &pairs,
             long - 2,
@@ -197,7 +225,7 @@ mod tests {
             .render_prompt(&user("What is two plus three?"))
             .unwrap()
             .len();
-        let err = encode_pairs(
+        let err = encode_records(
             &t,
             &pairs[1..],
             prompt_len,

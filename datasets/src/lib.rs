@@ -7,9 +7,10 @@ pub mod records;
 pub mod task;
 pub mod tokenizer;
 
-pub use batch::{Example, LossOn, Overflow, bucketed_batches, encode_pairs};
+pub use batch::{Example, LossOn, Overflow, bucketed_batches, encode_records};
 pub use fsutil::write_atomic;
 pub use records::{
-    DataError, Preference, Prompt, Record, SftPair, TopK, read_prompts, read_records, write_records,
+    DataError, Preference, Prompt, Record, SftPair, TopK, TrainRecord, read_prompts, read_records,
+    write_records,
 };
 pub use tokenizer::{ChatTokenizer, Message, Role, TokenizerError};

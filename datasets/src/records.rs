@@ -108,6 +108,14 @@ pub struct Preference {
     pub rejected: String,
 }
 
+/// A row to train a causal LM on: plain `text` (every token is a target),
+/// or a prompt/completion pair (rendered with the chat template).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainRecord {
+    Text(String),
+    Pair(SftPair),
+}
+
 /// A record kind: how one row reads and writes.
 pub trait Record: Sized {
     fn from_row(row: &Map<String, Value>) -> Result<Self, String>;
@@ -212,6 +220,24 @@ impl Record for Preference {
         row.insert("chosen".into(), self.chosen.clone().into());
         row.insert("rejected".into(), self.rejected.clone().into());
         Value::Object(row)
+    }
+}
+
+impl Record for TrainRecord {
+    fn from_row(row: &Map<String, Value>) -> Result<Self, String> {
+        match row.get("text") {
+            Some(v) => Ok(TrainRecord::Text(non_empty_string(v, "text")?)),
+            None => SftPair::from_row(row)
+                .map(TrainRecord::Pair)
+                .map_err(|e| format!("{e} (or a `text` column)")),
+        }
+    }
+
+    fn to_row(&self) -> Value {
+        match self {
+            TrainRecord::Text(t) => json!({ "text": t }),
+            TrainRecord::Pair(p) => p.to_row(),
+        }
     }
 }
 
@@ -403,6 +429,10 @@ mod tests {
             completion: "4.".into(),
             teacher_topk: None,
         }]);
+        roundtrip(vec![
+            TrainRecord::Text("Plain text to model.".into()),
+            TrainRecord::Text("More text.".into()),
+        ]);
         roundtrip(vec![Preference {
             prompt: Prompt::Text("p".into()),
             chosen: "good".into(),

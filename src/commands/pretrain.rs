@@ -1,6 +1,8 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
-use posttrain_datasets::{ChatTokenizer, LossOn, Overflow, SftPair, encode_pairs, read_records};
+use posttrain_datasets::{
+    ChatTokenizer, LossOn, Overflow, TrainRecord, encode_records, read_records,
+};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::provenance::PROVENANCE_FILE;
 use posttrain_model::{
@@ -73,9 +75,9 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
     };
     let max_len = config.max_position_embeddings;
     let load = |path: &std::path::Path| -> Result<_> {
-        let pairs: Vec<SftPair> = read_records(path)?;
-        Ok(encode_pairs(
-            &tokenizer, &pairs, max_len, overflow, loss_on, path,
+        let records: Vec<TrainRecord> = read_records(path)?;
+        Ok(encode_records(
+            &tokenizer, &records, max_len, overflow, loss_on, path,
         )?)
     };
     let train = load(&args.data)?;

@@ -251,3 +251,74 @@ fn pretrain_refuses_bad_inputs() {
         ],
     );
 }
+
+#[test]
+fn pretrain_on_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = dir.path().join("task");
+    ok(&[
+        "data",
+        "synth",
+        "--out",
+        s(&task),
+        "--train",
+        "50",
+        "--eval",
+        "5",
+        "--vocab-size",
+        "150",
+    ]);
+    let config = dir.path().join("micro.json");
+    micro_config(&task, &config);
+    let text = dir.path().join("text.jsonl");
+    let rows: String = (0..40)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"The word cat reversed is tac. {} plus 1 is {}.\"}}\n",
+                i % 9,
+                i % 9 + 1
+            )
+        })
+        .collect();
+    std::fs::write(&text, rows).unwrap();
+    let model = dir.path().join("lm");
+    ok(&[
+        "pretrain",
+        "--config",
+        s(&config),
+        "--tokenizer",
+        s(&task.join("tokenizer.json")),
+        "--data",
+        s(&text),
+        "--out",
+        s(&model),
+        "--steps",
+        "40",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "4",
+    ]);
+    let m = metrics(&model);
+    let first = m[0]["loss"].as_f64().unwrap();
+    let last = m[39]["loss"].as_f64().unwrap();
+    assert!(last < 0.5 * first, "{first} -> {last}");
+
+    std::fs::write(&text, "{\"text\": \"\"}\n").unwrap();
+    fails(
+        &[
+            "pretrain",
+            "--config",
+            s(&config),
+            "--tokenizer",
+            s(&task.join("tokenizer.json")),
+            "--data",
+            s(&text),
+            "--out",
+            s(&dir.path().join("x")),
+        ],
+        &["text.jsonl:1", "column `text` is empty"],
+    );
+}
