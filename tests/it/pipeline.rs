@@ -1,6 +1,6 @@
 //! The data → pretrain → generate → score chain on a micro config.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::{fails, ok, s};
 
@@ -12,37 +12,81 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A config small enough to train in seconds, with the task's vocabulary.
-fn micro_config(task: &Path, out: &Path) {
-    let mut c: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(task.join("student.json")).unwrap()).unwrap();
-    c["hidden_size"] = 32.into();
-    c["intermediate_size"] = 64.into();
-    c["num_hidden_layers"] = 1.into();
-    c["layer_types"] = serde_json::json!(["sliding_attention"]);
-    c["head_dim"] = 16.into();
-    c["query_pre_attn_scalar"] = 16.into();
-    std::fs::write(out, c.to_string()).unwrap();
+/// A synthesized task and a model config small enough to train in seconds.
+struct Micro {
+    dir: tempfile::TempDir,
+    task: PathBuf,
+    tokenizer: PathBuf,
+    config: PathBuf,
+}
+
+impl Micro {
+    fn new(train: &str, eval: &str, vocab: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let task = dir.path().join("task");
+        ok(&[
+            "data",
+            "synth",
+            "--seed",
+            "3",
+            "--out",
+            s(&task),
+            "--train",
+            train,
+            "--eval",
+            eval,
+            "--vocab-size",
+            vocab,
+        ]);
+        let mut c: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(task.join("student.json")).unwrap()).unwrap();
+        c["hidden_size"] = 32.into();
+        c["intermediate_size"] = 64.into();
+        c["num_hidden_layers"] = 1.into();
+        c["layer_types"] = serde_json::json!(["sliding_attention"]);
+        c["head_dim"] = 16.into();
+        c["query_pre_attn_scalar"] = 16.into();
+        let config = dir.path().join("micro.json");
+        std::fs::write(&config, c.to_string()).unwrap();
+        let tokenizer = task.join("tokenizer.json");
+        Micro {
+            dir,
+            task,
+            tokenizer,
+            config,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `posttrain pretrain` on `data` into `out`, plus `extra` flags.
+    fn pretrain_args<'a>(
+        &'a self,
+        data: &'a Path,
+        out: &'a Path,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut args = vec![
+            "pretrain",
+            "--config",
+            s(&self.config),
+            "--tokenizer",
+            s(&self.tokenizer),
+            "--data",
+            s(data),
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
 }
 
 #[test]
 fn synth_pretrain_generate_score() {
-    let dir = tempfile::tempdir().unwrap();
-    let task = dir.path().join("task");
-    ok(&[
-        "data",
-        "synth",
-        "--seed",
-        "3",
-        "--out",
-        s(&task),
-        "--train",
-        "300",
-        "--eval",
-        "20",
-        "--vocab-size",
-        "200",
-    ]);
+    let m = Micro::new("300", "20", "200");
     for f in [
         "train.jsonl",
         "eval.jsonl",
@@ -52,49 +96,33 @@ fn synth_pretrain_generate_score() {
         "teacher.json",
         "student.json",
     ] {
-        assert!(task.join(f).is_file(), "{f}");
+        assert!(m.task.join(f).is_file(), "{f}");
     }
     // the references score full marks
-    let summary: serde_json::Value = serde_json::from_str(&ok(&[
-        "data",
-        "score",
-        "--input",
-        s(&task.join("eval.jsonl")),
-    ]))
-    .unwrap();
+    let eval = m.task.join("eval.jsonl");
+    let summary: serde_json::Value =
+        serde_json::from_str(&ok(&["data", "score", "--input", s(&eval)])).unwrap();
     assert_eq!(summary["mean_score"], 1.0);
     assert_eq!(summary["rows"], 20);
 
-    let config = dir.path().join("micro.json");
-    micro_config(&task, &config);
-    let model = dir.path().join("model");
-    ok(&[
-        "pretrain",
-        "--config",
-        s(&config),
-        "--tokenizer",
-        s(&task.join("tokenizer.json")),
-        "--data",
-        s(&task.join("train.jsonl")),
-        "--eval",
-        s(&task.join("eval.jsonl")),
-        "--out",
-        s(&model),
-        "--steps",
-        "60",
-        "--batch-size",
-        "16",
+    let model = m.path("model");
+    let train = m.task.join("train.jsonl");
+    let mut args = m.pretrain_args(&train, &model, &["--steps", "60", "--batch-size", "16"]);
+    args.extend([
         "--lr",
         "1e-2",
         "--warmup",
         "5",
         "--eval-every",
         "30",
+        "--eval",
+        s(&eval),
     ]);
-    let m = metrics(&model);
-    assert_eq!(m.len(), 60);
-    let first = m[0]["loss"].as_f64().unwrap();
-    let last: f64 = m[50..]
+    ok(&args);
+    let log = metrics(&model);
+    assert_eq!(log.len(), 60);
+    let first = log[0]["loss"].as_f64().unwrap();
+    let last: f64 = log[50..]
         .iter()
         .map(|r| r["loss"].as_f64().unwrap())
         .sum::<f64>()
@@ -103,7 +131,7 @@ fn synth_pretrain_generate_score() {
         last < 0.6 * first,
         "loss should fall well below the first: {first} -> {last}"
     );
-    assert!(m[29]["eval_loss"].is_number() && m[59]["eval_loss"].is_number());
+    assert!(log[29]["eval_loss"].is_number() && log[59]["eval_loss"].is_number());
     let provenance: serde_json::Value =
         serde_json::from_slice(&std::fs::read(model.join("posttrain.json")).unwrap()).unwrap();
     assert_eq!(provenance["stage"], "pretrain");
@@ -111,23 +139,27 @@ fn synth_pretrain_generate_score() {
     assert_eq!(provenance["parents"].as_array().unwrap().len(), 3);
     assert!(model.join("tokenizer.json").is_file() && model.join("model.safetensors").is_file());
 
-    let pairs = dir.path().join("pairs.parquet");
-    ok(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&task.join("eval_prompts.jsonl")),
-        "--out",
-        s(&pairs),
-        "--topk",
-        "4",
-        "--max-new-tokens",
-        "16",
-        "--temperature",
-        "0",
-    ]);
-    let scored = dir.path().join("scored.jsonl");
+    let prompts = m.task.join("eval_prompts.jsonl");
+    let generate = |out: &Path| {
+        ok(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--topk",
+            "4",
+            "--max-new-tokens",
+            "16",
+            "--temperature",
+            "0",
+        ])
+    };
+    let pairs = m.path("pairs.parquet");
+    generate(&pairs);
+    let scored = m.path("scored.jsonl");
     let summary: serde_json::Value = serde_json::from_str(&ok(&[
         "data",
         "score",
@@ -141,109 +173,56 @@ fn synth_pretrain_generate_score() {
     let mean = summary["mean_score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&mean));
     // greedy generation is reproducible
-    let again = dir.path().join("again.parquet");
-    ok(&[
-        "generate",
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&task.join("eval_prompts.jsonl")),
-        "--out",
-        s(&again),
-        "--topk",
-        "4",
-        "--max-new-tokens",
-        "16",
-        "--temperature",
-        "0",
-    ]);
+    let again = m.path("again.parquet");
+    generate(&again);
     assert_eq!(
         std::fs::read(&pairs).unwrap(),
         std::fs::read(&again).unwrap()
     );
 
     // distillation from the trained model runs and logs the KL term
-    let student = dir.path().join("student");
-    ok(&[
-        "pretrain",
-        "--config",
-        s(&config),
-        "--tokenizer",
-        s(&task.join("tokenizer.json")),
-        "--data",
-        s(&task.join("train.jsonl")),
-        "--out",
-        s(&student),
-        "--steps",
-        "5",
-        "--batch-size",
-        "8",
-        "--teacher",
-        s(&model),
-        "--alpha",
-        "0.5",
-        "--temperature",
-        "2",
-    ]);
+    let student = m.path("student");
+    ok(&m.pretrain_args(
+        &train,
+        &student,
+        &[
+            "--steps",
+            "5",
+            "--batch-size",
+            "8",
+            "--teacher",
+            s(&model),
+            "--alpha",
+            "0.5",
+            "--temperature",
+            "2",
+        ],
+    ));
     assert!(metrics(&student)[0]["kl"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
 fn pretrain_refuses_bad_inputs() {
-    let dir = tempfile::tempdir().unwrap();
-    let task = dir.path().join("task");
-    ok(&[
-        "data",
-        "synth",
-        "--out",
-        s(&task),
-        "--train",
-        "50",
-        "--eval",
-        "5",
-        "--vocab-size",
-        "150",
-    ]);
-    let config = dir.path().join("micro.json");
-    micro_config(&task, &config);
-    let bad = dir.path().join("bad.jsonl");
+    let m = Micro::new("50", "5", "150");
+    let bad = m.path("bad.jsonl");
     std::fs::write(
         &bad,
         "{\"prompt\": \"What is 1 plus 1?\", \"completion\": \"\"}\n",
     )
     .unwrap();
-    let out = dir.path().join("m");
+    let out = m.path("m");
     fails(
-        &[
-            "pretrain",
-            "--config",
-            s(&config),
-            "--tokenizer",
-            s(&task.join("tokenizer.json")),
-            "--data",
-            s(&bad),
-            "--out",
-            s(&out),
-        ],
+        &m.pretrain_args(&bad, &out, &[]),
         &["bad.jsonl:1", "`completion` is empty"],
     );
     assert!(!out.exists(), "no checkpoint after a failure");
     let mut c: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(&m.config).unwrap()).unwrap();
     c["max_position_embeddings"] = 8.into();
-    std::fs::write(&config, c.to_string()).unwrap();
+    std::fs::write(&m.config, c.to_string()).unwrap();
+    let train = m.task.join("train.jsonl");
     fails(
-        &[
-            "pretrain",
-            "--config",
-            s(&config),
-            "--tokenizer",
-            s(&task.join("tokenizer.json")),
-            "--data",
-            s(&task.join("train.jsonl")),
-            "--out",
-            s(&out),
-        ],
+        &m.pretrain_args(&train, &out, &[]),
         &[
             "train.jsonl: row 1",
             "exceed the context of 8",
@@ -254,23 +233,8 @@ fn pretrain_refuses_bad_inputs() {
 
 #[test]
 fn pretrain_on_plain_text() {
-    let dir = tempfile::tempdir().unwrap();
-    let task = dir.path().join("task");
-    ok(&[
-        "data",
-        "synth",
-        "--out",
-        s(&task),
-        "--train",
-        "50",
-        "--eval",
-        "5",
-        "--vocab-size",
-        "150",
-    ]);
-    let config = dir.path().join("micro.json");
-    micro_config(&task, &config);
-    let text = dir.path().join("text.jsonl");
+    let m = Micro::new("50", "5", "150");
+    let text = m.path("text.jsonl");
     let rows: String = (0..40)
         .map(|i| {
             format!(
@@ -281,44 +245,29 @@ fn pretrain_on_plain_text() {
         })
         .collect();
     std::fs::write(&text, rows).unwrap();
-    let model = dir.path().join("lm");
-    ok(&[
-        "pretrain",
-        "--config",
-        s(&config),
-        "--tokenizer",
-        s(&task.join("tokenizer.json")),
-        "--data",
-        s(&text),
-        "--out",
-        s(&model),
-        "--steps",
-        "40",
-        "--batch-size",
-        "8",
-        "--lr",
-        "1e-2",
-        "--warmup",
-        "4",
-    ]);
-    let m = metrics(&model);
-    let first = m[0]["loss"].as_f64().unwrap();
-    let last = m[39]["loss"].as_f64().unwrap();
+    let model = m.path("lm");
+    ok(&m.pretrain_args(
+        &text,
+        &model,
+        &[
+            "--steps",
+            "40",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "4",
+        ],
+    ));
+    let log = metrics(&model);
+    let first = log[0]["loss"].as_f64().unwrap();
+    let last = log[39]["loss"].as_f64().unwrap();
     assert!(last < 0.5 * first, "{first} -> {last}");
 
     std::fs::write(&text, "{\"text\": \"\"}\n").unwrap();
     fails(
-        &[
-            "pretrain",
-            "--config",
-            s(&config),
-            "--tokenizer",
-            s(&task.join("tokenizer.json")),
-            "--data",
-            s(&text),
-            "--out",
-            s(&dir.path().join("x")),
-        ],
+        &m.pretrain_args(&text, &m.path("x"), &[]),
         &["text.jsonl:1", "column `text` is empty"],
     );
 }
