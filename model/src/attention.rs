@@ -25,13 +25,14 @@ pub struct Attention {
     pub softcap: Option<f64>,
 }
 
-/// The attention mask of one layer kind, in the form each path needs:
-/// `bool` (`None` = plain causal) for the fused inference kernel, an
-/// additive `bias` for the differentiable path. Both `[batch, 1, q, k]`.
+/// The attention mask of one layer kind, `[batch, 1, q, k]`, in the form
+/// the path in use needs; it also chooses the path.
 #[derive(Debug, Clone)]
-pub struct LayerMask {
-    pub bool: Option<Tensor<4, Bool>>,
-    pub bias: Tensor<4>,
+pub enum LayerMask {
+    /// Burn's fused kernel (inference): `true` = masked; `None` = plain causal.
+    Fused(Option<Tensor<4, Bool>>),
+    /// The differentiable path (training): 0 or the most negative float.
+    Bias(Tensor<4>),
 }
 
 /// Keys and values of one layer, after RoPE and before head repetition:
@@ -104,19 +105,20 @@ impl Attention {
             cache.k = Some(k.clone());
             cache.v = Some(v.clone());
         }
-        let out = if q.is_autodiff() {
-            self.differentiable(q, k, v, mask.bias.clone())
-        } else {
-            let options = AttentionModuleOptions {
-                scale: Some(self.scale),
-                softcap: self.softcap,
-                is_causal: mask.bool.is_none(),
-            };
-            let mask = mask.bool.clone().map(|m| {
-                let [mb, _, mq, mk] = m.dims();
-                m.expand([mb, self.heads, mq, mk])
-            });
-            attention(q, self.repeat_kv(k), self.repeat_kv(v), mask, None, options)
+        let out = match mask {
+            LayerMask::Bias(bias) => self.differentiable(q, k, v, bias.clone()),
+            LayerMask::Fused(mask) => {
+                let options = AttentionModuleOptions {
+                    scale: Some(self.scale),
+                    softcap: self.softcap,
+                    is_causal: mask.is_none(),
+                };
+                let mask = mask.clone().map(|m| {
+                    let [mb, _, mq, mk] = m.dims();
+                    m.expand([mb, self.heads, mq, mk])
+                });
+                attention(q, self.repeat_kv(k), self.repeat_kv(v), mask, None, options)
+            }
         };
         self.o_proj.forward(
             out.swap_dims(1, 2)

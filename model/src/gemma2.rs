@@ -85,7 +85,6 @@ pub struct Gemma2Model {
     pub sliding_window: usize,
     pub rope_base: f64,
     pub head_dim: usize,
-    pub heads: usize,
     pub pad_token_id: Option<u32>,
 }
 
@@ -149,7 +148,6 @@ impl Gemma2Model {
             sliding_window: c.sliding_window,
             rope_base: c.rope_base(),
             head_dim: c.head_dim,
-            heads: c.num_attention_heads,
             pad_token_id: c.pad_token_id,
         })
     }
@@ -217,13 +215,10 @@ impl Gemma2Model {
                 k_start,
                 window,
             };
-            LayerMask {
-                bool: (!train && spec.needed()).then(|| spec.build(device)),
-                bias: if train {
-                    spec.bias(device)
-                } else {
-                    Tensor::empty([0, 0, 0, 0], device)
-                },
+            if train {
+                LayerMask::Bias(spec.bias(device))
+            } else {
+                LayerMask::Fused(spec.needed().then(|| spec.build(device)))
             }
         };
         let global_mask = mask_for(0, None);

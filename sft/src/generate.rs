@@ -76,18 +76,20 @@ pub fn generate_pairs(
         let first = (b * batch_size) as u64;
         let out = generate(model, &encoded, tokenizer.pad, sampling, first);
         let mut kept = Vec::new();
+        let mut prompt_lens = Vec::new();
         let mut tokens = 0;
-        for (prompt, completion) in chunk.iter().zip(&out) {
+        for ((prompt, ids), completion) in chunk.iter().zip(&encoded).zip(&out) {
             tokens += completion.tokens.len() as u64;
-            let mut ids = completion.tokens.as_slice();
+            let mut new = completion.tokens.as_slice();
             if completion.finish == FinishReason::Stop {
-                ids = &ids[..ids.len() - 1];
+                new = &new[..new.len() - 1];
             }
-            let text = tokenizer.decode(ids)?.trim().to_string();
+            let text = tokenizer.decode(new)?.trim().to_string();
             if text.is_empty() {
                 report.empty += 1;
                 continue;
             }
+            prompt_lens.push(ids.len());
             kept.push(SftPair {
                 prompt: prompt.clone(),
                 completion: text,
@@ -97,8 +99,8 @@ pub fn generate_pairs(
         if topk > 0 && !kept.is_empty() {
             let rows = kept
                 .iter()
-                .map(|pair| {
-                    let prompt_len = tokenizer.render_prompt(&pair.prompt.messages())?.len();
+                .zip(&prompt_lens)
+                .map(|(pair, &prompt_len)| {
                     let ex = tokenizer.render_example(&pair.prompt.messages(), &pair.completion)?;
                     Ok((ex.ids, prompt_len))
                 })

@@ -1,8 +1,6 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
-use posttrain_datasets::{ChatTokenizer, read_prompts, write_records};
-use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::load_causal_lm;
+use posttrain_datasets::{read_prompts, write_records};
 use posttrain_sft::generate::generate_pairs;
 
 use crate::cli::GenerateArgs;
@@ -10,8 +8,8 @@ use crate::cli::GenerateArgs;
 pub fn run(args: GenerateArgs, device: Device) -> Result<()> {
     super::refuse_existing(Some(&args.out), args.overwrite)?;
     let prompts = read_prompts(&args.prompts)?;
-    let (config, model) = load_causal_lm(&args.model, &device)?;
-    let tokenizer = ChatTokenizer::from_file(&args.model.join(TOKENIZER_FILE))?;
+    let lm = super::ChatModel::load(&args.model, &device)?;
+    let config = &lm.config;
     if args.topk > config.vocab_size {
         bail!(
             "--topk {} exceeds the vocabulary of {}",
@@ -19,12 +17,10 @@ pub fn run(args: GenerateArgs, device: Device) -> Result<()> {
             config.vocab_size
         );
     }
-    let mut stop = config.eos_ids();
-    stop.extend([tokenizer.eos, tokenizer.end_of_turn]);
-    let sampling = args.sampling.config(stop)?;
+    let sampling = args.sampling.config(lm.stop_ids())?;
     let report = generate_pairs(
-        &model,
-        &tokenizer,
+        &lm.model,
+        &lm.tokenizer,
         &prompts,
         &sampling,
         args.sampling.batch_size,

@@ -1,9 +1,8 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::write_atomic;
-use posttrain_datasets::{ChatTokenizer, Prompt, read_prompts};
-use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::{FinishReason, SamplingConfig, generate, load_causal_lm};
+use posttrain_datasets::{Prompt, read_prompts};
+use posttrain_model::{FinishReason, SamplingConfig, generate};
 use posttrain_train::Progress;
 
 use crate::cli::{SampleArgs, SamplingArgs};
@@ -37,17 +36,8 @@ pub fn run(args: SampleArgs, device: Device) -> Result<()> {
         (None, Some(text)) => vec![Prompt::Text(text.clone())],
         (None, None) => bail!("give --prompts FILE or --prompt TEXT"),
     };
-    let (config, model) = load_causal_lm(&args.model, &device)?;
-    let tokenizer_path = args.model.join(TOKENIZER_FILE);
-    let tokenizer = ChatTokenizer::from_file(&tokenizer_path)?;
-    if tokenizer.vocab_size() > config.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens but the model's vocab_size is {}",
-            tokenizer_path.display(),
-            tokenizer.vocab_size(),
-            config.vocab_size
-        );
-    }
+    let lm = super::ChatModel::load(&args.model, &device)?;
+    let (config, model, tokenizer) = (&lm.config, &lm.model, &lm.tokenizer);
     let mut encoded = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         let ids = if args.raw {
@@ -69,15 +59,13 @@ pub fn run(args: SampleArgs, device: Device) -> Result<()> {
         }
         encoded.push(ids);
     }
-    let mut stop = config.eos_ids();
-    stop.extend([tokenizer.eos, tokenizer.end_of_turn]);
-    let sampling = args.sampling.config(stop)?;
+    let sampling = args.sampling.config(lm.stop_ids())?;
 
     let mut lines = Vec::new();
     let mut progress = Progress::new("sample", prompts.len() as u64, "prompts");
     for (b, chunk) in encoded.chunks(args.sampling.batch_size).enumerate() {
         let first = (b * args.sampling.batch_size) as u64;
-        let out = generate(&model, chunk, config.pad_id(), &sampling, first);
+        let out = generate(model, chunk, config.pad_id(), &sampling, first);
         let mut new_tokens = 0;
         for (k, completion) in out.iter().enumerate() {
             let p = &prompts[first as usize + k];
