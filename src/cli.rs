@@ -41,8 +41,12 @@ pub enum Command {
     /// Data: the embedded English task and its ground-truth scorer.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Write a new, randomly initialised checkpoint (config + tokenizer + seed).
+    Init(InitArgs),
     /// Train a causal LM from new weights (optionally distilled from a teacher).
     Pretrain(PretrainArgs),
+    /// Supervised fine-tuning on prompt/completion pairs with distillation (stored top-k, live teacher, on-policy GKD).
+    Sft(SftArgs),
     /// Write SFT pairs with a teacher's completions (and top-k log-probs).
     Generate(GenerateArgs),
     /// Show a checkpoint: config, parameter count, tensors, provenance.
@@ -299,9 +303,18 @@ pub struct TrainArgs {
     /// Clip gradients to this global L2 norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
-    /// Eval loss every N steps (and at the end).
+    /// Micro-batches of --batch-size accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Eval loss (and task score) every N steps and at the end; 0: off.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
+    /// Eval prompts completed greedily and scored at each eval (embedded task only; 0: off).
+    #[arg(long, default_value_t = 64)]
+    pub eval_samples: usize,
+    /// Longest greedy eval completion.
+    #[arg(long, default_value_t = 32)]
+    pub eval_max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Cut sequences longer than the context instead of failing.
@@ -329,15 +342,93 @@ pub struct PretrainArgs {
     /// Distil from this checkpoint: (1-α)·CE + α·τ²·KL(teacher ‖ student).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
-    /// Weight α of the distillation term.
+    #[command(flatten)]
+    pub distill: DistillArgs,
+    /// Which tokens are trained on.
+    #[arg(long, value_enum, default_value_t = LossOnArg::Completion)]
+    pub loss_on: LossOnArg,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DistillArgs {
+    /// Weight α of the distillation term: (1-α)·CE + α·τ²·KL.
     #[arg(long, default_value_t = 1.0)]
     pub alpha: f64,
     /// Distillation temperature τ.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
-    /// Which tokens are trained on.
-    #[arg(long, value_enum, default_value_t = LossOnArg::Completion)]
-    pub loss_on: LossOnArg,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Model config.json (HF Gemma2Config).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// tokenizer.json (copied into the checkpoint).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KdArg {
+    /// live with --teacher, else topk when every row has teacher top-k, else none.
+    Auto,
+    /// Cross-entropy only.
+    None,
+    /// The stored `teacher_topk_*` columns.
+    Topk,
+    /// The --teacher's full distribution, computed in the step.
+    Live,
+}
+
+#[derive(Debug, Args)]
+pub struct SftArgs {
+    /// Student checkpoint to fine-tune (with tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt/completion pairs (JSONL or Parquet), optionally with `teacher_topk_*`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out pairs for the eval loss and (embedded task) the score of greedy samples.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Teacher checkpoint for live and on-policy distillation (same tokenizer).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// Distillation source.
+    #[arg(long, value_enum, default_value_t = KdArg::Auto)]
+    pub kd: KdArg,
+    /// With --kd topk: one more bucket for the teacher mass outside its top-k.
+    #[arg(long)]
+    pub topk_rest: bool,
+    #[command(flatten)]
+    pub distill: DistillArgs,
+    /// λ: probability that a batch's completions are sampled from the student and trained with JSD_β against the teacher (GKD).
+    #[arg(long, default_value_t = 0.0)]
+    pub on_policy_fraction: f64,
+    /// β of the generalized JSD: 0 forward KL, 1 reverse KL.
+    #[arg(long, default_value_t = 0.5)]
+    pub gkd_beta: f64,
+    /// Sampling temperature of the student's on-policy completions.
+    #[arg(long, default_value_t = 1.0)]
+    pub on_policy_temperature: f32,
+    /// Longest on-policy completion.
+    #[arg(long, default_value_t = 32)]
+    pub on_policy_max_new_tokens: usize,
     #[command(flatten)]
     pub train: TrainArgs,
     #[arg(long)]

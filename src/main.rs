@@ -24,6 +24,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(args) => {
             commands::pretrain::run(args, backend::device(cli.backend)?, &backend_name)
         }
+        Command::Init(args) => {
+            commands::init::run(args, backend::device(cli.backend)?, &backend_name)
+        }
+        Command::Sft(args) => {
+            commands::sft::run(args, backend::device(cli.backend)?, &backend_name)
+        }
         Command::Generate(args) => commands::generate::run(args, backend::device(cli.backend)?),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Tokenizer(command) => commands::tokenizer::run(command),

@@ -7,14 +7,30 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-use crate::records::{DataError, TrainRecord};
+use crate::records::{DataError, TopK, TrainRecord};
 use crate::tokenizer::{ChatTokenizer, Message, Role};
 
-/// A token sequence and, per token, whether it is a training target.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A token sequence and, per token, whether it is a training target; with
+/// stored teacher top-k, one row per target token in order.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub target: Vec<bool>,
+    pub topk: Option<TopK>,
+}
+
+impl Example {
+    /// Tokens before the first target (the rendered prompt of a pair).
+    pub fn prompt_len(&self) -> usize {
+        self.target
+            .iter()
+            .position(|&t| t)
+            .unwrap_or(self.ids.len())
+    }
+
+    pub fn targets(&self) -> usize {
+        self.target.iter().filter(|&&t| t).count()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +63,11 @@ impl ChatTokenizer {
         ids.extend(self.encode(completion)?);
         ids.push(self.end_of_turn);
         let target = (0..ids.len()).map(|i| i >= prompt_len).collect();
-        Ok(Example { ids, target })
+        Ok(Example {
+            ids,
+            target,
+            topk: None,
+        })
     }
 }
 
@@ -80,11 +100,32 @@ pub fn encode_records(
                     ids.extend(tokenizer.encode(text).map_err(|e| err(e.to_string()))?);
                     ids.push(tokenizer.eos);
                     let target = vec![true; ids.len()];
-                    Example { ids, target }
+                    Example {
+                        ids,
+                        target,
+                        topk: None,
+                    }
                 }
             };
             if loss_on == LossOn::All || matches!(record, TrainRecord::Text(_)) {
                 ex.target = (0..ex.ids.len()).map(|i| i > 0).collect();
+            }
+            if let TrainRecord::Pair(pair) = record
+                && let Some(topk) = &pair.teacher_topk
+            {
+                if loss_on == LossOn::All {
+                    return Err(err(
+                        "teacher top-k rows cover the completion only: train them with the loss on the completion".into(),
+                    ));
+                }
+                if topk.ids.len() != ex.targets() {
+                    return Err(err(format!(
+                        "{} teacher top-k rows for {} completion tokens (the completion plus <end_of_turn>): was it generated with this tokenizer?",
+                        topk.ids.len(),
+                        ex.targets()
+                    )));
+                }
+                ex.topk = Some(topk.clone());
             }
             if ex.ids.len() > max_len {
                 match overflow {
@@ -97,6 +138,11 @@ pub fn encode_records(
                     Overflow::Truncate => {
                         ex.ids.truncate(max_len);
                         ex.target.truncate(max_len);
+                        let targets = ex.targets();
+                        if let Some(topk) = &mut ex.topk {
+                            topk.ids.truncate(targets);
+                            topk.logprobs.truncate(targets);
+                        }
                         if !ex.target.iter().any(|&t| t) {
                             return Err(err(format!(
                                 "the prompt alone fills the context of {max_len}: nothing left to train on"
@@ -125,6 +171,48 @@ pub fn bucketed_batches(lengths: &[usize], batch_size: usize, seed: u64) -> Vec<
     }
     batches.shuffle(&mut rng);
     batches
+}
+
+/// Batches over epochs without end: epoch `e` is [`bucketed_batches`] with
+/// seed `seed + e`. `(epoch, next)` is the whole data position.
+#[derive(Debug, Clone)]
+pub struct Epochs {
+    lengths: Vec<usize>,
+    batch_size: usize,
+    seed: u64,
+    pub epoch: u64,
+    pub next: usize,
+    order: Vec<Vec<usize>>,
+}
+
+impl Epochs {
+    pub fn new(lengths: Vec<usize>, batch_size: usize, seed: u64) -> Self {
+        let order = bucketed_batches(&lengths, batch_size, seed);
+        Self {
+            lengths,
+            batch_size,
+            seed,
+            epoch: 0,
+            next: 0,
+            order,
+        }
+    }
+
+    /// The next batch's example indices (empty only without examples).
+    pub fn next_batch(&mut self) -> Vec<usize> {
+        if self.next == self.order.len() {
+            self.epoch += 1;
+            self.order = bucketed_batches(
+                &self.lengths,
+                self.batch_size,
+                self.seed.wrapping_add(self.epoch),
+            );
+            self.next = 0;
+        }
+        let batch = self.order.get(self.next).cloned().unwrap_or_default();
+        self.next += 1;
+        batch
+    }
 }
 
 /// A user turn with `text`.
@@ -236,6 +324,73 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("nothing left to train on"), "{err}");
+    }
+
+    #[test]
+    fn topk_rows_must_match_the_completion_tokens() {
+        let t = tokenizer();
+        let ex = t.render_example(&user("hi"), "five").unwrap();
+        let n = ex.targets();
+        let with = |rows: usize| {
+            TrainRecord::Pair(SftPair {
+                prompt: Prompt::Text("hi".into()),
+                completion: "five".into(),
+                teacher_topk: Some(TopK {
+                    ids: vec![vec![1, 2]; rows],
+                    logprobs: vec![vec![-0.5, -1.0]; rows],
+                }),
+            })
+        };
+        let path = Path::new("p.jsonl");
+        let ok = encode_records(
+            &t,
+            &[with(n)],
+            64,
+            Overflow::Error,
+            LossOn::Completion,
+            path,
+        )
+        .unwrap();
+        assert_eq!(ok[0].topk.as_ref().unwrap().ids.len(), n);
+        assert_eq!(ok[0].prompt_len(), ex.ids.len() - n);
+        let err = encode_records(
+            &t,
+            &[pair("a", "b"), with(n + 1)],
+            64,
+            Overflow::Error,
+            LossOn::Completion,
+            path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "p.jsonl: row 2: {} teacher top-k rows for {n}",
+                n + 1
+            )),
+            "{err}"
+        );
+        let cut = encode_records(
+            &t,
+            &[with(n)],
+            ex.ids.len() - 1,
+            Overflow::Truncate,
+            LossOn::Completion,
+            path,
+        )
+        .unwrap();
+        assert_eq!(cut[0].topk.as_ref().unwrap().ids.len(), n - 1);
+    }
+
+    #[test]
+    fn epochs_reshuffle_with_the_next_seed() {
+        let lengths: Vec<usize> = (0..10).collect();
+        let mut e = Epochs::new(lengths.clone(), 4, 7);
+        let first: Vec<Vec<usize>> = (0..3).map(|_| e.next_batch()).collect();
+        assert_eq!(first, bucketed_batches(&lengths, 4, 7));
+        assert_eq!((e.epoch, e.next), (0, 3));
+        assert_eq!(e.next_batch(), bucketed_batches(&lengths, 4, 8)[0]);
+        assert_eq!((e.epoch, e.next), (1, 1));
     }
 
     #[test]

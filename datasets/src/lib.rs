@@ -7,7 +7,7 @@ pub mod records;
 pub mod task;
 pub mod tokenizer;
 
-pub use batch::{Example, LossOn, Overflow, bucketed_batches, encode_records};
+pub use batch::{Epochs, Example, LossOn, Overflow, bucketed_batches, encode_records};
 pub use fsutil::write_atomic;
 pub use records::{
     DataError, Preference, Prompt, Record, SftPair, TopK, TrainRecord, read_prompts, read_records,

@@ -1,9 +1,18 @@
-//! Pretraining (optionally distilled from a teacher), supervised fine-tuning
-//! losses, and the `generate` stage that writes teacher completions.
+//! Supervised fine-tuning with distillation (completion cross-entropy, KD
+//! from stored top-k or a live teacher, on-policy GKD), the same loop for
+//! pretraining, and the `generate` stage that writes teacher completions.
 
+pub mod ce;
 pub mod distill;
+pub mod eval;
 pub mod generate;
-pub mod pretrain;
+pub mod gkd;
+pub mod sft;
+pub mod topk_kd;
 
-pub use distill::{distillation_loss, forward_kl};
-pub use pretrain::{PretrainConfig, PretrainReport, eval_loss, pretrain};
+pub use ce::cross_entropy;
+pub use distill::forward_kl;
+pub use eval::{EvalSet, TaskScore, eval_loss};
+pub use gkd::generalized_jsd;
+pub use sft::{Distill, OnPolicy, SftConfig, SftError, SftReport, Vocab, train_lm};
+pub use topk_kd::topk_kl;

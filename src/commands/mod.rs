@@ -1,11 +1,15 @@
+use std::path::Path;
+
 pub mod bench;
 pub mod convert;
 pub mod data;
 pub mod generate;
+pub mod init;
 pub mod inspect;
 pub mod logits;
 pub mod pretrain;
 pub mod sample;
+pub mod sft;
 pub mod tokenizer;
 
 /// Checks, before any work, that an output will not silently replace a file.
@@ -46,10 +50,112 @@ impl ChatModel {
         })
     }
 
-    /// Generation stops at the config's EOS ids, `<eos>` and `<end_of_turn>`.
     pub fn stop_ids(&self) -> Vec<u32> {
-        let mut stop = self.config.eos_ids();
-        stop.extend([self.tokenizer.eos, self.tokenizer.end_of_turn]);
-        stop
+        stop_ids(&self.config, &self.tokenizer)
     }
+}
+
+/// Generation stops at the config's EOS ids, `<eos>` and `<end_of_turn>`.
+pub fn stop_ids(
+    config: &posttrain_model::Gemma2Config,
+    tokenizer: &posttrain_datasets::ChatTokenizer,
+) -> Vec<u32> {
+    let mut stop = config.eos_ids();
+    stop.extend([tokenizer.eos, tokenizer.end_of_turn]);
+    stop
+}
+
+/// A teacher checkpoint, checked to share the student's vocabulary.
+pub fn load_teacher(
+    dir: &Path,
+    student: &posttrain_model::Gemma2Config,
+    tokenizer: &posttrain_datasets::ChatTokenizer,
+    device: &burn::tensor::Device,
+) -> anyhow::Result<posttrain_model::Gemma2ForCausalLM> {
+    let teacher = ChatModel::load(dir, device)?;
+    if teacher.config.vocab_size != student.vocab_size
+        || teacher.tokenizer.vocab_size() != tokenizer.vocab_size()
+    {
+        anyhow::bail!(
+            "{}: teacher vocabulary ({} ids, tokenizer {}) differs from the student's ({} ids, tokenizer {})",
+            dir.display(),
+            teacher.config.vocab_size,
+            teacher.tokenizer.vocab_size(),
+            student.vocab_size,
+            tokenizer.vocab_size()
+        );
+    }
+    Ok(teacher.model)
+}
+
+/// Training rows and the eval set, tokenized.
+pub struct TrainData {
+    pub train: Vec<posttrain_datasets::Example>,
+    pub eval: posttrain_sft::EvalSet,
+}
+
+impl TrainData {
+    pub fn load(
+        tokenizer: &posttrain_datasets::ChatTokenizer,
+        train: &Path,
+        eval: Option<&Path>,
+        max_len: usize,
+        truncate: bool,
+        loss_on: posttrain_datasets::LossOn,
+        pairs_only: bool,
+    ) -> anyhow::Result<Self> {
+        use posttrain_datasets::{Overflow, TrainRecord, encode_records, read_records};
+        let overflow = if truncate {
+            Overflow::Truncate
+        } else {
+            Overflow::Error
+        };
+        let load = |path: &Path| -> anyhow::Result<_> {
+            let records: Vec<TrainRecord> = read_records(path)?;
+            if pairs_only
+                && let Some(row) = records
+                    .iter()
+                    .position(|r| matches!(r, TrainRecord::Text(_)))
+            {
+                anyhow::bail!(
+                    "{}: row {}: a `text` row; this stage trains on prompt/completion pairs",
+                    path.display(),
+                    row + 1
+                );
+            }
+            let examples = encode_records(tokenizer, &records, max_len, overflow, loss_on, path)?;
+            let prompts = records
+                .iter()
+                .map(|r| match r {
+                    TrainRecord::Pair(p) => Some(p.prompt.display().to_string()),
+                    TrainRecord::Text(_) => None,
+                })
+                .collect();
+            Ok((examples, prompts))
+        };
+        let (train, _) = load(train)?;
+        let eval = match eval {
+            Some(path) => {
+                let (examples, prompts) = load(path)?;
+                posttrain_sft::EvalSet { examples, prompts }
+            }
+            None => posttrain_sft::EvalSet::default(),
+        };
+        Ok(Self { train, eval })
+    }
+}
+
+/// The last line of a training stage.
+pub fn print_report(stage: &str, report: &posttrain_sft::SftReport, out: &Path) {
+    let score = report.eval_score.map_or(String::new(), |s| {
+        format!(", eval score {:.3} (accuracy {:.3})", s.score, s.accuracy)
+    });
+    eprintln!(
+        "{stage}: loss {:.4} -> {:.4}, eval loss {}{score}, {:.0} tokens/s -> {}",
+        report.first_loss,
+        report.last_loss,
+        report.eval_loss.map_or("-".into(), |e| format!("{e:.4}")),
+        report.tokens as f64 / report.seconds,
+        out.display()
+    );
 }

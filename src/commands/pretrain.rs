@@ -1,37 +1,27 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
-use posttrain_datasets::{
-    ChatTokenizer, LossOn, Overflow, TrainRecord, encode_records, read_records,
-};
+use posttrain_datasets::{ChatTokenizer, LossOn};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::provenance::PROVENANCE_FILE;
 use posttrain_model::{
     CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit, SaveDtype,
-    load_causal_lm,
 };
-use posttrain_sft::{PretrainConfig, pretrain};
-use posttrain_train::MetricsLog;
+use posttrain_sft::{Distill, SftConfig, Vocab, train_lm};
+use posttrain_train::{MetricsLog, OptimConfig};
 use serde_json::json;
 
-use crate::cli::{LossOnArg, PretrainArgs, TrainArgs};
+use crate::cli::{DistillArgs, LossOnArg, PretrainArgs, TrainArgs};
 
 impl TrainArgs {
-    pub fn pretrain_config(&self, alpha: f64, temperature: f64) -> Result<PretrainConfig> {
-        if self.steps == 0 || self.batch_size == 0 {
-            bail!("--steps and --batch-size must be positive");
+    pub fn optim(&self) -> Result<OptimConfig> {
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("--steps, --batch-size and --grad-accum must be positive");
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("--lr must be a positive number, got {}", self.lr);
         }
-        if !(0.0..=1.0).contains(&alpha) {
-            bail!("--alpha must be in [0, 1], got {alpha}");
-        }
-        if temperature.is_nan() || temperature <= 0.0 {
-            bail!("--temperature must be positive, got {temperature}");
-        }
-        Ok(PretrainConfig {
+        Ok(OptimConfig {
             steps: self.steps,
-            batch_size: self.batch_size,
             lr: self.lr,
             warmup: self.warmup,
             min_lr_ratio: self.min_lr_ratio,
@@ -39,19 +29,44 @@ impl TrainArgs {
             beta1: self.beta1,
             beta2: self.beta2,
             clip: self.clip,
+            accumulation: self.grad_accum,
+        })
+    }
+
+    /// The loop's configuration without on-policy batches.
+    pub fn sft_config(&self, distill: Distill, kd: &DistillArgs) -> Result<SftConfig> {
+        if !(0.0..=1.0).contains(&kd.alpha) {
+            bail!("--alpha must be in [0, 1], got {}", kd.alpha);
+        }
+        if kd.temperature.is_nan() || kd.temperature <= 0.0 {
+            bail!("--temperature must be positive, got {}", kd.temperature);
+        }
+        Ok(SftConfig {
+            optim: self.optim()?,
+            batch_size: self.batch_size,
             eval_every: self.eval_every,
             seed: self.seed,
-            alpha,
-            temperature,
+            distill,
+            alpha: if distill == Distill::None {
+                0.0
+            } else {
+                kd.alpha
+            },
+            temperature: kd.temperature,
+            on_policy: None,
+            eval_samples: self.eval_samples,
+            eval_max_new_tokens: self.eval_max_new_tokens,
         })
     }
 }
 
 pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
-    let has_teacher = args.teacher.is_some();
-    let cfg = args
-        .train
-        .pretrain_config(if has_teacher { args.alpha } else { 0.0 }, args.temperature)?;
+    let distill = if args.teacher.is_some() {
+        Distill::Live
+    } else {
+        Distill::None
+    };
+    let cfg = args.train.sft_config(distill, &args.distill)?;
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
     let config = Gemma2Config::from_file(&args.config)?;
     let tokenizer = ChatTokenizer::from_file(&args.tokenizer)?;
@@ -64,68 +79,54 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
             config.vocab_size
         );
     }
-    let overflow = if args.train.truncate {
-        Overflow::Truncate
-    } else {
-        Overflow::Error
-    };
     let loss_on = match args.loss_on {
         LossOnArg::Completion => LossOn::Completion,
         LossOnArg::All => LossOn::All,
     };
-    let max_len = config.max_position_embeddings;
-    let load = |path: &std::path::Path| -> Result<_> {
-        let records: Vec<TrainRecord> = read_records(path)?;
-        Ok(encode_records(
-            &tokenizer, &records, max_len, overflow, loss_on, path,
-        )?)
-    };
-    let train = load(&args.data)?;
-    let eval = match &args.eval {
-        Some(p) => load(p)?,
-        None => Vec::new(),
-    };
-    let train_device = device.clone().autodiff();
+    let data = super::TrainData::load(
+        &tokenizer,
+        &args.data,
+        args.eval.as_deref(),
+        config.max_position_embeddings,
+        args.train.truncate,
+        loss_on,
+        false,
+    )?;
     let teacher = match &args.teacher {
-        Some(dir) => {
-            let (tc, t) = load_causal_lm(dir, &device)?;
-            if tc.vocab_size != config.vocab_size {
-                bail!(
-                    "{}: teacher vocab_size {} differs from the student's {}",
-                    dir.display(),
-                    tc.vocab_size,
-                    config.vocab_size
-                );
-            }
-            Some(t)
-        }
+        Some(dir) => Some(super::load_teacher(dir, &config, &tokenizer, &device)?),
         None => None,
     };
     let model = Gemma2ForCausalLM::new(
         &config,
         &mut RandomInit::new(args.train.seed),
-        &train_device,
+        &device.clone().autodiff(),
     )?;
     let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
     eprintln!(
         "pretrain: {} params, {} train / {} eval sequences, {} steps of {}{}",
         config.num_params(),
-        train.len(),
-        eval.len(),
-        cfg.steps,
+        data.train.len(),
+        data.eval.examples.len(),
+        cfg.optim.steps,
         cfg.batch_size,
-        if has_teacher {
+        if teacher.is_some() {
             ", distilling from the teacher"
         } else {
             ""
         }
     );
-    let (model, report) = pretrain(
+    let vocab = Vocab {
+        tokenizer: &tokenizer,
+        stop_ids: super::stop_ids(&config, &tokenizer),
+        max_len: config.max_position_embeddings,
+    };
+    let (model, report) = train_lm(
+        "pretrain",
         model,
         teacher.as_ref(),
-        &train,
-        &eval,
-        tokenizer.pad,
+        &data.train,
+        &data.eval,
+        &vocab,
         &cfg,
         &mut log,
     )?;
@@ -148,13 +149,6 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
     provenance.metrics = serde_json::to_value(&report)?;
     writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
     let out = writer.commit()?;
-    eprintln!(
-        "pretrain: loss {:.4} -> {:.4}, eval loss {}, {:.0} tokens/s -> {}",
-        report.first_loss,
-        report.last_loss,
-        report.eval_loss.map_or("-".into(), |e| format!("{e:.4}")),
-        report.tokens as f64 / report.seconds,
-        out.display()
-    );
+    super::print_report("pretrain", &report, &out);
     Ok(())
 }

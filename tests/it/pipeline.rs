@@ -271,3 +271,192 @@ fn pretrain_on_plain_text() {
         &["text.jsonl:1", "column `text` is empty"],
     );
 }
+
+#[test]
+fn sft_with_every_distillation_source() {
+    let m = Micro::new("200", "16", "200");
+    let train = m.task.join("train.jsonl");
+    let eval = m.task.join("eval.jsonl");
+    let teacher = m.path("teacher");
+    ok(&m.pretrain_args(
+        &train,
+        &teacher,
+        &[
+            "--steps",
+            "40",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "4",
+        ],
+    ));
+    let pairs = m.path("pairs.jsonl");
+    ok(&[
+        "generate",
+        "--model",
+        s(&teacher),
+        "--prompts",
+        s(&m.task.join("train_prompts.jsonl")),
+        "--out",
+        s(&pairs),
+        "--topk",
+        "4",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--batch-size",
+        "64",
+    ]);
+    let init = m.path("init");
+    ok(&[
+        "init",
+        "--config",
+        s(&m.config),
+        "--tokenizer",
+        s(&m.tokenizer),
+        "--seed",
+        "1",
+        "--out",
+        s(&init),
+    ]);
+    let sft = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "sft",
+            "--model",
+            s(&init),
+            "--data",
+            s(&pairs),
+            "--eval",
+            s(&eval),
+            "--out",
+            s(out),
+            "--steps",
+            "30",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "3",
+            "--eval-every",
+            "15",
+            "--eval-samples",
+            "8",
+            "--eval-max-new-tokens",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        metrics(out)
+    };
+    let ce = sft(&m.path("ce"), &["--kd", "none"]);
+    let first = ce[0]["loss"].as_f64().unwrap();
+    let last = ce[29]["loss"].as_f64().unwrap();
+    assert!(last < 0.7 * first, "sft lowers the loss: {first} -> {last}");
+    assert!(ce[29]["kl"].is_null());
+    let score = ce[29]["eval_score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score) && ce[14]["eval_loss"].is_number());
+
+    let topk = sft(&m.path("topk"), &["--alpha", "0.5"]);
+    assert!(
+        topk[0]["kl"].as_f64().unwrap() > 0.0,
+        "auto picks the stored top-k"
+    );
+    let live = sft(
+        &m.path("live"),
+        &["--teacher", s(&teacher), "--alpha", "0.5"],
+    );
+    assert!(live[0]["kl"].as_f64().unwrap() > 0.0);
+    assert_ne!(topk[0]["kl"], live[0]["kl"]);
+    let gkd = sft(
+        &m.path("gkd"),
+        &[
+            "--teacher",
+            s(&teacher),
+            "--on-policy-fraction",
+            "0.5",
+            "--grad-accum",
+            "2",
+        ],
+    );
+    let sampled: u64 = gkd
+        .iter()
+        .map(|r| r["on_policy_batches"].as_u64().unwrap())
+        .sum();
+    assert!(
+        sampled > 10 && sampled < 50,
+        "about half of 60 micro-batches: {sampled}"
+    );
+    assert!(
+        gkd.iter()
+            .any(|r| r["jsd"].as_f64().is_some_and(|j| j > 0.0))
+    );
+
+    let provenance: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.path("gkd").join("posttrain.json")).unwrap())
+            .unwrap();
+    assert_eq!(provenance["stage"], "sft");
+    assert_eq!(provenance["parents"].as_array().unwrap().len(), 4);
+    assert_eq!(provenance["params"]["train"]["on_policy"]["fraction"], 0.5);
+    assert!(provenance["metrics"]["eval_score"]["score"].is_number());
+}
+
+#[test]
+fn sft_refuses_bad_inputs() {
+    let m = Micro::new("40", "5", "150");
+    let init = m.path("init");
+    ok(&[
+        "init",
+        "--config",
+        s(&m.config),
+        "--tokenizer",
+        s(&m.tokenizer),
+        "--out",
+        s(&init),
+    ]);
+    let train = m.task.join("train.jsonl");
+    let out = m.path("out");
+    let sft = |data: &Path, extra: &[&str], needles: &[&str]| {
+        let mut args = vec![
+            "sft",
+            "--model",
+            s(&init),
+            "--data",
+            s(data),
+            "--out",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        fails(&args, needles);
+        assert!(!out.exists());
+    };
+    sft(
+        &train,
+        &["--kd", "topk"],
+        &["train.jsonl: row 1", "teacher_topk"],
+    );
+    sft(&train, &["--kd", "live"], &["--kd live needs --teacher"]);
+    sft(
+        &train,
+        &["--on-policy-fraction", "0.5"],
+        &["needs --teacher"],
+    );
+    sft(
+        &train,
+        &["--on-policy-fraction", "2"],
+        &["--on-policy-fraction", "[0, 1]"],
+    );
+    let bad = m.path("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"What is 1 plus 1?\", \"completion\": \"2.\"}\n\
+         {\"prompt\": \"What is 1 plus 2?\", \"completion\": \"3.\", \"teacher_topk_ids\": [[5]], \"teacher_topk_logprobs\": [[-0.1]]}\n",
+    )
+    .unwrap();
+    sft(&bad, &[], &["bad.jsonl: row 2", "1 teacher top-k rows for"]);
+    std::fs::write(&bad, "{\"text\": \"plain text\"}\n").unwrap();
+    sft(&bad, &[], &["bad.jsonl: row 1", "prompt/completion pairs"]);
+}

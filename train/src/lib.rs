@@ -1,12 +1,15 @@
-//! What every stage's loop shares: the learning-rate schedule, global-norm
-//! gradient clipping, the metrics log and progress display.
+//! What every stage's loop shares: AdamW with the learning-rate schedule,
+//! gradient accumulation and global-norm clipping, the metrics log and the
+//! progress display.
 
 pub mod clip;
 pub mod metrics;
+pub mod optimizer;
 pub mod progress;
 pub mod schedule;
 
 pub use clip::clip_global_norm;
 pub use metrics::MetricsLog;
+pub use optimizer::{OptimConfig, Optimizer, StepStats};
 pub use progress::Progress;
 pub use schedule::warmup_cosine;

@@ -1,0 +1,656 @@
+//! The training loop of `sft` and `pretrain`: one flat loop that reads top to
+//! bottom. Each optimizer step takes `accumulation` micro-batches from a
+//! seeded, length-bucketed epoch stream. A micro-batch is either data
+//! (cross-entropy on the completion, optionally mixed with distillation from
+//! stored top-k or a live teacher) or, with probability λ, on-policy: the
+//! student samples the completions and the loss is GKD's JSD_β against the
+//! live teacher. Every `eval_every` steps: eval loss and the task score of
+//! greedy samples.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use posttrain_datasets::{ChatTokenizer, Epochs, Example};
+use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, TokenBatch, generate};
+use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::ce::{cross_entropy, weighted_mean};
+use crate::distill::{forward_kl, mix};
+use crate::eval::{EvalSet, TaskScore, eval_loss, make_batch, task_score};
+use crate::gkd::generalized_jsd;
+use crate::topk_kd::topk_kl;
+
+/// Where the distillation target comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distill {
+    /// Cross-entropy only.
+    None,
+    /// The stored teacher top-k of every row (`rest`: add the rest-of-mass bucket).
+    TopK { rest: bool },
+    /// The teacher's full distribution, computed in the step.
+    Live,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OnPolicy {
+    /// λ: probability that a micro-batch's completions come from the student.
+    pub fraction: f64,
+    /// β of JSD_β: 0 forward KL, 1 reverse KL.
+    pub beta: f64,
+    /// Student sampling temperature.
+    pub temperature: f32,
+    pub max_new_tokens: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SftConfig {
+    pub optim: OptimConfig,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    pub eval_every: usize,
+    pub seed: u64,
+    pub distill: Distill,
+    /// α: weight of the distillation term.
+    pub alpha: f64,
+    /// τ: distillation temperature.
+    pub temperature: f64,
+    pub on_policy: Option<OnPolicy>,
+    /// Greedy eval completions scored per eval (0: off).
+    pub eval_samples: usize,
+    pub eval_max_new_tokens: usize,
+}
+
+/// The tokenizer side of the run: padding, decoding, where sampling stops.
+pub struct Vocab<'a> {
+    pub tokenizer: &'a ChatTokenizer,
+    pub stop_ids: Vec<u32>,
+    /// The model's context length.
+    pub max_len: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SftReport {
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub eval_score: Option<TaskScore>,
+    pub on_policy_batches: usize,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SftError {
+    #[error("loss is not finite ({loss}) at step {step}: lower --lr or check the data")]
+    NotFinite { step: usize, loss: f64 },
+    #[error("writing metrics: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no training examples")]
+    NoData,
+    #[error("{0} needs a teacher")]
+    NeedsTeacher(&'static str),
+    #[error("stored top-k distillation needs teacher top-k on every row; row {0} has none")]
+    MissingTopK(usize),
+}
+
+/// Loss parts of one micro-batch (scalars already read back).
+struct Parts {
+    loss: Tensor<1>,
+    ce: Option<Tensor<1>>,
+    kl: Option<Tensor<1>>,
+    jsd: Option<Tensor<1>>,
+}
+
+/// Stored top-k as `[b, len − 1, k]` ids and log-probs aligned with the
+/// positions that predict each target (zeros elsewhere).
+fn topk_tensors(examples: &[&Example], len: usize, device: &Device) -> (Tensor<3, Int>, Tensor<3>) {
+    let k = examples
+        .iter()
+        .find_map(|e| e.topk.as_ref().and_then(|t| t.ids.first().map(Vec::len)))
+        .unwrap_or(1);
+    let b = examples.len();
+    let mut ids = vec![0i64; b * (len - 1) * k];
+    let mut lps = vec![0f32; b * (len - 1) * k];
+    for (r, e) in examples.iter().enumerate() {
+        let Some(top) = &e.topk else { continue };
+        let mut row = 0;
+        for p in 0..len - 1 {
+            if !e.target.get(p + 1).copied().unwrap_or(false) {
+                continue;
+            }
+            let at = (r * (len - 1) + p) * k;
+            for j in 0..k {
+                ids[at + j] = i64::from(top.ids[row][j]);
+                lps[at + j] = top.logprobs[row][j];
+            }
+            row += 1;
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(ids, [b, len - 1, k]), device),
+        Tensor::from_data(TensorData::new(lps, [b, len - 1, k]), device),
+    )
+}
+
+/// The data loss: CE, mixed with KD from stored top-k or the live teacher.
+fn data_loss(
+    model: &Gemma2ForCausalLM,
+    teacher: Option<&Gemma2ForCausalLM>,
+    examples: &[&Example],
+    batch: &TokenBatch,
+    weights: Tensor<2>,
+    cfg: &SftConfig,
+) -> Parts {
+    let logits = model.forward(batch);
+    let [_, t, _] = logits.dims();
+    let ce = cross_entropy(logits.clone(), batch, weights.clone());
+    let kl = match (cfg.distill, teacher) {
+        _ if cfg.alpha == 0.0 => None,
+        (Distill::None, _) | (Distill::Live, None) => None,
+        (Distill::TopK { rest }, _) => {
+            let (ids, lps) = topk_tensors(examples, t, &logits.device());
+            let kl = topk_kl(logits.narrow(1, 0, t - 1), ids, lps, cfg.temperature, rest);
+            Some(weighted_mean(kl, weights))
+        }
+        (Distill::Live, Some(teacher)) => {
+            let teacher_logits = teacher.forward(batch).autodiff();
+            let kl = forward_kl(
+                logits.narrow(1, 0, t - 1),
+                teacher_logits.narrow(1, 0, t - 1),
+                cfg.temperature,
+            );
+            Some(weighted_mean(kl, weights))
+        }
+    };
+    let loss = match &kl {
+        Some(kl) => mix(ce.clone(), kl.clone(), cfg.alpha, cfg.temperature),
+        None => ce.clone(),
+    };
+    Parts {
+        loss,
+        ce: Some(ce),
+        kl,
+        jsd: None,
+    }
+}
+
+/// Replaces each example's completion by one the student samples.
+fn sample_completions(
+    model: &Gemma2ForCausalLM,
+    examples: &[&Example],
+    vocab: &Vocab,
+    op: &OnPolicy,
+    seed: u64,
+) -> Vec<Example> {
+    let prompts: Vec<Vec<u32>> = examples
+        .iter()
+        .map(|e| e.ids[..e.prompt_len()].to_vec())
+        .collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let sampling = SamplingConfig {
+        max_new_tokens: op
+            .max_new_tokens
+            .min(vocab.max_len.saturating_sub(longest))
+            .max(1),
+        temperature: op.temperature,
+        seed,
+        stop_ids: vocab.stop_ids.clone(),
+        ..SamplingConfig::default()
+    };
+    let out = generate(&model.valid(), &prompts, vocab.tokenizer.pad, &sampling, 0);
+    prompts
+        .into_iter()
+        .zip(out)
+        .map(|(mut ids, c)| {
+            let prompt_len = ids.len();
+            ids.extend(&c.tokens);
+            if c.finish == FinishReason::Length && ids.len() < vocab.max_len {
+                ids.push(vocab.tokenizer.end_of_turn);
+            }
+            let target = (0..ids.len()).map(|i| i >= prompt_len).collect();
+            Example {
+                ids,
+                target,
+                topk: None,
+            }
+        })
+        .collect()
+}
+
+/// GKD on the student's own completions.
+fn on_policy_loss(
+    model: &Gemma2ForCausalLM,
+    teacher: &Gemma2ForCausalLM,
+    batch: &TokenBatch,
+    weights: Tensor<2>,
+    cfg: &SftConfig,
+    op: &OnPolicy,
+) -> Parts {
+    let logits = model.forward(batch);
+    let [_, t, _] = logits.dims();
+    let teacher_logits = teacher.forward(batch).autodiff();
+    let jsd = generalized_jsd(
+        logits.narrow(1, 0, t - 1),
+        teacher_logits.narrow(1, 0, t - 1),
+        op.beta,
+        cfg.temperature,
+    );
+    let jsd = weighted_mean(jsd, weights);
+    Parts {
+        loss: jsd.clone().mul_scalar(cfg.temperature * cfg.temperature),
+        ce: None,
+        kl: None,
+        jsd: Some(jsd),
+    }
+}
+
+/// Mean of the parts' scalars over the micro-batches of a step.
+#[derive(Default)]
+struct Sums {
+    loss: f64,
+    ce: (f64, usize),
+    kl: (f64, usize),
+    jsd: (f64, usize),
+}
+
+impl Sums {
+    fn add(&mut self, p: &Parts) -> f64 {
+        let read = |t: &Option<Tensor<1>>, acc: &mut (f64, usize)| {
+            if let Some(t) = t {
+                acc.0 += t.clone().into_scalar::<f64>();
+                acc.1 += 1;
+            }
+        };
+        let loss = p.loss.clone().into_scalar::<f64>();
+        self.loss += loss;
+        read(&p.ce, &mut self.ce);
+        read(&p.kl, &mut self.kl);
+        read(&p.jsd, &mut self.jsd);
+        loss
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn train_lm(
+    stage: &str,
+    mut model: Gemma2ForCausalLM,
+    teacher: Option<&Gemma2ForCausalLM>,
+    train: &[Example],
+    eval: &EvalSet,
+    vocab: &Vocab,
+    cfg: &SftConfig,
+    log: &mut MetricsLog,
+) -> Result<(Gemma2ForCausalLM, SftReport), SftError> {
+    if train.is_empty() {
+        return Err(SftError::NoData);
+    }
+    if cfg.distill == Distill::Live && teacher.is_none() {
+        return Err(SftError::NeedsTeacher("live distillation"));
+    }
+    let on_policy = cfg.on_policy.as_ref().filter(|op| op.fraction > 0.0);
+    if on_policy.is_some() && teacher.is_none() {
+        return Err(SftError::NeedsTeacher("on-policy distillation"));
+    }
+    if let Distill::TopK { .. } = cfg.distill
+        && let Some(row) = train.iter().position(|e| e.topk.is_none())
+    {
+        return Err(SftError::MissingTopK(row + 1));
+    }
+    let device = model.model.embed_tokens.weight.device();
+    let teacher = teacher.map(Module::valid);
+    let pad = vocab.tokenizer.pad;
+    let mut optim = Optimizer::new(&cfg.optim);
+    let mut data = Epochs::new(
+        train.iter().map(|e| e.ids.len()).collect(),
+        cfg.batch_size,
+        cfg.seed,
+    );
+    let mut coin = StdRng::seed_from_u64(cfg.seed ^ 0x6f6e_706f_6c69_6379);
+    let mut progress = Progress::new(stage, cfg.optim.steps as u64, "steps");
+    let start = Instant::now();
+    let mut report = SftReport {
+        first_loss: f64::NAN,
+        last_loss: f64::NAN,
+        eval_loss: None,
+        eval_score: None,
+        on_policy_batches: 0,
+        tokens: 0,
+        seconds: 0.0,
+    };
+    let micro_batches = cfg.optim.accumulation.max(1);
+
+    for step in 0..cfg.optim.steps {
+        let mut sums = Sums::default();
+        let mut step_tokens = 0u64;
+        let mut sampled = 0usize;
+        for micro in 0..micro_batches {
+            let examples: Vec<&Example> =
+                data.next_batch().into_iter().map(|i| &train[i]).collect();
+            let own = match on_policy {
+                Some(op) if coin.random::<f64>() < op.fraction => {
+                    let seed = cfg.seed
+                        ^ ((step * micro_batches + micro) as u64).wrapping_mul(0x9E37_79B9);
+                    Some((op, sample_completions(&model, &examples, vocab, op, seed)))
+                }
+                _ => None,
+            };
+            let parts = match &own {
+                Some((op, rows)) => {
+                    let refs: Vec<&Example> = rows.iter().collect();
+                    let (batch, weights) = make_batch(&refs, pad, &device);
+                    step_tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
+                    sampled += 1;
+                    let teacher = teacher.as_ref().expect("checked above");
+                    on_policy_loss(&model, teacher, &batch, weights, cfg, op)
+                }
+                None => {
+                    let (batch, weights) = make_batch(&examples, pad, &device);
+                    step_tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
+                    data_loss(&model, teacher.as_ref(), &examples, &batch, weights, cfg)
+                }
+            };
+            let loss = sums.add(&parts);
+            if !loss.is_finite() {
+                return Err(SftError::NotFinite {
+                    step: step + 1,
+                    loss,
+                });
+            }
+            optim.backward(&model, parts.loss);
+        }
+        let (next, stats) = optim.step(step, model);
+        model = next;
+
+        let loss = sums.loss / micro_batches as f64;
+        if step == 0 {
+            report.first_loss = loss;
+        }
+        report.last_loss = loss;
+        report.tokens += step_tokens;
+        report.on_policy_batches += sampled;
+        let mut row = json!({
+            "step": step + 1,
+            "loss": loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens": report.tokens,
+            "tokens_per_s": report.tokens as f64 / start.elapsed().as_secs_f64(),
+            "epoch": data.epoch,
+        });
+        for (name, (sum, n)) in [("ce", sums.ce), ("kl", sums.kl), ("jsd", sums.jsd)] {
+            if n > 0 {
+                row[name] = (sum / n as f64).into();
+            }
+        }
+        if on_policy.is_some() {
+            row["on_policy_batches"] = sampled.into();
+        }
+        let due = (step + 1) % cfg.eval_every.max(1) == 0 || step + 1 == cfg.optim.steps;
+        if cfg.eval_every > 0 && due && !eval.examples.is_empty() {
+            let e = eval_loss(&model, &eval.examples, pad, cfg.batch_size);
+            row["eval_loss"] = e.into();
+            report.eval_loss = Some(e);
+            let s = task_score(
+                &model,
+                eval,
+                vocab.tokenizer,
+                &vocab.stop_ids,
+                cfg.eval_samples,
+                cfg.eval_max_new_tokens,
+                cfg.batch_size.max(16),
+            );
+            let shown = match s {
+                Some(s) => {
+                    row["eval_score"] = s.score.into();
+                    row["eval_accuracy"] = s.accuracy.into();
+                    format!(", score {:.3}, accuracy {:.3}", s.score, s.accuracy)
+                }
+                None => String::new(),
+            };
+            report.eval_score = s;
+            progress.println(&format!(
+                "{stage}: step {}: eval loss {e:.4}{shown}",
+                step + 1
+            ));
+        }
+        log.log(&row)?;
+        progress.advance(1, step_tokens);
+    }
+    progress.finish();
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok((model, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::activation::log_softmax;
+    use posttrain_datasets::TopK;
+    use posttrain_model::params::named_params;
+    use posttrain_model::{Gemma2Config, RandomInit};
+
+    const VOCAB: usize = 24;
+
+    fn tokenizer() -> ChatTokenizer {
+        let corpus = ["What is one plus two? One plus two is three.", "user model"];
+        ChatTokenizer::train(corpus.iter(), VOCAB).unwrap()
+    }
+
+    fn model(seed: u64, hidden: usize, device: &Device) -> Gemma2ForCausalLM {
+        let mut c = Gemma2Config::new(VOCAB, hidden, 2 * hidden, 2, 2, 1, 8, 4);
+        c.max_position_embeddings = 32;
+        Gemma2ForCausalLM::new(&c, &mut RandomInit::new(seed), device).unwrap()
+    }
+
+    /// Prompts of 3–5 tokens, completions of 2–4 (ids ≥ 6: no control tokens).
+    fn data() -> Vec<Example> {
+        (0..12u32)
+            .map(|i| {
+                let p = 3 + (i % 3) as usize;
+                let c = 2 + (i % 3) as usize;
+                let ids: Vec<u32> = (0..p + c)
+                    .map(|j| 6 + (i * 7 + j as u32 * 3) % 18)
+                    .collect();
+                let target = (0..ids.len()).map(|j| j >= p).collect();
+                Example {
+                    ids,
+                    target,
+                    topk: None,
+                }
+            })
+            .collect()
+    }
+
+    fn config(distill: Distill, alpha: f64, on_policy: Option<OnPolicy>) -> SftConfig {
+        SftConfig {
+            optim: OptimConfig {
+                steps: 3,
+                lr: 1e-2,
+                warmup: 0,
+                min_lr_ratio: 1.0,
+                weight_decay: 0.0,
+                beta1: 0.9,
+                beta2: 0.95,
+                clip: 1.0,
+                accumulation: 2,
+            },
+            batch_size: 4,
+            eval_every: 0,
+            seed: 5,
+            distill,
+            alpha,
+            temperature: 2.0,
+            on_policy,
+            eval_samples: 0,
+            eval_max_new_tokens: 4,
+        }
+    }
+
+    fn run(
+        cfg: &SftConfig,
+        teacher: Option<&Gemma2ForCausalLM>,
+        train: &[Example],
+    ) -> (
+        std::collections::BTreeMap<String, Vec<f32>>,
+        SftReport,
+        String,
+    ) {
+        let device = Device::default().autodiff();
+        let tok = tokenizer();
+        let vocab = Vocab {
+            tokenizer: &tok,
+            stop_ids: vec![tok.end_of_turn],
+            max_len: 32,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::create(&path).unwrap();
+        let (m, report) = train_lm(
+            "test",
+            model(1, 16, &device),
+            teacher,
+            train,
+            &EvalSet::default(),
+            &vocab,
+            cfg,
+            &mut log,
+        )
+        .unwrap();
+        drop(log);
+        let params = named_params(&m)
+            .into_iter()
+            .map(|(k, v)| (k, v.data))
+            .collect();
+        (params, report, std::fs::read_to_string(path).unwrap())
+    }
+
+    #[test]
+    fn alpha_zero_is_plain_ce_and_lambda_zero_is_plain_kd() {
+        let teacher = model(9, 32, &Device::default());
+        let train = data();
+        let (ce, _, _) = run(&config(Distill::None, 0.0, None), None, &train);
+        let (live0, _, _) = run(&config(Distill::Live, 0.0, None), Some(&teacher), &train);
+        assert_eq!(ce, live0, "α = 0 must be exactly cross-entropy");
+        let (kd, r1, _) = run(&config(Distill::Live, 0.5, None), Some(&teacher), &train);
+        let gkd0 = OnPolicy {
+            fraction: 0.0,
+            beta: 0.5,
+            temperature: 1.0,
+            max_new_tokens: 4,
+        };
+        let (kd0, r2, _) = run(
+            &config(Distill::Live, 0.5, Some(gkd0)),
+            Some(&teacher),
+            &train,
+        );
+        assert_eq!(kd, kd0, "λ = 0 must be exactly the data KD");
+        assert_eq!(r2.on_policy_batches, 0);
+        assert_eq!(r1.first_loss, r2.first_loss);
+        assert_ne!(kd, ce);
+    }
+
+    #[test]
+    fn stored_top_k_over_the_whole_vocabulary_equals_live_distillation() {
+        let device = Device::default();
+        let teacher = model(9, 32, &device);
+        let mut train = data();
+        for e in &mut train {
+            let batch = TokenBatch::new(
+                std::slice::from_ref(&e.ids),
+                0,
+                posttrain_model::Padding::Right,
+            );
+            let logp = log_softmax(teacher.forward(&batch), 2)
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap();
+            let mut top = TopK {
+                ids: vec![],
+                logprobs: vec![],
+            };
+            for p in 0..e.ids.len() - 1 {
+                if e.target[p + 1] {
+                    top.ids.push((0..VOCAB as u32).collect());
+                    top.logprobs.push(logp[p * VOCAB..(p + 1) * VOCAB].to_vec());
+                }
+            }
+            e.topk = Some(top);
+        }
+        let (live, a, _) = run(&config(Distill::Live, 0.7, None), Some(&teacher), &train);
+        let (stored, b, _) = run(
+            &config(Distill::TopK { rest: false }, 0.7, None),
+            None,
+            &train,
+        );
+        assert!(
+            (a.first_loss - b.first_loss).abs() < 1e-5,
+            "{} vs {}",
+            a.first_loss,
+            b.first_loss
+        );
+        for (name, x) in &live {
+            let d = x
+                .iter()
+                .zip(&stored[name])
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max);
+            assert!(d < 1e-4, "{name}: {d}");
+        }
+    }
+
+    #[test]
+    fn on_policy_batches_train_on_student_samples() {
+        let teacher = model(9, 32, &Device::default());
+        let op = OnPolicy {
+            fraction: 1.0,
+            beta: 0.5,
+            temperature: 1.0,
+            max_new_tokens: 4,
+        };
+        let (params, report, log) = run(
+            &config(Distill::Live, 0.5, Some(op)),
+            Some(&teacher),
+            &data(),
+        );
+        assert_eq!(report.on_policy_batches, 6);
+        let rows: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(
+            rows.iter()
+                .all(|r| r["jsd"].as_f64().unwrap() > 0.0 && r["ce"].is_null())
+        );
+        let (kd, _, _) = run(&config(Distill::Live, 0.5, None), Some(&teacher), &data());
+        assert_ne!(params, kd);
+        let missing = train_lm(
+            "test",
+            model(1, 16, &Device::default().autodiff()),
+            None,
+            &data(),
+            &EvalSet::default(),
+            &Vocab {
+                tokenizer: &tokenizer(),
+                stop_ids: vec![],
+                max_len: 32,
+            },
+            &config(
+                Distill::None,
+                0.0,
+                Some(OnPolicy {
+                    fraction: 0.5,
+                    beta: 0.5,
+                    temperature: 1.0,
+                    max_new_tokens: 4,
+                }),
+            ),
+            &mut MetricsLog::create(&tempfile::tempdir().unwrap().path().join("m")).unwrap(),
+        );
+        assert!(matches!(missing, Err(SftError::NeedsTeacher(_))));
+    }
+}
