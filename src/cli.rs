@@ -47,6 +47,10 @@ pub enum Command {
     Pretrain(PretrainArgs),
     /// Supervised fine-tuning on prompt/completion pairs with distillation (stored top-k, live teacher, on-policy GKD).
     Sft(SftArgs),
+    /// Train a reward model (Bradley-Terry) on preference pairs; ~10x the policy by default.
+    Reward(RewardArgs),
+    /// Score prompt/completion rows with a reward model (JSONL or Parquet out).
+    Score(RewardScoreArgs),
     /// Write SFT pairs with a teacher's completions (and top-k log-probs).
     Generate(GenerateArgs),
     /// Show a checkpoint: config, parameter count, tensors, provenance.
@@ -233,6 +237,88 @@ pub enum DataCommand {
     Synth(SynthArgs),
     /// Score completions (`prompt`, `completion`) with the task's ground-truth scorer.
     Score(ScoreArgs),
+    /// Preference pairs for the embedded task: policies sample, the ground-truth scorer labels.
+    Prefs(PrefsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrefsArgs {
+    /// Checkpoints that write the candidate completions (e.g. the SFT student and the teacher).
+    #[arg(long, required = true, num_args = 1..)]
+    pub policy: Vec<PathBuf>,
+    /// Prompts of the embedded task (JSONL or Parquet).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Output preferences `prompt`/`chosen`/`rejected` (JSONL or Parquet).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Completions per prompt from each policy.
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// Pairs kept per prompt, largest score gap first (1: its best against its worst).
+    #[arg(long, default_value_t = 1)]
+    pub pairs_per_prompt: usize,
+    /// Probability that a pair's labels are swapped (rater noise).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_noise: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RewardArgs {
+    /// The policy this reward model is for (its config sets the size ratio's base and the tokenizer).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// Start from this (larger) checkpoint's trunk, e.g. the teacher; a new `score` head unless it has one.
+    #[arg(long, conflicts_with = "size_ratio")]
+    pub init: Option<PathBuf>,
+    /// New weights about R times the policy's parameter count (width and depth scaled).
+    #[arg(long, default_value_t = 10.0)]
+    pub size_ratio: f64,
+    /// Preference pairs (JSONL or Parquet: `prompt` or `messages`, `chosen`, `rejected`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out preference pairs for pairwise accuracy.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// m in −log σ(r⁺ − r⁻ − m).
+    #[arg(long, default_value_t = 0.0)]
+    pub margin: f64,
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RewardScoreArgs {
+    /// Reward model checkpoint (with tokenizer.json).
+    #[arg(long)]
+    pub reward: PathBuf,
+    /// Rows with `prompt` (or `messages`) and `completion` (JSONL or Parquet).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output rows with a `reward` column (JSONL or Parquet); default stdout JSONL.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]

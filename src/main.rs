@@ -20,7 +20,7 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let backend_name = format!("{:?}", cli.backend).to_lowercase();
     match cli.command {
-        Command::Data(command) => commands::data::run(command),
+        Command::Data(command) => commands::data::run(command, || backend::device(cli.backend)),
         Command::Pretrain(args) => {
             commands::pretrain::run(args, backend::device(cli.backend)?, &backend_name)
         }
@@ -30,6 +30,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sft(args) => {
             commands::sft::run(args, backend::device(cli.backend)?, &backend_name)
         }
+        Command::Reward(args) => {
+            commands::reward::run(args, backend::device(cli.backend)?, &backend_name)
+        }
+        Command::Score(args) => commands::reward::score(args, backend::device(cli.backend)?),
         Command::Generate(args) => commands::generate::run(args, backend::device(cli.backend)?),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Tokenizer(command) => commands::tokenizer::run(command),

@@ -13,7 +13,7 @@ use burn::tensor::Device;
 use crate::config::Gemma2Config;
 use crate::error::{ModelError, Result};
 use crate::gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification};
-use crate::init::CheckpointSource;
+use crate::init::{CheckpointSource, RandomInit};
 use crate::params::named_params;
 use crate::safetensors_io::{
     HostTensor, SINGLE_FILE, SaveDtype, Weights, to_safetensors_bytes, write_shards,
@@ -57,6 +57,26 @@ pub fn load_reward_model(
     load(dir, device, |c, s, d| {
         Gemma2ForSequenceClassification::new(c, s, d)
     })
+}
+
+/// A reward model whose trunk comes from `dir` (a causal LM or reward
+/// checkpoint); the `score` head is read when present, else drawn with
+/// `seed`. Returns whether the head is new.
+pub fn load_reward_trunk(
+    dir: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<(Gemma2Config, Gemma2ForSequenceClassification, bool)> {
+    let config = load_config(dir)?;
+    let weights = Weights::open(dir)?;
+    let fresh = weights.info("score.weight").is_none();
+    let mut source = crate::init::NewHead {
+        checkpoint: CheckpointSource::new(&weights),
+        head: RandomInit::new(seed),
+    };
+    let model = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
+    source.checkpoint.finish()?;
+    Ok((config, model, fresh))
 }
 
 /// Writes `bytes` to `path` and flushes it to disk.

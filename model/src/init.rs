@@ -103,3 +103,19 @@ impl ParamSource for CheckpointSource<'_> {
         self.weights.read(name)
     }
 }
+
+/// A checkpoint's parameters, with the reward head drawn at random when the
+/// checkpoint has none (a reward model started from a causal LM).
+pub struct NewHead<'a> {
+    pub checkpoint: CheckpointSource<'a>,
+    pub head: RandomInit,
+}
+
+impl ParamSource for NewHead<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<HostTensor> {
+        if name == "score.weight" && self.checkpoint.weights.info(name).is_none() {
+            return self.head.tensor(name, shape, init);
+        }
+        self.checkpoint.tensor(name, shape, init)
+    }
+}

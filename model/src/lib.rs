@@ -16,7 +16,9 @@ pub mod rope;
 pub mod safetensors_io;
 pub mod tokens;
 
-pub use checkpoint::{CheckpointWriter, load_causal_lm, load_config, load_reward_model};
+pub use checkpoint::{
+    CheckpointWriter, load_causal_lm, load_config, load_reward_model, load_reward_trunk,
+};
 pub use config::Gemma2Config;
 pub use error::ModelError;
 pub use gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2Model, KvCache, Trace};

@@ -5,13 +5,74 @@ use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::{CheckpointWriter, Gemma2Config};
 use serde_json::{Value, json};
 
-use crate::cli::{DataCommand, ScoreArgs, SynthArgs};
+use crate::cli::{DataCommand, PrefsArgs, ScoreArgs, SynthArgs};
 
-pub fn run(command: DataCommand) -> Result<()> {
+pub fn run(
+    command: DataCommand,
+    device: impl FnOnce() -> Result<burn::tensor::Device>,
+) -> Result<()> {
     match command {
         DataCommand::Synth(args) => synth_task(args),
         DataCommand::Score(args) => score_file(args),
+        DataCommand::Prefs(args) => prefs(args, device()?),
     }
+}
+
+fn prefs(args: PrefsArgs, device: burn::tensor::Device) -> Result<()> {
+    use posttrain_reward::{Policy, PrefsConfig, make_preferences};
+    super::refuse_existing(Some(&args.out), args.overwrite)?;
+    if !(0.0..=1.0).contains(&args.label_noise) {
+        bail!("--label-noise must be in [0, 1], got {}", args.label_noise);
+    }
+    let prompts = posttrain_datasets::read_prompts(&args.prompts)?;
+    let models = args
+        .policy
+        .iter()
+        .map(|dir| super::ChatModel::load(dir, &device))
+        .collect::<Result<Vec<_>>>()?;
+    let first = &models[0];
+    for (m, dir) in models.iter().zip(&args.policy).skip(1) {
+        if m.tokenizer.vocab_size() != first.tokenizer.vocab_size() {
+            bail!(
+                "{}: tokenizer of {} tokens, but {} has {}",
+                dir.display(),
+                m.tokenizer.vocab_size(),
+                args.policy[0].display(),
+                first.tokenizer.vocab_size()
+            );
+        }
+    }
+    let policies: Vec<Policy> = models
+        .iter()
+        .map(|m| Policy {
+            model: &m.model,
+            tokenizer: &m.tokenizer,
+            stop_ids: m.stop_ids(),
+        })
+        .collect();
+    let cfg = PrefsConfig {
+        samples: args.samples,
+        temperature: args.temperature,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+        label_noise: args.label_noise,
+        batch_size: args.batch_size,
+        pairs_per_prompt: args.pairs_per_prompt,
+    };
+    let report = make_preferences(&policies, &prompts, &cfg)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.prompts.display()))?;
+    write_records(&args.out, &report.pairs, args.overwrite)?;
+    eprintln!(
+        "data prefs: {} pairs from {} prompts ({} with equal scores skipped, {} flipped), chosen score {:.3} vs rejected {:.3} -> {}",
+        report.pairs.len(),
+        report.prompts,
+        report.skipped,
+        report.flipped,
+        report.mean_chosen_score,
+        report.mean_rejected_score,
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// The two model sizes of the embedded recipe: a teacher that learns the

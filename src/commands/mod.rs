@@ -8,6 +8,7 @@ pub mod init;
 pub mod inspect;
 pub mod logits;
 pub mod pretrain;
+pub mod reward;
 pub mod sample;
 pub mod sft;
 pub mod tokenizer;

@@ -135,7 +135,7 @@ fn synth_pretrain_generate_score() {
     let provenance: serde_json::Value =
         serde_json::from_slice(&std::fs::read(model.join("posttrain.json")).unwrap()).unwrap();
     assert_eq!(provenance["stage"], "pretrain");
-    assert_eq!(provenance["params"]["train"]["steps"], 60);
+    assert_eq!(provenance["params"]["train"]["optim"]["steps"], 60);
     assert_eq!(provenance["parents"].as_array().unwrap().len(), 3);
     assert!(model.join("tokenizer.json").is_file() && model.join("model.safetensors").is_file());
 
@@ -459,4 +459,206 @@ fn sft_refuses_bad_inputs() {
     sft(&bad, &[], &["bad.jsonl: row 2", "1 teacher top-k rows for"]);
     std::fs::write(&bad, "{\"text\": \"plain text\"}\n").unwrap();
     sft(&bad, &[], &["bad.jsonl: row 1", "prompt/completion pairs"]);
+}
+
+#[test]
+fn prefs_reward_and_score() {
+    let m = Micro::new("200", "24", "200");
+    let train = m.task.join("train.jsonl");
+    let policy = m.path("policy");
+    ok(&m.pretrain_args(
+        &train,
+        &policy,
+        &[
+            "--steps",
+            "30",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "3",
+        ],
+    ));
+    let prefs = |prompts: &str, out: &Path, seed: &str| {
+        ok(&[
+            "data",
+            "prefs",
+            "--policy",
+            s(&policy),
+            "--prompts",
+            s(&m.task.join(prompts)),
+            "--out",
+            s(out),
+            "--samples",
+            "4",
+            "--pairs-per-prompt",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            seed,
+        ]);
+        datasets_rows(out)
+    };
+    let train_prefs = m.path("prefs.jsonl");
+    let rows = prefs("train_prompts.jsonl", &train_prefs, "0");
+    assert!(rows.len() > 50, "{} pairs", rows.len());
+    for r in rows.iter().take(4) {
+        let (c, rj) = (
+            r["chosen"].as_str().unwrap(),
+            r["rejected"].as_str().unwrap(),
+        );
+        let p = r["prompt"].as_str().unwrap();
+        assert_ne!(c, rj);
+        // the labels follow the ground-truth scorer
+        let score = |text: &str| {
+            let one = m.path("one.jsonl");
+            std::fs::write(
+                &one,
+                serde_json::json!({"prompt": p, "completion": text}).to_string(),
+            )
+            .unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(&ok(&["data", "score", "--input", s(&one)])).unwrap();
+            v["mean_score"].as_f64().unwrap()
+        };
+        assert!(score(c) > score(rj), "{p}: {c:?} vs {rj:?}");
+    }
+    let eval_prefs = m.path("prefs_eval.jsonl");
+    prefs("eval_prompts.jsonl", &eval_prefs, "1");
+    let again = m.path("again.jsonl");
+    prefs("eval_prompts.jsonl", &again, "1");
+    assert_eq!(
+        std::fs::read(&eval_prefs).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+
+    let rm = m.path("rm");
+    ok(&[
+        "reward",
+        "--policy",
+        s(&policy),
+        "--size-ratio",
+        "3",
+        "--data",
+        s(&train_prefs),
+        "--eval",
+        s(&eval_prefs),
+        "--out",
+        s(&rm),
+        "--steps",
+        "40",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--warmup",
+        "4",
+        "--eval-every",
+        "20",
+    ]);
+    let log = metrics(&rm);
+    let mean = |r: &[serde_json::Value]| {
+        r.iter().map(|x| x["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64
+    };
+    assert!(mean(&log[30..]) < mean(&log[..10]), "BT loss falls");
+    assert!(log[39]["eval_accuracy"].as_f64().unwrap() >= 0.0);
+    let provenance: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rm.join("posttrain.json")).unwrap()).unwrap();
+    let ratio = provenance["metrics"]["size_ratio"].as_f64().unwrap();
+    assert!((ratio / 3.0 - 1.0).abs() < 0.2, "ratio {ratio}");
+    assert_eq!(provenance["stage"], "reward");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rm.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["architectures"][0],
+        "Gemma2ForSequenceClassification"
+    );
+
+    // score: one reward per row, deterministic, Parquet out
+    let scored = m.path("scored.parquet");
+    let pairs = m.task.join("eval.jsonl");
+    ok(&[
+        "score",
+        "--reward",
+        s(&rm),
+        "--input",
+        s(&pairs),
+        "--out",
+        s(&scored),
+    ]);
+    let stdout = ok(&["score", "--reward", s(&rm), "--input", s(&pairs)]);
+    let rewards: Vec<f64> = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rewards.len(), 24);
+    assert!(rewards.iter().any(|r| (r - rewards[0]).abs() > 1e-6));
+    fails(
+        &[
+            "score",
+            "--reward",
+            s(&rm),
+            "--input",
+            s(&pairs),
+            "--out",
+            s(&scored),
+        ],
+        &["scored.parquet", "already exists"],
+    );
+
+    // from a larger checkpoint's trunk, with a new head
+    let rm2 = m.path("rm2");
+    ok(&[
+        "reward",
+        "--policy",
+        s(&policy),
+        "--init",
+        s(&policy),
+        "--data",
+        s(&train_prefs),
+        "--out",
+        s(&rm2),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+    ]);
+    let story = m.path("story.jsonl");
+    std::fs::write(
+        &story,
+        "{\"prompt\": \"What is 1 plus 2?\"}\n{\"prompt\": \"Tell me a story.\"}\n",
+    )
+    .unwrap();
+    let out = m.path("x.jsonl");
+    fails(
+        &[
+            "data",
+            "prefs",
+            "--policy",
+            s(&policy),
+            "--prompts",
+            s(&story),
+            "--out",
+            s(&out),
+        ],
+        &[
+            "story.jsonl",
+            "prompt 2 is not a question of the embedded task",
+        ],
+    );
+    assert!(!out.exists());
+}
+
+fn datasets_rows(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

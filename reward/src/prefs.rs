@@ -1,0 +1,158 @@
+//! Preference pairs for the embedded task: every policy samples completions
+//! for every prompt, the task's ground-truth scorer stands in for human
+//! raters. Of a prompt's distinct completions, every two with different
+//! scores make a candidate pair (higher score `chosen`); the
+//! `pairs_per_prompt` with the largest score gaps are kept (ties in order by
+//! the seed), so one pair per prompt is its best against its worst. Prompts
+//! whose completions all score the same give none. With `label_noise` p a
+//! pair is swapped with probability p, as a rater's mistake would.
+
+use posttrain_datasets::task::score;
+use posttrain_datasets::{ChatTokenizer, Preference, Prompt};
+use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, generate};
+use posttrain_train::Progress;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+/// A model that writes candidate completions.
+pub struct Policy<'a> {
+    pub model: &'a Gemma2ForCausalLM,
+    pub tokenizer: &'a ChatTokenizer,
+    pub stop_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrefsConfig {
+    /// Completions per prompt from each policy.
+    pub samples: usize,
+    pub temperature: f32,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    pub label_noise: f64,
+    pub batch_size: usize,
+    pub pairs_per_prompt: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrefsReport {
+    #[serde(skip)]
+    pub pairs: Vec<Preference>,
+    pub prompts: usize,
+    /// Prompts whose completions all scored the same.
+    pub skipped: usize,
+    pub flipped: usize,
+    pub mean_chosen_score: f64,
+    pub mean_rejected_score: f64,
+    pub completions: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrefsError {
+    #[error("prompt {0} is not a question of the embedded task: bring preference data of your own")]
+    NotTaskPrompt(usize),
+    #[error("{0}")]
+    Tokenizer(#[from] posttrain_datasets::TokenizerError),
+}
+
+pub fn make_preferences(
+    policies: &[Policy],
+    prompts: &[Prompt],
+    cfg: &PrefsConfig,
+) -> Result<PrefsReport, PrefsError> {
+    if let Some(i) = prompts
+        .iter()
+        .position(|p| score(p.display(), "").is_none())
+    {
+        return Err(PrefsError::NotTaskPrompt(i + 1));
+    }
+    let samples = cfg.samples.max(1);
+    // candidates[i]: (text, score) of prompt i
+    let mut candidates: Vec<Vec<(String, f64)>> = vec![Vec::new(); prompts.len()];
+    let total = (prompts.len() * samples * policies.len()) as u64;
+    let mut progress = Progress::new("data prefs", total, "completions");
+    for (p, policy) in policies.iter().enumerate() {
+        let rows: Vec<usize> = (0..prompts.len())
+            .flat_map(|i| std::iter::repeat_n(i, samples))
+            .collect();
+        let sampling = SamplingConfig {
+            max_new_tokens: cfg.max_new_tokens,
+            temperature: cfg.temperature,
+            seed: cfg.seed.wrapping_add(p as u64),
+            stop_ids: policy.stop_ids.clone(),
+            ..SamplingConfig::default()
+        };
+        for (b, chunk) in rows.chunks(cfg.batch_size.max(1)).enumerate() {
+            let ids = chunk
+                .iter()
+                .map(|&i| policy.tokenizer.render_prompt(&prompts[i].messages()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let first = (b * cfg.batch_size.max(1)) as u64;
+            let out = generate(policy.model, &ids, policy.tokenizer.pad, &sampling, first);
+            let mut tokens = 0;
+            for (&i, c) in chunk.iter().zip(out) {
+                tokens += c.tokens.len() as u64;
+                let mut new = c.tokens.as_slice();
+                if c.finish == FinishReason::Stop {
+                    new = &new[..new.len() - 1];
+                }
+                let text = policy.tokenizer.decode(new)?.trim().to_string();
+                if text.is_empty() {
+                    continue;
+                }
+                let s = score(prompts[i].display(), &text)
+                    .expect("checked above")
+                    .score;
+                candidates[i].push((text, s));
+            }
+            progress.advance(chunk.len() as u64, tokens);
+        }
+    }
+    progress.finish();
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x7072_6566);
+    let mut report = PrefsReport {
+        pairs: Vec::new(),
+        prompts: prompts.len(),
+        skipped: 0,
+        flipped: 0,
+        mean_chosen_score: 0.0,
+        mean_rejected_score: 0.0,
+        completions: candidates.iter().map(Vec::len).sum(),
+    };
+    for (prompt, mut cands) in prompts.iter().zip(candidates) {
+        cands.sort_by(|a, b| a.0.cmp(&b.0));
+        cands.dedup_by(|a, b| a.0 == b.0);
+        let mut pairs: Vec<(usize, usize)> = (0..cands.len())
+            .flat_map(|i| (0..cands.len()).map(move |j| (i, j)))
+            .filter(|&(i, j)| cands[i].1 > cands[j].1)
+            .collect();
+        if pairs.is_empty() {
+            report.skipped += 1;
+            continue;
+        }
+        pairs.shuffle(&mut rng);
+        pairs.sort_by(|a, b| {
+            let gap = |&(i, j): &(usize, usize)| cands[i].1 - cands[j].1;
+            gap(b).total_cmp(&gap(a))
+        });
+        for &(i, j) in pairs.iter().take(cfg.pairs_per_prompt.max(1)) {
+            let (mut chosen, mut rejected) = (cands[i].0.clone(), cands[j].0.clone());
+            report.mean_chosen_score += cands[i].1;
+            report.mean_rejected_score += cands[j].1;
+            if cfg.label_noise > 0.0 && rng.random::<f64>() < cfg.label_noise {
+                std::mem::swap(&mut chosen, &mut rejected);
+                report.flipped += 1;
+            }
+            report.pairs.push(Preference {
+                prompt: prompt.clone(),
+                chosen,
+                rejected,
+            });
+        }
+    }
+    let n = report.pairs.len().max(1) as f64;
+    report.mean_chosen_score /= n;
+    report.mean_rejected_score /= n;
+    Ok(report)
+}

@@ -1,0 +1,207 @@
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+use posttrain_datasets::{ChatTokenizer, Preference, Record, SftPair, read_records, write_records};
+use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::provenance::PROVENANCE_FILE;
+use posttrain_model::{
+    CheckpointWriter, Gemma2Config, Gemma2ForSequenceClassification, Padding, Provenance,
+    RandomInit, SaveDtype, load_config, load_reward_model, load_reward_trunk,
+};
+use posttrain_reward::{
+    PairIds, RewardConfig, encode_pairs, scale_config, score_examples, train_reward,
+};
+use posttrain_train::MetricsLog;
+use serde_json::{Value, json};
+
+use crate::cli::{RewardArgs, RewardScoreArgs};
+
+fn load_pairs(
+    tokenizer: &ChatTokenizer,
+    path: &std::path::Path,
+    max_len: usize,
+) -> Result<Vec<PairIds>> {
+    let prefs: Vec<Preference> = read_records(path)?;
+    let side = |f: fn(&Preference) -> &str| {
+        encode_pairs(
+            tokenizer,
+            prefs.iter().map(|p| (p.prompt.messages(), f(p))),
+            max_len,
+            path,
+        )
+    };
+    let chosen = side(|p| p.chosen.as_str())?;
+    let rejected = side(|p| p.rejected.as_str())?;
+    Ok(chosen
+        .into_iter()
+        .zip(rejected)
+        .map(|(chosen, rejected)| PairIds { chosen, rejected })
+        .collect())
+}
+
+pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
+    if !(args.size_ratio > 0.0 && args.size_ratio.is_finite()) {
+        bail!("--size-ratio must be positive, got {}", args.size_ratio);
+    }
+    let optim = args.train.optim()?;
+    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let policy = load_config(&args.policy)?;
+    let tokenizer = ChatTokenizer::from_file(&args.policy.join(TOKENIZER_FILE))?;
+    let train_device = device.clone().autodiff();
+    let (config, model, origin) = match &args.init {
+        Some(dir) => {
+            let (config, model, fresh) = load_reward_trunk(dir, args.train.seed, &train_device)?;
+            if config.vocab_size != policy.vocab_size {
+                bail!(
+                    "{}: vocab_size {} differs from the policy's {}",
+                    dir.display(),
+                    config.vocab_size,
+                    policy.vocab_size
+                );
+            }
+            let head = if fresh {
+                "new score head"
+            } else {
+                "its score head"
+            };
+            (config, model, format!("from {} ({head})", dir.display()))
+        }
+        None => {
+            let (config, _) = scale_config(&policy, args.size_ratio);
+            let model = Gemma2ForSequenceClassification::new(
+                &config,
+                &mut RandomInit::new(args.train.seed),
+                &train_device,
+            )?;
+            (
+                config,
+                model,
+                format!("new weights for --size-ratio {}", args.size_ratio),
+            )
+        }
+    };
+    let ratio = config.num_params() as f64 / policy.num_params() as f64;
+    let max_len = config.max_position_embeddings;
+    let train = load_pairs(&tokenizer, &args.data, max_len)?;
+    let eval = match &args.eval {
+        Some(p) => load_pairs(&tokenizer, p, max_len)?,
+        None => Vec::new(),
+    };
+    let cfg = RewardConfig {
+        optim,
+        batch_size: args.train.batch_size,
+        eval_every: args.train.eval_every,
+        seed: args.train.seed,
+        margin: args.margin,
+    };
+    eprintln!(
+        "reward: {} params = {ratio:.2}x the policy's {} ({origin}: hidden {}, {} layers), {} train / {} eval pairs",
+        config.num_params(),
+        policy.num_params(),
+        config.hidden_size,
+        config.num_hidden_layers,
+        train.len(),
+        eval.len()
+    );
+    let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
+    let (model, report) = train_reward(model, &train, &eval, tokenizer.pad, &cfg, &mut log)?;
+    let mut config: Gemma2Config = config;
+    config.extra.insert(
+        "architectures".into(),
+        json!(["Gemma2ForSequenceClassification"]),
+    );
+    config.extra.insert("num_labels".into(), 1.into());
+    writer.write_model(&model, &config, SaveDtype::F32)?;
+    tokenizer.save(&writer.path().join(TOKENIZER_FILE))?;
+    let mut provenance = Provenance::new(
+        "reward",
+        backend,
+        json!({
+            "train": cfg,
+            "size_ratio_requested": args.init.is_none().then_some(args.size_ratio),
+            "size_ratio": ratio,
+            "policy_params": policy.num_params(),
+            "params": config.num_params(),
+            "config": config,
+        }),
+    )
+    .with_parent(&args.policy)?
+    .with_parent(&args.data)?;
+    for p in args.eval.iter().chain(&args.init) {
+        provenance = provenance.with_parent(p)?;
+    }
+    provenance.seed = Some(args.train.seed);
+    let mut metrics = serde_json::to_value(&report)?;
+    metrics["size_ratio"] = ratio.into();
+    provenance.metrics = metrics;
+    writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
+    let out = writer.commit()?;
+    let eval = report.eval.map_or(String::new(), |s| {
+        format!(
+            ", eval accuracy {:.3} (gap {:.3} ± {:.3})",
+            s.accuracy, s.mean_gap, s.std_gap
+        )
+    });
+    eprintln!(
+        "reward: loss {:.4} -> {:.4}{eval}, size ratio {ratio:.2}x -> {}",
+        report.first_loss,
+        report.last_loss,
+        out.display()
+    );
+    Ok(())
+}
+
+struct Scored {
+    row: serde_json::Map<String, Value>,
+}
+
+impl Record for Scored {
+    fn from_row(_: &serde_json::Map<String, Value>) -> Result<Self, String> {
+        Err("scored rows are written, not read".into())
+    }
+
+    fn to_row(&self) -> Value {
+        Value::Object(self.row.clone())
+    }
+}
+
+pub fn score(args: RewardScoreArgs, device: Device) -> Result<()> {
+    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
+    let (config, model) = load_reward_model(&args.reward, &device)?;
+    let tokenizer = ChatTokenizer::from_file(&args.reward.join(TOKENIZER_FILE))?;
+    let rows: Vec<SftPair> = read_records(&args.input)?;
+    let ids = encode_pairs(
+        &tokenizer,
+        rows.iter()
+            .map(|r| (r.prompt.messages(), r.completion.as_str())),
+        config.max_position_embeddings,
+        &args.input,
+    )?;
+    let rewards = score_examples(&model, &ids, tokenizer.pad, Padding::Right, args.batch_size);
+    let scored: Vec<Scored> = rows
+        .iter()
+        .zip(&rewards)
+        .map(|(r, &reward)| {
+            let Value::Object(mut row) = r.to_row() else {
+                unreachable!("records are objects")
+            };
+            row.insert("reward".into(), f64::from(reward).into());
+            Scored { row }
+        })
+        .collect();
+    let mean = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / rewards.len().max(1) as f64;
+    match &args.out {
+        Some(out) => {
+            write_records(out, &scored, args.overwrite)?;
+            eprintln!(
+                "score: {} rows, mean reward {mean:.4} -> {}",
+                scored.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        None => {
+            let text: String = scored.iter().map(|s| format!("{}\n", s.to_row())).collect();
+            crate::print_stdout(&text)
+        }
+    }
+}
