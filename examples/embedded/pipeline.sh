@@ -2,7 +2,8 @@
 # The recipe's stages that exist so far, on the embedded English task:
 # task + tokenizer -> teacher pretraining -> teacher completions with top-k
 # log-probs -> one student fine-tuned four ways on them (CE only, + stored
-# top-k KD, + live-teacher KD, + on-policy GKD) -> scores.
+# top-k KD, + live-teacher KD, + on-policy GKD) -> preference pairs labelled
+# by the task scorer -> a reward model ~10x the student -> scores.
 #
 #   bash examples/embedded/pipeline.sh [RUN_DIR] [STEPS] [SFT_STEPS]
 #
@@ -46,14 +47,28 @@ for v in "${VARIANTS[@]}"; do
     --out "sft_${v}_eval.jsonl" --temperature 0 --max-new-tokens 32 --batch-size 32
 done
 
-printf '\n%-34s %10s %10s %10s\n' "model (200 held-out prompts)" "eval loss" "accuracy" "score"
+step prefs_train.jsonl data prefs --policy sft_live teacher --prompts task/train_prompts.jsonl \
+  --out prefs_train.jsonl --samples 4 --pairs-per-prompt 4 --seed "$SEED"
+step prefs_eval.jsonl data prefs --policy sft_live teacher --prompts task/eval_prompts.jsonl \
+  --out prefs_eval.jsonl --samples 4 --seed "$((SEED + 1))"
+step rm reward --policy sft_live --size-ratio 10 --data prefs_train.jsonl --eval prefs_eval.jsonl \
+  --out rm --steps 600 --batch-size 16 --lr 1e-3 --warmup 30 --seed "$SEED"
+
+python3 - <<'PY'
+import json
+m = json.load(open("rm/posttrain.json"))["metrics"]
+print(f"\nreward model: {m['size_ratio']:.2f}x the student, held-out pairwise accuracy {m['eval']['accuracy']:.3f} "
+      f"({m['eval']['pairs']} pairs, reward gap {m['eval']['mean_gap']:.2f} ± {m['eval']['std_gap']:.2f})")
+PY
+printf '\n%-34s %10s %10s %10s %10s\n' "model (200 held-out prompts)" "eval loss" "accuracy" "score" "RM score"
 row() {
-  local name="$1" dir="$2" samples="$3" loss acc score
+  local name="$1" dir="$2" samples="$3" loss acc score rm
   loss=$(python3 -c "import json; print(round(json.load(open('$dir/posttrain.json'))['metrics']['eval_loss'],4))")
   read -r acc score < <("$BIN" data score --input "$samples" | python3 -c "import json,sys; d=json.load(sys.stdin); print(round(d['accuracy'],3), round(d['mean_score'],3))")
-  printf '%-34s %10s %10s %10s\n' "$name" "$loss" "$acc" "$score"
+  rm=$("$BIN" score --reward rm --input "$samples" | python3 -c "import json,sys; r=[json.loads(l)['reward'] for l in sys.stdin]; print(round(sum(r)/len(r),3))")
+  printf '%-34s %10s %10s %10s %10s\n' "$name" "$loss" "$acc" "$score" "$rm"
 }
 row teacher teacher teacher_eval.jsonl
 for v in "${VARIANTS[@]}"; do row "student sft: $v" "sft_$v" "sft_${v}_eval.jsonl"; done
 read -r acc score < <("$BIN" data score --input sft_pairs.jsonl | python3 -c "import json,sys; d=json.load(sys.stdin); print(round(d['accuracy'],3), round(d['mean_score'],3))")
-printf '%-34s %10s %10s %10s\n' "teacher data (3,000 train prompts)" "-" "$acc" "$score"
+printf '%-34s %10s %10s %10s %10s\n' "teacher data (3,000 train prompts)" "-" "$acc" "$score" "-"

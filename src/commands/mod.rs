@@ -160,3 +160,53 @@ pub fn print_report(stage: &str, report: &posttrain_sft::SftReport, out: &Path) 
         out.display()
     );
 }
+
+/// Refuses a tokenizer with more ids than the model's vocabulary.
+pub fn check_tokenizer_fits(
+    tokenizer: &posttrain_datasets::ChatTokenizer,
+    tokenizer_path: &Path,
+    config: &posttrain_model::Gemma2Config,
+    config_path: &Path,
+) -> anyhow::Result<()> {
+    if tokenizer.vocab_size() > config.vocab_size {
+        anyhow::bail!(
+            "{}: tokenizer has {} tokens but {} sets vocab_size {}",
+            tokenizer_path.display(),
+            tokenizer.vocab_size(),
+            config_path.display(),
+            config.vocab_size
+        );
+    }
+    Ok(())
+}
+
+/// Writes weights, tokenizer and provenance (with the optional parents that
+/// were given, the seed and final metrics) and moves the directory in place.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_checkpoint<M: burn::module::Module>(
+    writer: posttrain_model::CheckpointWriter,
+    model: &M,
+    config: &posttrain_model::Gemma2Config,
+    tokenizer: &posttrain_datasets::ChatTokenizer,
+    mut provenance: posttrain_model::Provenance,
+    optional_parents: &[Option<&Path>],
+    seed: u64,
+    metrics: serde_json::Value,
+) -> anyhow::Result<std::path::PathBuf> {
+    writer.write_model(model, config, posttrain_model::SaveDtype::F32)?;
+    tokenizer.save(
+        &writer
+            .path()
+            .join(posttrain_model::checkpoint::TOKENIZER_FILE),
+    )?;
+    for parent in optional_parents.iter().flatten() {
+        provenance = provenance.with_parent(parent)?;
+    }
+    provenance.seed = Some(seed);
+    provenance.metrics = metrics;
+    writer.write(
+        posttrain_model::provenance::PROVENANCE_FILE,
+        provenance.to_json().as_bytes(),
+    )?;
+    Ok(writer.commit()?)
+}

@@ -1,11 +1,7 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, LossOn};
-use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::provenance::PROVENANCE_FILE;
-use posttrain_model::{
-    CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit, SaveDtype,
-};
+use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
 use posttrain_sft::{Distill, SftConfig, Vocab, train_lm};
 use posttrain_train::{MetricsLog, OptimConfig};
 use serde_json::json;
@@ -70,15 +66,7 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
     let config = Gemma2Config::from_file(&args.config)?;
     let tokenizer = ChatTokenizer::from_file(&args.tokenizer)?;
-    if tokenizer.vocab_size() > config.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens but {} sets vocab_size {}",
-            args.tokenizer.display(),
-            tokenizer.vocab_size(),
-            args.config.display(),
-            config.vocab_size
-        );
-    }
+    super::check_tokenizer_fits(&tokenizer, &args.tokenizer, &config, &args.config)?;
     let loss_on = match args.loss_on {
         LossOnArg::Completion => LossOn::Completion,
         LossOnArg::All => LossOn::All,
@@ -130,25 +118,23 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
         &cfg,
         &mut log,
     )?;
-    writer.write_model(&model, &config, SaveDtype::F32)?;
-    tokenizer.save(&writer.path().join(TOKENIZER_FILE))?;
-    let mut provenance = Provenance::new(
+    let provenance = Provenance::new(
         "pretrain",
         backend,
         json!({"train": cfg, "loss_on": format!("{:?}", args.loss_on).to_lowercase(), "config": config}),
     )
     .with_parent(&args.data)?
     .with_parent(&args.tokenizer)?;
-    if let Some(e) = &args.eval {
-        provenance = provenance.with_parent(e)?;
-    }
-    if let Some(t) = &args.teacher {
-        provenance = provenance.with_parent(t)?;
-    }
-    provenance.seed = Some(args.train.seed);
-    provenance.metrics = serde_json::to_value(&report)?;
-    writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
-    let out = writer.commit()?;
+    let out = super::finish_checkpoint(
+        writer,
+        &model,
+        &config,
+        &tokenizer,
+        provenance,
+        &[args.eval.as_deref(), args.teacher.as_deref()],
+        args.train.seed,
+        serde_json::to_value(&report)?,
+    )?;
     super::print_report("pretrain", &report, &out);
     Ok(())
 }

@@ -2,10 +2,9 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, Preference, Record, SftPair, read_records, write_records};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::provenance::PROVENANCE_FILE;
 use posttrain_model::{
     CheckpointWriter, Gemma2Config, Gemma2ForSequenceClassification, Padding, Provenance,
-    RandomInit, SaveDtype, load_config, load_reward_model, load_reward_trunk,
+    RandomInit, load_config, load_reward_model, load_reward_trunk,
 };
 use posttrain_reward::{
     PairIds, RewardConfig, encode_pairs, scale_config, score_examples, train_reward,
@@ -110,9 +109,7 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
         json!(["Gemma2ForSequenceClassification"]),
     );
     config.extra.insert("num_labels".into(), 1.into());
-    writer.write_model(&model, &config, SaveDtype::F32)?;
-    tokenizer.save(&writer.path().join(TOKENIZER_FILE))?;
-    let mut provenance = Provenance::new(
+    let provenance = Provenance::new(
         "reward",
         backend,
         json!({
@@ -126,15 +123,18 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
     )
     .with_parent(&args.policy)?
     .with_parent(&args.data)?;
-    for p in args.eval.iter().chain(&args.init) {
-        provenance = provenance.with_parent(p)?;
-    }
-    provenance.seed = Some(args.train.seed);
     let mut metrics = serde_json::to_value(&report)?;
     metrics["size_ratio"] = ratio.into();
-    provenance.metrics = metrics;
-    writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
-    let out = writer.commit()?;
+    let out = super::finish_checkpoint(
+        writer,
+        &model,
+        &config,
+        &tokenizer,
+        provenance,
+        &[args.eval.as_deref(), args.init.as_deref()],
+        args.train.seed,
+        metrics,
+    )?;
     let eval = report.eval.map_or(String::new(), |s| {
         format!(
             ", eval accuracy {:.3} (gap {:.3} ± {:.3})",

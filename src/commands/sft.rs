@@ -1,8 +1,7 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::LossOn;
-use posttrain_model::provenance::PROVENANCE_FILE;
-use posttrain_model::{CheckpointWriter, Provenance, SaveDtype};
+use posttrain_model::{CheckpointWriter, Provenance};
 use posttrain_sft::{Distill, OnPolicy, Vocab, train_lm};
 use posttrain_train::MetricsLog;
 use serde_json::json;
@@ -101,25 +100,19 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         &cfg,
         &mut log,
     )?;
-    writer.write_model(&model, config, SaveDtype::F32)?;
-    tokenizer.save(
-        &writer
-            .path()
-            .join(posttrain_model::checkpoint::TOKENIZER_FILE),
-    )?;
-    let mut provenance = Provenance::new("sft", backend, json!({"train": cfg}))
+    let provenance = Provenance::new("sft", backend, json!({"train": cfg}))
         .with_parent(&args.model)?
         .with_parent(&args.data)?;
-    if let Some(e) = &args.eval {
-        provenance = provenance.with_parent(e)?;
-    }
-    if let Some(t) = &args.teacher {
-        provenance = provenance.with_parent(t)?;
-    }
-    provenance.seed = Some(args.train.seed);
-    provenance.metrics = serde_json::to_value(&report)?;
-    writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
-    let out = writer.commit()?;
+    let out = super::finish_checkpoint(
+        writer,
+        &model,
+        config,
+        tokenizer,
+        provenance,
+        &[args.eval.as_deref(), args.teacher.as_deref()],
+        args.train.seed,
+        serde_json::to_value(&report)?,
+    )?;
     super::print_report("sft", &report, &out);
     Ok(())
 }
