@@ -38,7 +38,7 @@ pub enum Backend {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Data: the embedded English task and its ground-truth scorer.
+    /// Data: the embedded English task, its ground-truth scorer, preference pairs.
     #[command(subcommand)]
     Data(DataCommand),
     /// Write a new, randomly initialised checkpoint (config + tokenizer + seed).
