@@ -49,6 +49,16 @@ pub struct Completion {
     pub finish: FinishReason,
 }
 
+impl Completion {
+    /// The generated tokens without the stop id that ended them.
+    pub fn answer(&self) -> &[u32] {
+        match self.finish {
+            FinishReason::Stop => &self.tokens[..self.tokens.len() - 1],
+            FinishReason::Length => &self.tokens,
+        }
+    }
+}
+
 /// Seed of row `row`'s stream (SplitMix64 of seed and row).
 fn row_seed(seed: u64, row: u64) -> u64 {
     let mut z = seed ^ row.wrapping_mul(0x9E37_79B9_7F4A_7C15);

@@ -7,9 +7,9 @@
 //! whose completions all score the same give none. With `label_noise` p a
 //! pair is swapped with probability p, as a rater's mistake would.
 
-use posttrain_datasets::task::score;
+use posttrain_datasets::task::{expected, score};
 use posttrain_datasets::{ChatTokenizer, Preference, Prompt};
-use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, generate};
+use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate};
 use posttrain_train::Progress;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -60,10 +60,7 @@ pub fn make_preferences(
     prompts: &[Prompt],
     cfg: &PrefsConfig,
 ) -> Result<PrefsReport, PrefsError> {
-    if let Some(i) = prompts
-        .iter()
-        .position(|p| score(p.display(), "").is_none())
-    {
+    if let Some(i) = prompts.iter().position(|p| expected(p.display()).is_none()) {
         return Err(PrefsError::NotTaskPrompt(i + 1));
     }
     let samples = cfg.samples.max(1);
@@ -92,11 +89,7 @@ pub fn make_preferences(
             let mut tokens = 0;
             for (&i, c) in chunk.iter().zip(out) {
                 tokens += c.tokens.len() as u64;
-                let mut new = c.tokens.as_slice();
-                if c.finish == FinishReason::Stop {
-                    new = &new[..new.len() - 1];
-                }
-                let text = policy.tokenizer.decode(new)?.trim().to_string();
+                let text = policy.tokenizer.decode(c.answer())?.trim().to_string();
                 if text.is_empty() {
                     continue;
                 }

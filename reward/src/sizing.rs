@@ -56,13 +56,7 @@ pub fn scale_config(policy: &Gemma2Config, ratio: f64) -> (Gemma2Config, f64) {
             }
         }
     }
-    let mut config = best.0;
-    config.extra.insert(
-        "architectures".into(),
-        serde_json::json!(["Gemma2ForSequenceClassification"]),
-    );
-    config.extra.insert("num_labels".into(), 1.into());
-    (config, best.1)
+    (best.0, best.1)
 }
 
 #[cfg(test)]

@@ -9,9 +9,7 @@ use posttrain_model::gemma2::next_token_logprobs;
 
 /// `logits` `[batch, len, vocab]`, `weights` `[batch, len − 1]`.
 pub fn cross_entropy(logits: Tensor<3>, batch: &TokenBatch, weights: Tensor<2>) -> Tensor<1> {
-    let count = weights.clone().sum();
-    let logp = next_token_logprobs(logits, batch);
-    (logp * weights).sum().neg().div(count)
+    weighted_mean(next_token_logprobs(logits, batch), weights).neg()
 }
 
 /// `Σ_t w_t · x_t / Σ_t w_t` of a per-position quantity `[batch, len − 1]`.

@@ -4,11 +4,9 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use posttrain_datasets::task::score;
+use posttrain_datasets::task::{expected, score};
 use posttrain_datasets::{ChatTokenizer, Example};
-use posttrain_model::{
-    FinishReason, Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate,
-};
+use posttrain_model::{Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate};
 
 use crate::ce::cross_entropy;
 
@@ -78,7 +76,7 @@ pub fn task_score(
     }
     let prompts: Vec<&str> = set.prompts[..n]
         .iter()
-        .map(|p| p.as_deref().filter(|p| score(p, "").is_some()))
+        .map(|p| p.as_deref().filter(|p| expected(p).is_some()))
         .collect::<Option<_>>()?;
     let model = model.valid();
     let sampling = SamplingConfig {
@@ -98,11 +96,7 @@ pub fn task_score(
             .iter()
             .enumerate()
         {
-            let mut tokens = c.tokens.as_slice();
-            if c.finish == FinishReason::Stop {
-                tokens = &tokens[..tokens.len() - 1];
-            }
-            let text = tokenizer.decode(tokens).unwrap_or_default();
+            let text = tokenizer.decode(c.answer()).unwrap_or_default();
             let s = score(prompts[b * batch_size + i], text.trim())?;
             total += s.score;
             correct += usize::from(s.correct);

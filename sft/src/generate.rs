@@ -8,9 +8,7 @@
 
 use burn::tensor::activation::log_softmax;
 use posttrain_datasets::{ChatTokenizer, Prompt, SftPair, TokenizerError, TopK};
-use posttrain_model::{
-    FinishReason, Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate,
-};
+use posttrain_model::{Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate};
 use posttrain_train::Progress;
 
 pub struct GenerateReport {
@@ -80,11 +78,7 @@ pub fn generate_pairs(
         let mut tokens = 0;
         for ((prompt, ids), completion) in chunk.iter().zip(&encoded).zip(&out) {
             tokens += completion.tokens.len() as u64;
-            let mut new = completion.tokens.as_slice();
-            if completion.finish == FinishReason::Stop {
-                new = &new[..new.len() - 1];
-            }
-            let text = tokenizer.decode(new)?.trim().to_string();
+            let text = tokenizer.decode(completion.answer())?.trim().to_string();
             if text.is_empty() {
                 report.empty += 1;
                 continue;

@@ -3,8 +3,8 @@ use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, Preference, Record, SftPair, read_records, write_records};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::{
-    CheckpointWriter, Gemma2Config, Gemma2ForSequenceClassification, Padding, Provenance,
-    RandomInit, load_config, load_reward_model, load_reward_trunk,
+    CheckpointWriter, Gemma2ForSequenceClassification, Padding, Provenance, RandomInit,
+    load_config, load_reward_model, load_reward_trunk,
 };
 use posttrain_reward::{
     PairIds, RewardConfig, encode_pairs, scale_config, score_examples, train_reward,
@@ -46,7 +46,7 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
     let policy = load_config(&args.policy)?;
     let tokenizer = ChatTokenizer::from_file(&args.policy.join(TOKENIZER_FILE))?;
     let train_device = device.clone().autodiff();
-    let (config, model, origin) = match &args.init {
+    let (mut config, model, origin) = match &args.init {
         Some(dir) => {
             let (config, model, fresh) = load_reward_trunk(dir, args.train.seed, &train_device)?;
             if config.vocab_size != policy.vocab_size {
@@ -103,7 +103,6 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
     );
     let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
     let (model, report) = train_reward(model, &train, &eval, tokenizer.pad, &cfg, &mut log)?;
-    let mut config: Gemma2Config = config;
     config.extra.insert(
         "architectures".into(),
         json!(["Gemma2ForSequenceClassification"]),

@@ -2,7 +2,7 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::write_atomic;
 use posttrain_datasets::{Prompt, read_prompts};
-use posttrain_model::{FinishReason, SamplingConfig, generate};
+use posttrain_model::{SamplingConfig, generate};
 use posttrain_train::Progress;
 
 use crate::cli::{SampleArgs, SamplingArgs};
@@ -69,10 +69,7 @@ pub fn run(args: SampleArgs, device: Device) -> Result<()> {
         let mut new_tokens = 0;
         for (k, completion) in out.iter().enumerate() {
             let p = &prompts[first as usize + k];
-            let mut tokens = completion.tokens.as_slice();
-            if completion.finish == FinishReason::Stop {
-                tokens = &tokens[..tokens.len() - 1];
-            }
+            let tokens = completion.answer();
             new_tokens += completion.tokens.len() as u64;
             let row = serde_json::json!({
                 "prompt": p.display(),

@@ -26,8 +26,12 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         bail!("--kd live needs --teacher");
     }
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
-    let student = super::ChatModel::load(&args.model, &device.clone().autodiff())?;
-    let (config, tokenizer) = (&student.config, &student.tokenizer);
+    let super::ChatModel {
+        config,
+        model: student,
+        tokenizer,
+    } = super::ChatModel::load(&args.model, &device.clone().autodiff())?;
+    let (config, tokenizer) = (&config, &tokenizer);
     let data = super::TrainData::load(
         tokenizer,
         &args.data,
@@ -58,8 +62,7 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         beta: args.gkd_beta,
         temperature: args.on_policy_temperature,
         max_new_tokens: args.on_policy_max_new_tokens,
-    })
-    .filter(|_| lambda > 0.0);
+    });
     let teacher = match &args.teacher {
         Some(dir) => Some(super::load_teacher(dir, config, tokenizer, &device)?),
         None => None,
@@ -87,12 +90,12 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
     );
     let vocab = Vocab {
         tokenizer,
-        stop_ids: student.stop_ids(),
+        stop_ids: super::stop_ids(config, tokenizer),
         max_len: config.max_position_embeddings,
     };
     let (model, report) = train_lm(
         "sft",
-        student.model.clone(),
+        student,
         teacher.as_ref(),
         &data.train,
         &data.eval,

@@ -57,10 +57,6 @@ impl<M: Module> Optimizer<M> {
         }
     }
 
-    pub fn config(&self) -> &OptimConfig {
-        &self.cfg
-    }
-
     /// Back-propagates one micro-batch's loss (scaled by 1/accumulation).
     pub fn backward(&mut self, model: &M, loss: Tensor<1>) {
         let scale = 1.0 / self.cfg.accumulation.max(1) as f64;
