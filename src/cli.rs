@@ -61,6 +61,13 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Write the logits of a checkpoint for given token ids (to compare with a reference).
     Logits(LogitsArgs),
+    /// Policy-gradient RLHF: REINFORCE with a leave-one-out baseline, KL to an EMA anchor (WARP stage 1).
+    Rlhf(RlhfArgs),
+    /// WARP weight averaging: per-layer SLERP of task vectors, LITI towards the init, EMA.
+    #[command(subcommand)]
+    Warp(WarpCommand),
+    /// Evaluate checkpoints: reward-model score, true score, KL to a reference, length (one table).
+    Eval(EvalArgs),
     /// Tokenizer utilities.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
@@ -376,22 +383,8 @@ pub struct TrainArgs {
     /// Linear warmup steps.
     #[arg(long, default_value_t = 50)]
     pub warmup: usize,
-    /// Cosine decay ends at lr × this.
-    #[arg(long, default_value_t = 0.1)]
-    pub min_lr_ratio: f64,
-    /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub beta1: f64,
-    #[arg(long, default_value_t = 0.95)]
-    pub beta2: f64,
-    /// Clip gradients to this global L2 norm (0: off).
-    #[arg(long, default_value_t = 1.0)]
-    pub clip: f64,
-    /// Micro-batches of --batch-size accumulated per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
+    #[command(flatten)]
+    pub adam: AdamArgs,
     /// Eval loss (and task score) every N steps and at the end; 0: off.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
@@ -406,6 +399,27 @@ pub struct TrainArgs {
     /// Cut sequences longer than the context instead of failing.
     #[arg(long)]
     pub truncate: bool,
+}
+
+/// AdamW and the schedule's tail, shared by every training stage.
+#[derive(Debug, Args)]
+pub struct AdamArgs {
+    /// Cosine decay ends at lr × this.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    /// Clip gradients to this global L2 norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Micro-batches accumulated per optimizer step (rlhf: the step's prompts split in this many parts).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
 }
 
 #[derive(Debug, Args)]
@@ -537,6 +551,155 @@ pub struct GenerateArgs {
     pub topk: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AnchorArg {
+    /// θ_ema ← (1−μ)θ_ema + μθ after every step (WARP).
+    Ema,
+    /// The fixed SFT policy.
+    Sft,
+}
+
+#[derive(Debug, Args)]
+pub struct RlhfArgs {
+    /// SFT policy to start from (and the KL reference of --anchor sft).
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// Reward model checkpoint.
+    #[arg(long)]
+    pub reward: PathBuf,
+    /// Prompts (JSONL or Parquet: `prompt` or `messages`).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Output checkpoint directory (the policy).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the final anchor checkpoint here.
+    #[arg(long)]
+    pub anchor_out: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// Prompts per step.
+    #[arg(long, default_value_t = 16)]
+    pub prompts_per_step: usize,
+    /// K: samples per prompt (leave-one-out baseline over them).
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    #[command(flatten)]
+    pub adam: AdamArgs,
+    /// Rollout sampling temperature.
+    #[arg(long, default_value_t = 0.9)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// β: weight of the KL to the anchor in the shaped reward.
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// μ: EMA rate of the anchor.
+    #[arg(long, default_value_t = 0.01)]
+    pub mu: f64,
+    /// What the KL pulls towards.
+    #[arg(long, value_enum, default_value_t = AnchorArg::Ema)]
+    pub anchor: AnchorArg,
+    /// Reward subtracted per completion token.
+    #[arg(long, default_value_t = 0.0)]
+    pub length_penalty: f64,
+    /// Stop once the mean KL to the SFT policy exceeds this (nats per completion).
+    #[arg(long)]
+    pub max_kl: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences per forward pass when scoring.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WarpCommand {
+    /// Merge RL policies: per-layer SLERP of their task vectors, then LITI θ_η = (1−η)θ_init + ηθ_slerp.
+    Merge(WarpMergeArgs),
+    /// One EMA step on checkpoints: θ_ema ← (1−μ)θ_ema + μθ.
+    Ema(WarpEmaArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WarpMergeArgs {
+    /// The checkpoint the policies were trained from (task vectors are θ_m − θ_init).
+    #[arg(long)]
+    pub init: PathBuf,
+    /// The policies to merge (M ≥ 1; M > 2 merges recursively with λ = 1/m).
+    #[arg(long, required = true, num_args = 1..)]
+    pub policies: Vec<PathBuf>,
+    /// η of LITI, one value or a comma-separated sweep (1.0: the SLERP merge itself).
+    #[arg(long, value_delimiter = ',', default_value = "0.3")]
+    pub eta: Vec<f64>,
+    /// Output checkpoint; with several η, a directory holding one `eta-<η>` checkpoint per value.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WarpEmaArgs {
+    /// The current EMA checkpoint.
+    #[arg(long)]
+    pub anchor: PathBuf,
+    /// The policy it moves towards.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// μ: the EMA rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub mu: f64,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Causal LM checkpoints to evaluate.
+    #[arg(long, required = true, num_args = 1..)]
+    pub checkpoints: Vec<PathBuf>,
+    /// Held-out prompts (JSONL or Parquet).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Reward model for the RM score column.
+    #[arg(long)]
+    pub reward: Option<PathBuf>,
+    /// Reference policy for the KL column (e.g. the SFT policy).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Sampling temperature (1: the policy's own distribution, so the KL estimate is unbiased).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Also write the table as rows (JSONL or Parquet).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[arg(long)]
     pub overwrite: bool,
 }

@@ -33,6 +33,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reward(args) => {
             commands::reward::run(args, backend::device(cli.backend)?, &backend_name)
         }
+        Command::Rlhf(args) => {
+            commands::rlhf::run(args, backend::device(cli.backend)?, &backend_name)
+        }
+        Command::Warp(command) => {
+            commands::warp::run(command, backend::device(cli.backend)?, &backend_name)
+        }
+        Command::Eval(args) => commands::eval::run(args, backend::device(cli.backend)?),
         Command::Score(args) => commands::reward::score(args, backend::device(cli.backend)?),
         Command::Generate(args) => commands::generate::run(args, backend::device(cli.backend)?),
         Command::Inspect(args) => commands::inspect::run(args),

@@ -1,1 +1,13 @@
-//! posttrain-rlhf: see DESIGN.md; this crate is filled in by later stages.
+//! Policy-gradient RLHF as WARP's first stage: REINFORCE with a
+//! leave-one-out baseline on a reward shaped by the KL to an EMA anchor;
+//! and the evaluation of policies (reward, true score, KL, length).
+
+pub mod eval;
+pub mod rlhf;
+pub mod rloo;
+pub mod rollout;
+
+pub use eval::{PolicyEval, evaluate};
+pub use rlhf::{Anchor, RlhfConfig, RlhfError, RlhfReport, train_rlhf};
+pub use rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
+pub use rollout::{Judge, PromptSet, Rollouts, logprob_sums, roll_out};

@@ -22,7 +22,7 @@ pub fn run(args: InitArgs, device: Device, backend: &str) -> Result<()> {
         &tokenizer,
         provenance,
         &[],
-        args.seed,
+        Some(args.seed),
         json!({}),
     )?;
     eprintln!(

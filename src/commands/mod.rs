@@ -3,15 +3,18 @@ use std::path::Path;
 pub mod bench;
 pub mod convert;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod init;
 pub mod inspect;
 pub mod logits;
 pub mod pretrain;
 pub mod reward;
+pub mod rlhf;
 pub mod sample;
 pub mod sft;
 pub mod tokenizer;
+pub mod warp;
 
 /// Checks, before any work, that an output will not silently replace a file.
 pub fn refuse_existing(out: Option<&std::path::Path>, overwrite: bool) -> anyhow::Result<()> {
@@ -190,7 +193,7 @@ pub fn finish_checkpoint<M: burn::module::Module>(
     tokenizer: &posttrain_datasets::ChatTokenizer,
     mut provenance: posttrain_model::Provenance,
     optional_parents: &[Option<&Path>],
-    seed: u64,
+    seed: Option<u64>,
     metrics: serde_json::Value,
 ) -> anyhow::Result<std::path::PathBuf> {
     writer.write_model(model, config, posttrain_model::SaveDtype::F32)?;
@@ -202,11 +205,24 @@ pub fn finish_checkpoint<M: burn::module::Module>(
     for parent in optional_parents.iter().flatten() {
         provenance = provenance.with_parent(parent)?;
     }
-    provenance.seed = Some(seed);
+    provenance.seed = seed;
     provenance.metrics = metrics;
     writer.write(
         posttrain_model::provenance::PROVENANCE_FILE,
         provenance.to_json().as_bytes(),
     )?;
     Ok(writer.commit()?)
+}
+
+/// A row written as it is (JSONL or Parquet), never read back.
+pub struct JsonRow(pub serde_json::Map<String, serde_json::Value>);
+
+impl posttrain_datasets::Record for JsonRow {
+    fn from_row(_: &serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        Err("these rows are written, not read".into())
+    }
+
+    fn to_row(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.0.clone())
+    }
 }

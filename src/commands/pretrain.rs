@@ -6,20 +6,20 @@ use posttrain_sft::{Distill, SftConfig, Vocab, train_lm};
 use posttrain_train::{MetricsLog, OptimConfig};
 use serde_json::json;
 
-use crate::cli::{DistillArgs, LossOnArg, PretrainArgs, TrainArgs};
+use crate::cli::{AdamArgs, DistillArgs, LossOnArg, PretrainArgs, TrainArgs};
 
-impl TrainArgs {
-    pub fn optim(&self) -> Result<OptimConfig> {
-        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("--steps, --batch-size and --grad-accum must be positive");
+impl AdamArgs {
+    pub fn optim(&self, steps: usize, lr: f64, warmup: usize) -> Result<OptimConfig> {
+        if steps == 0 || self.grad_accum == 0 {
+            bail!("--steps and --grad-accum must be positive");
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            bail!("--lr must be a positive number, got {}", self.lr);
+        if !(lr > 0.0 && lr.is_finite()) {
+            bail!("--lr must be a positive number, got {lr}");
         }
         Ok(OptimConfig {
-            steps: self.steps,
-            lr: self.lr,
-            warmup: self.warmup,
+            steps,
+            lr,
+            warmup,
             min_lr_ratio: self.min_lr_ratio,
             weight_decay: self.weight_decay,
             beta1: self.beta1,
@@ -27,6 +27,15 @@ impl TrainArgs {
             clip: self.clip,
             accumulation: self.grad_accum,
         })
+    }
+}
+
+impl TrainArgs {
+    pub fn optim(&self) -> Result<OptimConfig> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be positive");
+        }
+        self.adam.optim(self.steps, self.lr, self.warmup)
     }
 
     /// The loop's configuration without on-policy batches.
@@ -132,7 +141,7 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
         &tokenizer,
         provenance,
         &[args.eval.as_deref(), args.teacher.as_deref()],
-        args.train.seed,
+        Some(args.train.seed),
         serde_json::to_value(&report)?,
     )?;
     super::print_report("pretrain", &report, &out);

@@ -12,6 +12,7 @@ use posttrain_reward::{
 use posttrain_train::MetricsLog;
 use serde_json::{Value, json};
 
+use super::JsonRow;
 use crate::cli::{RewardArgs, RewardScoreArgs};
 
 fn load_pairs(
@@ -131,7 +132,7 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
         &tokenizer,
         provenance,
         &[args.eval.as_deref(), args.init.as_deref()],
-        args.train.seed,
+        Some(args.train.seed),
         metrics,
     )?;
     let eval = report.eval.map_or(String::new(), |s| {
@@ -149,20 +150,6 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
     Ok(())
 }
 
-struct Scored {
-    row: serde_json::Map<String, Value>,
-}
-
-impl Record for Scored {
-    fn from_row(_: &serde_json::Map<String, Value>) -> Result<Self, String> {
-        Err("scored rows are written, not read".into())
-    }
-
-    fn to_row(&self) -> Value {
-        Value::Object(self.row.clone())
-    }
-}
-
 pub fn score(args: RewardScoreArgs, device: Device) -> Result<()> {
     super::refuse_existing(args.out.as_deref(), args.overwrite)?;
     let (config, model) = load_reward_model(&args.reward, &device)?;
@@ -176,7 +163,7 @@ pub fn score(args: RewardScoreArgs, device: Device) -> Result<()> {
         &args.input,
     )?;
     let rewards = score_examples(&model, &ids, tokenizer.pad, Padding::Right, args.batch_size);
-    let scored: Vec<Scored> = rows
+    let scored: Vec<JsonRow> = rows
         .iter()
         .zip(&rewards)
         .map(|(r, &reward)| {
@@ -184,7 +171,7 @@ pub fn score(args: RewardScoreArgs, device: Device) -> Result<()> {
                 unreachable!("records are objects")
             };
             row.insert("reward".into(), f64::from(reward).into());
-            Scored { row }
+            JsonRow(row)
         })
         .collect();
     let mean = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / rewards.len().max(1) as f64;

@@ -113,7 +113,7 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         tokenizer,
         provenance,
         &[args.eval.as_deref(), args.teacher.as_deref()],
-        args.train.seed,
+        Some(args.train.seed),
         serde_json::to_value(&report)?,
     )?;
     super::print_report("sft", &report, &out);

@@ -1,0 +1,89 @@
+use anyhow::Result;
+use burn::tensor::Device;
+use posttrain_datasets::{ChatTokenizer, read_prompts, write_records};
+use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::{SamplingConfig, load_reward_model};
+use posttrain_rlhf::{Judge, PromptSet, evaluate};
+use serde_json::{Value, json};
+
+use super::{ChatModel, JsonRow};
+use crate::cli::EvalArgs;
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.3}"))
+}
+
+pub fn run(args: EvalArgs, device: Device) -> Result<()> {
+    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
+    if args.temperature.is_nan() || args.temperature <= 0.0 {
+        anyhow::bail!("--temperature must be positive, got {}", args.temperature);
+    }
+    let prompts = read_prompts(&args.prompts)?;
+    let rm = match &args.reward {
+        Some(dir) => {
+            let (config, model) = load_reward_model(dir, &device)?;
+            let tokenizer = ChatTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+            Some((config, model, tokenizer))
+        }
+        None => None,
+    };
+    let judge = rm.as_ref().map(|(config, model, tokenizer)| Judge {
+        model,
+        tokenizer,
+        max_len: config.max_position_embeddings,
+        batch_size: args.batch_size,
+    });
+    let reference = match &args.reference {
+        Some(dir) => Some(ChatModel::load(dir, &device)?.model),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    println!(
+        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "checkpoint", "reward", "score", "accuracy", "kl", "length"
+    );
+    for dir in &args.checkpoints {
+        let m = ChatModel::load(dir, &device)?;
+        let max_len = m.config.max_position_embeddings;
+        let set = PromptSet::new(&prompts, &m.tokenizer, max_len, &args.prompts)?;
+        let sampling = SamplingConfig {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            seed: args.seed,
+            stop_ids: m.stop_ids(),
+            ..SamplingConfig::default()
+        };
+        let e = evaluate(
+            &m.model,
+            reference.as_ref(),
+            judge.as_ref(),
+            &set,
+            args.samples,
+            &sampling,
+            &m.tokenizer,
+            max_len,
+            args.batch_size,
+        )?;
+        println!(
+            "{:<40} {:>8} {:>8} {:>8} {:>8} {:>7.1}",
+            dir.display(),
+            cell(e.reward),
+            cell(e.score),
+            cell(e.accuracy),
+            cell(e.kl),
+            e.length
+        );
+        let Value::Object(mut row) = json!({ "checkpoint": dir.display().to_string() }) else {
+            unreachable!()
+        };
+        if let Value::Object(fields) = serde_json::to_value(&e)? {
+            row.extend(fields);
+        }
+        rows.push(JsonRow(row));
+    }
+    if let Some(out) = &args.out {
+        write_records(out, &rows, args.overwrite)?;
+        eprintln!("eval: {} checkpoints -> {}", rows.len(), out.display());
+    }
+    Ok(())
+}

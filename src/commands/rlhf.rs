@@ -1,0 +1,146 @@
+use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::tensor::Device;
+use posttrain_datasets::{ChatTokenizer, read_prompts};
+use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::{CheckpointWriter, Provenance, load_reward_model};
+use posttrain_rlhf::{Anchor, Judge, PromptSet, RlhfConfig, train_rlhf};
+use posttrain_sft::Vocab;
+use posttrain_train::MetricsLog;
+use serde_json::json;
+
+use crate::cli::{AnchorArg, RlhfArgs};
+
+fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
+    if args.prompts_per_step == 0 {
+        bail!("--prompts-per-step must be positive");
+    }
+    if args.samples < 2 {
+        bail!(
+            "--samples must be at least 2 (the baseline leaves one sample out), got {}",
+            args.samples
+        );
+    }
+    if !(args.beta >= 0.0 && args.beta.is_finite()) {
+        bail!("--beta must be a non-negative number, got {}", args.beta);
+    }
+    if !(0.0..=1.0).contains(&args.mu) {
+        bail!("--mu must be in [0, 1], got {}", args.mu);
+    }
+    if args.temperature.is_nan() || args.temperature <= 0.0 {
+        bail!("--temperature must be positive, got {}", args.temperature);
+    }
+    if args.max_kl.is_some_and(|k| k.is_nan() || k <= 0.0) {
+        bail!("--max-kl must be positive");
+    }
+    Ok(RlhfConfig {
+        optim: args.adam.optim(args.steps, args.lr, args.warmup)?,
+        prompts_per_step: args.prompts_per_step,
+        samples: args.samples,
+        temperature: args.temperature,
+        max_new_tokens: args.max_new_tokens,
+        beta: args.beta,
+        mu: args.mu,
+        anchor: match args.anchor {
+            AnchorArg::Ema => Anchor::Ema,
+            AnchorArg::Sft => Anchor::Sft,
+        },
+        length_penalty: args.length_penalty,
+        max_kl: args.max_kl,
+        seed: args.seed,
+        batch_size: args.batch_size.max(1),
+    })
+}
+
+pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
+    let cfg = config(&args)?;
+    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let anchor_writer = match &args.anchor_out {
+        Some(dir) => Some(CheckpointWriter::create(dir, args.overwrite)?),
+        None => None,
+    };
+    let super::ChatModel {
+        config,
+        model: policy,
+        tokenizer,
+    } = super::ChatModel::load(&args.policy, &device.clone().autodiff())?;
+    let init = policy.valid();
+    let (rm_config, rm) = load_reward_model(&args.reward, &device)?;
+    let rm_tokenizer = ChatTokenizer::from_file(&args.reward.join(TOKENIZER_FILE))?;
+    let max_len = config.max_position_embeddings;
+    let prompts = PromptSet::new(
+        &read_prompts(&args.prompts)?,
+        &tokenizer,
+        max_len,
+        &args.prompts,
+    )?;
+    let judge = Judge {
+        model: &rm,
+        tokenizer: &rm_tokenizer,
+        max_len: rm_config.max_position_embeddings,
+        batch_size: cfg.batch_size,
+    };
+    let vocab = Vocab {
+        tokenizer: &tokenizer,
+        stop_ids: super::stop_ids(&config, &tokenizer),
+        max_len,
+    };
+    eprintln!(
+        "rlhf: policy {} params, reward model {} params ({:.1}x), {} prompts, {} x {} samples per step, {:?} anchor",
+        config.num_params(),
+        rm_config.num_params(),
+        rm_config.num_params() as f64 / config.num_params() as f64,
+        prompts.len(),
+        cfg.prompts_per_step,
+        cfg.samples,
+        cfg.anchor
+    );
+    let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
+    let (policy, anchor, report) =
+        train_rlhf(policy, &init, &judge, &prompts, &vocab, &cfg, &mut log)?;
+    let provenance = |stage: &str| -> Result<Provenance> {
+        Ok(Provenance::new(stage, backend, json!({ "rlhf": cfg }))
+            .with_parent(&args.policy)?
+            .with_parent(&args.reward)?
+            .with_parent(&args.prompts)?)
+    };
+    let metrics = serde_json::to_value(&report)?;
+    let out = super::finish_checkpoint(
+        writer,
+        &policy,
+        &config,
+        &tokenizer,
+        provenance("rlhf")?,
+        &[],
+        Some(args.seed),
+        metrics.clone(),
+    )?;
+    if let Some(w) = anchor_writer {
+        super::finish_checkpoint(
+            w,
+            &anchor,
+            &config,
+            &tokenizer,
+            provenance("rlhf-anchor")?,
+            &[],
+            Some(args.seed),
+            metrics,
+        )?;
+    }
+    let score = match (report.first_score, report.last_score) {
+        (Some(a), Some(b)) => format!(", true score {a:.3} -> {b:.3}"),
+        _ => String::new(),
+    };
+    eprintln!(
+        "rlhf: {} steps, reward {:.3} -> {:.3}{score}, KL to init {:.3}, rollout {:.0} s, reward {:.0} s, update {:.0} s -> {}",
+        report.steps,
+        report.first_reward,
+        report.last_reward,
+        report.last_kl_init,
+        report.rollout_s,
+        report.reward_s,
+        report.update_s,
+        out.display()
+    );
+    Ok(())
+}

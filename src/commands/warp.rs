@@ -1,0 +1,176 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use posttrain_model::params::{ParamMap, param_map, with_params};
+use posttrain_model::{CheckpointWriter, Gemma2Config, Provenance};
+use posttrain_warp::{GroupAngle, check_same, ema, liti, slerp_all};
+use serde_json::{Value, json};
+
+use super::ChatModel;
+use crate::cli::{WarpCommand, WarpEmaArgs, WarpMergeArgs};
+
+pub fn run(command: WarpCommand, device: Device, backend: &str) -> Result<()> {
+    match command {
+        WarpCommand::Merge(args) => merge(args, &device, backend),
+        WarpCommand::Ema(args) => ema_step(args, &device, backend),
+    }
+}
+
+/// The config without what does not change the tensors (dtype, versions).
+fn shape_keys(c: &Gemma2Config) -> serde_json::Map<String, Value> {
+    let Ok(Value::Object(mut m)) = serde_json::to_value(c) else {
+        unreachable!("configs serialise to objects")
+    };
+    for k in [
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "architectures",
+    ] {
+        m.remove(k);
+    }
+    m
+}
+
+/// Loads `dir` and checks it has `base`'s config and tensor set.
+fn load_like(
+    dir: &Path,
+    base: &(PathBuf, Gemma2Config, ParamMap),
+    device: &Device,
+) -> Result<ParamMap> {
+    let m = ChatModel::load(dir, device)?;
+    let (a, b) = (shape_keys(&base.1), shape_keys(&m.config));
+    if let Some((k, v)) = a.iter().find(|(k, v)| b.get(*k) != Some(*v)) {
+        bail!(
+            "{}: config differs from {}'s: {k} is {} there and {} here",
+            dir.display(),
+            base.0.display(),
+            v,
+            b.get(k).unwrap_or(&Value::Null)
+        );
+    }
+    let params = param_map(&m.model);
+    check_same(&base.2, &params).with_context(|| dir.display().to_string())?;
+    Ok(params)
+}
+
+fn eta_name(eta: f64) -> String {
+    format!("eta-{eta:.2}")
+}
+
+fn merge(args: WarpMergeArgs, device: &Device, backend: &str) -> Result<()> {
+    if args.eta.is_empty() || args.eta.iter().any(|e| !e.is_finite()) {
+        bail!("--eta must be one or more finite numbers");
+    }
+    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let init = ChatModel::load(&args.init, device)?;
+    let base = (
+        args.init.clone(),
+        init.config.clone(),
+        param_map(&init.model),
+    );
+    let policies = args
+        .policies
+        .iter()
+        .map(|p| load_like(p, &base, device))
+        .collect::<Result<Vec<_>>>()?;
+    let (merged, angles) = slerp_all(&base.2, &policies)?;
+    let degrees = |a: &[GroupAngle]| -> Value {
+        a.iter()
+            .map(|g| {
+                (
+                    g.group.clone(),
+                    json!((g.omega.to_degrees() * 100.0).round() / 100.0),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let angle_log: Vec<Value> = angles.iter().map(|a| degrees(a)).collect();
+    if let Some(last) = angles.last() {
+        let mean = last.iter().map(|g| g.omega.to_degrees()).sum::<f64>() / last.len() as f64;
+        eprintln!(
+            "warp merge: {} policies, {} groups, mean task-vector angle {mean:.1}° (last merge step){}",
+            policies.len(),
+            last.len(),
+            if last.iter().any(|g| g.lerp) {
+                ", some groups parallel: LERP"
+            } else {
+                ""
+            }
+        );
+    }
+    let write = |writer: CheckpointWriter, eta: f64| -> Result<PathBuf> {
+        let theta = liti(&base.2, &merged, eta)?;
+        let model = with_params(init.model.clone(), &theta);
+        let mut provenance = Provenance::new(
+            "warp-merge",
+            backend,
+            json!({
+                "eta": eta,
+                "policies": args.policies.len(),
+                "lambda": "1/m for the m-th policy (recursive SLERP)",
+                "angles_degrees": angle_log,
+            }),
+        )
+        .with_parent(&args.init)?;
+        for p in &args.policies {
+            provenance = provenance.with_parent(p)?;
+        }
+        super::finish_checkpoint(
+            writer,
+            &model,
+            &init.config,
+            &init.tokenizer,
+            provenance,
+            &[],
+            None,
+            json!({}),
+        )
+    };
+    if let [eta] = args.eta[..] {
+        let out = write(writer, eta)?;
+        eprintln!("warp merge: η {eta} -> {}", out.display());
+    } else {
+        for &eta in &args.eta {
+            let sub = CheckpointWriter::create(&writer.path().join(eta_name(eta)), false)?;
+            write(sub, eta)?;
+        }
+        let out = writer.commit()?;
+        let names: Vec<String> = args.eta.iter().map(|&e| eta_name(e)).collect();
+        eprintln!("warp merge: {} -> {}", names.join(", "), out.display());
+    }
+    Ok(())
+}
+
+fn ema_step(args: WarpEmaArgs, device: &Device, backend: &str) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.mu) {
+        bail!("--mu must be in [0, 1], got {}", args.mu);
+    }
+    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let anchor = ChatModel::load(&args.anchor, device)?;
+    let base = (
+        args.anchor.clone(),
+        anchor.config.clone(),
+        param_map(&anchor.model),
+    );
+    let policy = load_like(&args.policy, &base, device)?;
+    let moved = ema(&base.2, &policy, args.mu)?;
+    let model = with_params(anchor.model.clone(), &moved);
+    let provenance = Provenance::new("warp-ema", backend, json!({ "mu": args.mu }))
+        .with_parent(&args.anchor)?
+        .with_parent(&args.policy)?;
+    let out = super::finish_checkpoint(
+        writer,
+        &model,
+        &anchor.config,
+        &anchor.tokenizer,
+        provenance,
+        &[],
+        None,
+        json!({}),
+    )?;
+    eprintln!("warp ema: μ {} -> {}", args.mu, out.display());
+    Ok(())
+}
