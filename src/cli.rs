@@ -569,8 +569,11 @@ pub struct RlhfArgs {
     #[arg(long)]
     pub policy: PathBuf,
     /// Reward model checkpoint.
-    #[arg(long)]
-    pub reward: PathBuf,
+    #[arg(long, required_unless_present = "task_reward")]
+    pub reward: Option<PathBuf>,
+    /// Reward with the embedded task's ground-truth scorer instead of a reward model.
+    #[arg(long, conflicts_with = "reward")]
+    pub task_reward: bool,
     /// Prompts (JSONL or Parquet: `prompt` or `messages`).
     #[arg(long)]
     pub prompts: PathBuf,

@@ -10,4 +10,4 @@ pub mod rollout;
 pub use eval::{PolicyEval, evaluate};
 pub use rlhf::{Anchor, RlhfConfig, RlhfError, RlhfReport, train_rlhf};
 pub use rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
-pub use rollout::{Judge, PromptSet, Rollouts, logprob_sums, roll_out};
+pub use rollout::{Judge, PromptSet, Reward, Rollouts, logprob_sums, roll_out};

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
 use crate::rollout::{
-    Judge, PromptSet, batch_of, logprob_sums, mean_entropy, roll_out, sequence_logprobs,
+    PromptSet, Reward, batch_of, logprob_sums, mean_entropy, roll_out, sequence_logprobs,
 };
 
 /// What the KL term pulls towards.
@@ -104,7 +104,7 @@ fn mean(v: &[f64]) -> f64 {
 pub fn train_rlhf(
     mut policy: Gemma2ForCausalLM,
     init: &Gemma2ForCausalLM,
-    judge: &Judge,
+    reward: &Reward,
     prompts: &PromptSet,
     vocab: &Vocab,
     cfg: &RlhfConfig,
@@ -157,7 +157,7 @@ pub fn train_rlhf(
         let rollout_s = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let rewards = judge.rewards(prompts, &rollouts)?;
+        let rewards = reward.rewards(prompts, &rollouts)?;
         let reward_s = t.elapsed().as_secs_f64();
 
         let t = Instant::now();

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
-use posttrain_datasets::task::score;
+use posttrain_datasets::task::{expected, score};
 use posttrain_datasets::{ChatTokenizer, DataError, Example, Message, Prompt};
 use posttrain_model::gemma2::next_token_logprobs;
 use posttrain_model::{
@@ -66,6 +66,11 @@ impl PromptSet {
 
     pub fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// The first prompt (0-based) the embedded task's scorer cannot score.
+    pub fn first_non_task(&self) -> Option<usize> {
+        self.text.iter().position(|t| expected(t).is_none())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -154,6 +159,28 @@ pub fn roll_out(
         });
     }
     out
+}
+
+/// Where rewards come from.
+pub enum Reward<'a> {
+    Model(Judge<'a>),
+    /// The embedded task's ground-truth scorer (a verifiable reward).
+    Task,
+}
+
+impl Reward<'_> {
+    pub fn rewards(&self, set: &PromptSet, r: &Rollouts) -> Result<Vec<f64>, DataError> {
+        match self {
+            Reward::Model(judge) => judge.rewards(set, r),
+            Reward::Task => r
+                .true_scores(set)
+                .map(|s| s.into_iter().map(|(score, _)| score).collect())
+                .ok_or_else(|| DataError::File {
+                    path: "rollouts".into(),
+                    reason: "a prompt is not a question of the embedded task".into(),
+                }),
+        }
+    }
 }
 
 /// A reward model and the tokenizer it reads prompts and completions with.

@@ -4,7 +4,7 @@ use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, read_prompts};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::{CheckpointWriter, Provenance, load_reward_model};
-use posttrain_rlhf::{Anchor, Judge, PromptSet, RlhfConfig, train_rlhf};
+use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, train_rlhf};
 use posttrain_sft::Vocab;
 use posttrain_train::MetricsLog;
 use serde_json::json;
@@ -65,20 +65,46 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         tokenizer,
     } = super::ChatModel::load(&args.policy, &device.clone().autodiff())?;
     let init = policy.valid();
-    let (rm_config, rm) = load_reward_model(&args.reward, &device)?;
-    let rm_tokenizer = ChatTokenizer::from_file(&args.reward.join(TOKENIZER_FILE))?;
+    let rm = match &args.reward {
+        Some(dir) => {
+            let (config, model) = load_reward_model(dir, &device)?;
+            let tokenizer = ChatTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+            Some((config, model, tokenizer))
+        }
+        None => None,
+    };
     let max_len = config.max_position_embeddings;
+    let policy_params = config.num_params();
     let prompts = PromptSet::new(
         &read_prompts(&args.prompts)?,
         &tokenizer,
         max_len,
         &args.prompts,
     )?;
-    let judge = Judge {
-        model: &rm,
-        tokenizer: &rm_tokenizer,
-        max_len: rm_config.max_position_embeddings,
-        batch_size: cfg.batch_size,
+    let (reward, judged_by) = match &rm {
+        Some((config, model, tokenizer)) => (
+            Reward::Model(Judge {
+                model,
+                tokenizer,
+                max_len: config.max_position_embeddings,
+                batch_size: cfg.batch_size,
+            }),
+            format!(
+                "reward model {} params ({:.1}x)",
+                config.num_params(),
+                config.num_params() as f64 / policy_params as f64
+            ),
+        ),
+        None => {
+            if let Some(row) = prompts.first_non_task() {
+                bail!(
+                    "{}: row {}: not a question of the embedded task (--task-reward scores only those)",
+                    args.prompts.display(),
+                    row + 1
+                );
+            }
+            (Reward::Task, "the task scorer as reward".to_string())
+        }
     };
     let vocab = Vocab {
         tokenizer: &tokenizer,
@@ -86,10 +112,7 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         max_len,
     };
     eprintln!(
-        "rlhf: policy {} params, reward model {} params ({:.1}x), {} prompts, {} x {} samples per step, {:?} anchor",
-        config.num_params(),
-        rm_config.num_params(),
-        rm_config.num_params() as f64 / config.num_params() as f64,
+        "rlhf: policy {policy_params} params, {judged_by}, {} prompts, {} x {} samples per step, {:?} anchor",
         prompts.len(),
         cfg.prompts_per_step,
         cfg.samples,
@@ -97,12 +120,18 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
     );
     let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
     let (policy, anchor, report) =
-        train_rlhf(policy, &init, &judge, &prompts, &vocab, &cfg, &mut log)?;
+        train_rlhf(policy, &init, &reward, &prompts, &vocab, &cfg, &mut log)?;
     let provenance = |stage: &str| -> Result<Provenance> {
-        Ok(Provenance::new(stage, backend, json!({ "rlhf": cfg }))
-            .with_parent(&args.policy)?
-            .with_parent(&args.reward)?
-            .with_parent(&args.prompts)?)
+        let mut p = Provenance::new(
+            stage,
+            backend,
+            json!({ "rlhf": cfg, "task_reward": args.task_reward }),
+        )
+        .with_parent(&args.policy)?;
+        if let Some(rm) = &args.reward {
+            p = p.with_parent(rm)?;
+        }
+        Ok(p.with_parent(&args.prompts)?)
     };
     let metrics = serde_json::to_value(&report)?;
     let out = super::finish_checkpoint(

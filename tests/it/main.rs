@@ -3,6 +3,7 @@
 mod checkpoints;
 mod cli;
 mod pipeline;
+mod rlhf;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

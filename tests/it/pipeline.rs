@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::{fails, ok, s};
 
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -13,15 +13,15 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 /// A synthesized task and a model config small enough to train in seconds.
-struct Micro {
+pub(crate) struct Micro {
     dir: tempfile::TempDir,
-    task: PathBuf,
+    pub task: PathBuf,
     tokenizer: PathBuf,
     config: PathBuf,
 }
 
 impl Micro {
-    fn new(train: &str, eval: &str, vocab: &str) -> Self {
+    pub fn new(train: &str, eval: &str, vocab: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let task = dir.path().join("task");
         ok(&[
@@ -57,12 +57,12 @@ impl Micro {
         }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// `posttrain pretrain` on `data` into `out`, plus `extra` flags.
-    fn pretrain_args<'a>(
+    pub fn pretrain_args<'a>(
         &'a self,
         data: &'a Path,
         out: &'a Path,

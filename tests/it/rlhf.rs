@@ -1,0 +1,449 @@
+//! rlhf → warp merge → eval on a micro config, and the weight algebra on
+//! checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use crate::pipeline::{Micro, metrics};
+use crate::{fails, ok, s};
+
+/// A micro policy, its preference data and a 3x reward model.
+fn policy_and_reward(m: &Micro) -> (PathBuf, PathBuf) {
+    let policy = m.path("policy");
+    ok(&m.pretrain_args(
+        &m.task.join("train.jsonl"),
+        &policy,
+        &[
+            "--steps",
+            "30",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "3",
+        ],
+    ));
+    let prefs = m.path("prefs.jsonl");
+    ok(&[
+        "data",
+        "prefs",
+        "--policy",
+        s(&policy),
+        "--prompts",
+        s(&m.task.join("train_prompts.jsonl")),
+        "--out",
+        s(&prefs),
+        "--samples",
+        "4",
+        "--pairs-per-prompt",
+        "2",
+        "--max-new-tokens",
+        "12",
+    ]);
+    let rm = m.path("rm");
+    ok(&[
+        "reward",
+        "--policy",
+        s(&policy),
+        "--size-ratio",
+        "3",
+        "--data",
+        s(&prefs),
+        "--out",
+        s(&rm),
+        "--steps",
+        "40",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--warmup",
+        "4",
+    ]);
+    (policy, rm)
+}
+
+fn rlhf(m: &Micro, policy: &Path, rm: &Path, out: &Path, extra: &[&str]) {
+    let prompts = m.task.join("train_prompts.jsonl");
+    let mut args = vec![
+        "rlhf",
+        "--policy",
+        s(policy),
+        "--reward",
+        s(rm),
+        "--prompts",
+        s(&prompts),
+        "--out",
+        s(out),
+        "--steps",
+        "30",
+        "--prompts-per-step",
+        "8",
+        "--samples",
+        "4",
+        "--max-new-tokens",
+        "12",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+}
+
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+/// `eval` table rows by checkpoint.
+fn eval_rows(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn rlhf_warp_and_eval() {
+    let m = Micro::new("200", "24", "200");
+    let (policy, rm) = policy_and_reward(&m);
+
+    let rl = [m.path("rl0"), m.path("rl1")];
+    for (seed, out) in rl.iter().enumerate() {
+        rlhf(&m, &policy, &rm, out, &["--seed", &seed.to_string()]);
+    }
+    let anchor = m.path("rl_sft_anchor");
+    rlhf(
+        &m,
+        &policy,
+        &rm,
+        &anchor,
+        &["--anchor", "sft", "--anchor-out", s(&m.path("anchor_copy"))],
+    );
+    let log = metrics(&rl[0]);
+    assert_eq!(log.len(), 30);
+    for key in [
+        "reward",
+        "kl_anchor",
+        "kl_init",
+        "length",
+        "entropy",
+        "score",
+        "accuracy",
+        "rollout_s",
+        "reward_s",
+        "update_s",
+    ] {
+        assert!(log[0][key].as_f64().unwrap().is_finite(), "{key}");
+    }
+    // the policy moves away from its init (the reward's rise is checked on held-out prompts below:
+    // per step it swings with the kind of question the length-bucketed batch holds)
+    assert_eq!(log[0]["step"], 1);
+    assert!(log[29]["kl_init"].as_f64().unwrap() > 0.1, "{}", log[29]);
+    // with a fixed anchor the two KLs are one; the EMA anchor lags the policy less than the init
+    let fixed = metrics(&anchor);
+    assert!(fixed.iter().all(|r| r["kl_anchor"] == r["kl_init"]));
+    assert!(log.iter().any(|r| r["kl_anchor"] != r["kl_init"]));
+    // the saved SFT anchor is the policy it started from
+    assert_eq!(weights(&m.path("anchor_copy")), weights(&policy));
+    assert_ne!(weights(&rl[0]), weights(&rl[1]), "seeds differ");
+
+    // merge: an η sweep, one checkpoint each
+    let warp = m.path("warp");
+    ok(&[
+        "warp",
+        "merge",
+        "--init",
+        s(&policy),
+        "--policies",
+        s(&rl[0]),
+        s(&rl[1]),
+        "--eta",
+        "0,0.5,1",
+        "--out",
+        s(&warp),
+    ]);
+    let points: Vec<PathBuf> = ["eta-0.00", "eta-0.50", "eta-1.00"]
+        .iter()
+        .map(|n| warp.join(n))
+        .collect();
+    assert_eq!(weights(&points[0]), weights(&policy), "η = 0 is the init");
+    assert_ne!(weights(&points[1]), weights(&points[2]));
+    let provenance: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(points[1].join("posttrain.json")).unwrap()).unwrap();
+    assert_eq!(provenance["stage"], "warp-merge");
+    assert_eq!(provenance["parents"].as_array().unwrap().len(), 3);
+    assert!(
+        provenance["params"]["angles_degrees"][0]["model.layers.0"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    // one policy, η = 1: the policy itself
+    let single = m.path("single");
+    ok(&[
+        "warp",
+        "merge",
+        "--init",
+        s(&policy),
+        "--policies",
+        s(&rl[0]),
+        "--eta",
+        "1",
+        "--out",
+        s(&single),
+    ]);
+    assert_eq!(weights(&single), weights(&rl[0]));
+    // EMA with μ = 1 copies the policy
+    let ema = m.path("ema");
+    ok(&[
+        "warp",
+        "ema",
+        "--anchor",
+        s(&policy),
+        "--policy",
+        s(&rl[1]),
+        "--mu",
+        "1",
+        "--out",
+        s(&ema),
+    ]);
+    assert_eq!(weights(&ema), weights(&rl[1]));
+
+    // eval: one row per checkpoint; the reference has KL 0 to itself
+    let table = m.path("eval.jsonl");
+    let stdout = ok(&[
+        "eval",
+        "--checkpoints",
+        s(&policy),
+        s(&rl[0]),
+        s(&points[1]),
+        "--prompts",
+        s(&m.task.join("eval_prompts.jsonl")),
+        "--reward",
+        s(&rm),
+        "--reference",
+        s(&policy),
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--out",
+        s(&table),
+    ]);
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    let rows = eval_rows(&table);
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["kl"].as_f64().unwrap(), 0.0);
+    assert_eq!(rows[0]["samples"], 48);
+    for r in &rows {
+        for k in ["reward", "score", "accuracy", "length"] {
+            assert!(r[k].as_f64().unwrap().is_finite(), "{k}: {r}");
+        }
+    }
+    assert!(rows[1]["kl"].as_f64().unwrap() > 0.0);
+    assert!(
+        rows[1]["reward"].as_f64().unwrap() > rows[0]["reward"].as_f64().unwrap(),
+        "RL raises the held-out reward: {rows:?}"
+    );
+}
+
+#[test]
+fn warp_refuses_models_that_differ() {
+    let m = Micro::new("40", "4", "200");
+    let init = |out: &Path, hidden: usize| {
+        let mut c: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(m.path("micro.json")).unwrap()).unwrap();
+        c["hidden_size"] = hidden.into();
+        let config = m.path(&format!("c{hidden}.json"));
+        std::fs::write(&config, c.to_string()).unwrap();
+        ok(&[
+            "init",
+            "--config",
+            s(&config),
+            "--tokenizer",
+            s(&m.task.join("tokenizer.json")),
+            "--out",
+            s(out),
+        ]);
+    };
+    let (a, b) = (m.path("a"), m.path("b"));
+    init(&a, 32);
+    init(&b, 48);
+    let out = m.path("merged");
+    fails(
+        &[
+            "warp",
+            "merge",
+            "--init",
+            s(&a),
+            "--policies",
+            s(&a),
+            s(&b),
+            "--out",
+            s(&out),
+        ],
+        &["b: config differs", "hidden_size is 32 there and 48 here"],
+    );
+    fails(
+        &[
+            "warp",
+            "ema",
+            "--anchor",
+            s(&a),
+            "--policy",
+            s(&b),
+            "--out",
+            s(&out),
+        ],
+        &["hidden_size"],
+    );
+    fails(
+        &[
+            "warp",
+            "ema",
+            "--anchor",
+            s(&a),
+            "--policy",
+            s(&a),
+            "--mu",
+            "2",
+            "--out",
+            s(&out),
+        ],
+        &["--mu must be in [0, 1]"],
+    );
+    assert!(!out.exists());
+    // an existing output is kept
+    ok(&[
+        "warp",
+        "merge",
+        "--init",
+        s(&a),
+        "--policies",
+        s(&a),
+        "--out",
+        s(&out),
+    ]);
+    let before = weights(&out);
+    fails(
+        &[
+            "warp",
+            "merge",
+            "--init",
+            s(&a),
+            "--policies",
+            s(&a),
+            "--eta",
+            "1",
+            "--out",
+            s(&out),
+        ],
+        &["merged", "already exists"],
+    );
+    assert_eq!(weights(&out), before);
+    fails(
+        &[
+            "rlhf",
+            "--policy",
+            s(&a),
+            "--reward",
+            s(&a),
+            "--prompts",
+            s(&m.task.join("train_prompts.jsonl")),
+            "--out",
+            s(&m.path("rl")),
+            "--samples",
+            "1",
+        ],
+        &["--samples must be at least 2"],
+    );
+    let story = m.path("story.jsonl");
+    std::fs::write(
+        &story,
+        "{\"prompt\": \"What is 1 plus 2?\"}\n{\"prompt\": \"Tell me a story.\"}\n",
+    )
+    .unwrap();
+    fails(
+        &[
+            "rlhf",
+            "--policy",
+            s(&a),
+            "--task-reward",
+            "--prompts",
+            s(&story),
+            "--out",
+            s(&m.path("rl")),
+        ],
+        &["story.jsonl: row 2: not a question of the embedded task"],
+    );
+    assert!(!m.path("rl").exists());
+}
+
+#[test]
+fn task_reward_raises_the_true_score() {
+    let m = Micro::new("200", "24", "200");
+    let policy = m.path("policy");
+    ok(&m.pretrain_args(
+        &m.task.join("train.jsonl"),
+        &policy,
+        &[
+            "--steps",
+            "30",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-2",
+            "--warmup",
+            "3",
+        ],
+    ));
+    let rl = m.path("rl");
+    let prompts = m.task.join("train_prompts.jsonl");
+    ok(&[
+        "rlhf",
+        "--policy",
+        s(&policy),
+        "--task-reward",
+        "--prompts",
+        s(&prompts),
+        "--out",
+        s(&rl),
+        "--steps",
+        "30",
+        "--prompts-per-step",
+        "8",
+        "--max-new-tokens",
+        "12",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+    ]);
+    let table = m.path("eval.jsonl");
+    ok(&[
+        "eval",
+        "--checkpoints",
+        s(&policy),
+        s(&rl),
+        "--prompts",
+        s(&m.task.join("eval_prompts.jsonl")),
+        "--samples",
+        "4",
+        "--max-new-tokens",
+        "12",
+        "--out",
+        s(&table),
+    ]);
+    let rows = eval_rows(&table);
+    let score = |i: usize| rows[i]["score"].as_f64().unwrap();
+    assert!(
+        score(1) > score(0),
+        "true score {} -> {}",
+        score(0),
+        score(1)
+    );
+    assert!(rows[0]["reward"].is_null() && rows[0]["kl"].is_null());
+}
