@@ -583,6 +583,9 @@ pub struct RlhfArgs {
     /// Also write the final anchor checkpoint here.
     #[arg(long)]
     pub anchor_out: Option<PathBuf>,
+    /// Also keep the policy every N steps, as `OUT/snapshots/step-N` (the reward-KL trajectory; 0: off).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
     /// Optimizer steps.
     #[arg(long, default_value_t = 200)]
     pub steps: usize,

@@ -3,7 +3,10 @@
 # task + tokenizer -> teacher pretraining -> teacher completions with top-k
 # log-probs -> one student fine-tuned four ways on them (CE only, + stored
 # top-k KD, + live-teacher KD, + on-policy GKD) -> preference pairs labelled
-# by the task scorer -> a reward model ~10x the student -> scores.
+# by the task scorer -> a reward model ~10x the student -> scores -> two
+# WARP iterations (rlhf x 2 seeds with the EMA anchor, one fixed-anchor run
+# for comparison, per-layer SLERP, LITI sweep; examples/embedded/warp.mk)
+# -> one eval table (RM score, true score, KL to the SFT policy).
 #
 #   bash examples/embedded/pipeline.sh [RUN_DIR] [STEPS] [SFT_STEPS]
 #
@@ -72,3 +75,7 @@ row teacher teacher teacher_eval.jsonl
 for v in "${VARIANTS[@]}"; do row "student sft: $v" "sft_$v" "sft_${v}_eval.jsonl"; done
 read -r acc score < <("$BIN" data score --input sft_pairs.jsonl | python3 -c "import json,sys; d=json.load(sys.stdin); print(round(d['accuracy'],3), round(d['mean_score'],3))")
 printf '%-34s %10s %10s %10s %10s\n' "teacher data (3,000 train prompts)" "-" "$acc" "$score" "-"
+
+echo
+echo "== WARP: 2 iterations of rlhf x 2 seeds -> SLERP -> LITI (warp.mk) =="
+make --no-print-directory -f "$ROOT/examples/embedded/warp.mk" RUN=. POSTTRAIN="$BIN"

@@ -2,7 +2,7 @@
 //! completions for a batch of prompts from the policy, scores them with the
 //! reward model, shapes the reward with the KL to the anchor, takes one
 //! REINFORCE step with leave-one-out advantages, and moves the EMA anchor
-//! towards the policy. Rollout, reward scoring and update are timed apart.
+//! towards the policy. Rollout, reward scoring, reference log-probs and update are timed apart.
 
 use std::time::Instant;
 
@@ -52,6 +52,8 @@ pub struct RlhfConfig {
     pub seed: u64,
     /// Sequences per forward pass when scoring without gradients.
     pub batch_size: usize,
+    /// Hand the policy to the snapshot callback every N steps (0: never).
+    pub save_every: usize,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -67,8 +69,11 @@ pub struct RlhfReport {
     pub last_score: Option<f64>,
     /// The step at which the KL bound stopped the run.
     pub stopped_at_kl: Option<usize>,
+    /// Seconds sampling, scoring with the reward, computing the anchor's
+    /// and init's log-probs, and in the policy's forward/backward/step + EMA.
     pub rollout_s: f64,
     pub reward_s: f64,
+    pub logprob_s: f64,
     pub update_s: f64,
     pub seconds: f64,
 }
@@ -87,6 +92,8 @@ pub enum RlhfError {
     NoPrompts,
     #[error("{0}")]
     Config(String),
+    #[error("writing a snapshot: {0}")]
+    Snapshot(String),
 }
 
 /// The seed of step `step`'s rollouts.
@@ -99,7 +106,8 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// Trains `policy` (on an autodiff device) from `init` (the SFT policy);
-/// returns the policy and the final anchor.
+/// returns the policy and the final anchor. `snapshot(step, policy)` is
+/// called every `save_every` steps before the last.
 #[allow(clippy::too_many_arguments)]
 pub fn train_rlhf(
     mut policy: Gemma2ForCausalLM,
@@ -109,6 +117,7 @@ pub fn train_rlhf(
     vocab: &Vocab,
     cfg: &RlhfConfig,
     log: &mut MetricsLog,
+    snapshot: &mut dyn FnMut(usize, &Gemma2ForCausalLM) -> Result<(), String>,
 ) -> Result<(Gemma2ForCausalLM, Gemma2ForCausalLM, RlhfReport), RlhfError> {
     if prompts.is_empty() {
         return Err(RlhfError::NoPrompts);
@@ -167,6 +176,9 @@ pub fn train_rlhf(
             Anchor::Sft => anchor_lp.clone(),
             Anchor::Ema => logprob_sums(&init, &rollouts.examples, pad, cfg.batch_size),
         };
+        let logprob_s = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
         let (mut kl_anchor, mut kl_init, mut shaped) = (Vec::new(), Vec::new(), Vec::new());
         let (mut loss_sum, mut entropy_sum) = (0.0, 0.0);
         let per_chunk = cfg.samples * indices.len().div_ceil(micro);
@@ -235,6 +247,7 @@ pub fn train_rlhf(
             "tokens": tokens,
             "rollout_s": rollout_s,
             "reward_s": reward_s,
+            "logprob_s": logprob_s,
             "update_s": update_s,
             "rollout_tokens_per_s": step_tokens as f64 / rollout_s.max(1e-9),
             "epoch": data.epoch,
@@ -258,6 +271,7 @@ pub fn train_rlhf(
         report.last_kl_anchor = mean(&kl_anchor);
         report.rollout_s += rollout_s;
         report.reward_s += reward_s;
+        report.logprob_s += logprob_s;
         report.update_s += update_s;
         let every = (cfg.optim.steps / 10).max(1);
         if (step + 1) % every == 0 || step + 1 == cfg.optim.steps {
@@ -271,6 +285,9 @@ pub fn train_rlhf(
             ));
         }
         progress.advance(1, step_tokens as u64);
+        if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && step + 1 < cfg.optim.steps {
+            snapshot(step + 1, &policy).map_err(RlhfError::Snapshot)?;
+        }
         if let Some(bound) = cfg.max_kl
             && report.last_kl_init > bound
         {

@@ -38,8 +38,15 @@ pub fn run(args: EvalArgs, device: Device) -> Result<()> {
         None => None,
     };
     let mut rows = Vec::new();
+    let width = args
+        .checkpoints
+        .iter()
+        .map(|d| d.display().to_string().chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:<width$} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "checkpoint", "reward", "score", "accuracy", "kl", "length"
     );
     for dir in &args.checkpoints {
@@ -65,7 +72,7 @@ pub fn run(args: EvalArgs, device: Device) -> Result<()> {
             args.batch_size,
         )?;
         println!(
-            "{:<40} {:>8} {:>8} {:>8} {:>8} {:>7.1}",
+            "{:<width$} {:>8} {:>8} {:>8} {:>8} {:>7.1}",
             dir.display(),
             cell(e.reward),
             cell(e.score),

@@ -3,7 +3,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, read_prompts};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::{CheckpointWriter, Provenance, load_reward_model};
+use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance, load_reward_model};
 use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, train_rlhf};
 use posttrain_sft::Vocab;
 use posttrain_train::MetricsLog;
@@ -49,6 +49,7 @@ fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
         max_kl: args.max_kl,
         seed: args.seed,
         batch_size: args.batch_size.max(1),
+        save_every: args.save_every,
     })
 }
 
@@ -119,8 +120,6 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         cfg.anchor
     );
     let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
-    let (policy, anchor, report) =
-        train_rlhf(policy, &init, &reward, &prompts, &vocab, &cfg, &mut log)?;
     let provenance = |stage: &str| -> Result<Provenance> {
         let mut p = Provenance::new(
             stage,
@@ -133,6 +132,37 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         }
         Ok(p.with_parent(&args.prompts)?)
     };
+    let snapshots = writer.path().join("snapshots");
+    let mut snapshot = |step: usize,
+                        model: &Gemma2ForCausalLM|
+     -> std::result::Result<(), String> {
+        let save = || -> Result<()> {
+            let w = CheckpointWriter::create(&snapshots.join(format!("step-{step:06}")), false)?;
+            let provenance = provenance("rlhf")?;
+            super::finish_checkpoint(
+                w,
+                model,
+                &config,
+                &tokenizer,
+                provenance,
+                &[],
+                Some(args.seed),
+                json!({ "step": step }),
+            )?;
+            Ok(())
+        };
+        save().map_err(|e| format!("{e:#}"))
+    };
+    let (policy, anchor, report) = train_rlhf(
+        policy,
+        &init,
+        &reward,
+        &prompts,
+        &vocab,
+        &cfg,
+        &mut log,
+        &mut snapshot,
+    )?;
     let metrics = serde_json::to_value(&report)?;
     let out = super::finish_checkpoint(
         writer,
@@ -161,13 +191,14 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         _ => String::new(),
     };
     eprintln!(
-        "rlhf: {} steps, reward {:.3} -> {:.3}{score}, KL to init {:.3}, rollout {:.0} s, reward {:.0} s, update {:.0} s -> {}",
+        "rlhf: {} steps, reward {:.3} -> {:.3}{score}, KL to init {:.3}, rollout {:.0} s, reward {:.0} s, reference log-probs {:.0} s, update {:.0} s -> {}",
         report.steps,
         report.first_reward,
         report.last_reward,
         report.last_kl_init,
         report.rollout_s,
         report.reward_s,
+        report.logprob_s,
         report.update_s,
         out.display()
     );

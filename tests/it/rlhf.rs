@@ -96,6 +96,16 @@ fn weights(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("model.safetensors")).unwrap()
 }
 
+/// The metrics of a run without its wall-clock fields.
+fn untimed(dir: &Path) -> Vec<serde_json::Value> {
+    let mut rows = metrics(dir);
+    for r in &mut rows {
+        let r = r.as_object_mut().unwrap();
+        r.retain(|k, _| !k.ends_with("_s") && k != "rollout_tokens_per_s");
+    }
+    rows
+}
+
 /// `eval` table rows by checkpoint.
 fn eval_rows(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -112,8 +122,21 @@ fn rlhf_warp_and_eval() {
 
     let rl = [m.path("rl0"), m.path("rl1")];
     for (seed, out) in rl.iter().enumerate() {
-        rlhf(&m, &policy, &rm, out, &["--seed", &seed.to_string()]);
+        rlhf(
+            &m,
+            &policy,
+            &rm,
+            out,
+            &["--seed", &seed.to_string(), "--save-every", "10"],
+        );
     }
+    let snapshots: Vec<String> = std::fs::read_dir(rl[0].join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(snapshots, ["step-000010", "step-000020"]);
     let anchor = m.path("rl_sft_anchor");
     rlhf(
         &m,
@@ -220,6 +243,7 @@ fn rlhf_warp_and_eval() {
         s(&policy),
         s(&rl[0]),
         s(&points[1]),
+        s(&rl[0].join("snapshots/step-000010")),
         "--prompts",
         s(&m.task.join("eval_prompts.jsonl")),
         "--reward",
@@ -233,9 +257,9 @@ fn rlhf_warp_and_eval() {
         "--out",
         s(&table),
     ]);
-    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
     let rows = eval_rows(&table);
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4);
     assert_eq!(rows[0]["kl"].as_f64().unwrap(), 0.0);
     assert_eq!(rows[0]["samples"], 48);
     for r in &rows {
@@ -400,28 +424,48 @@ fn task_reward_raises_the_true_score() {
             "3",
         ],
     ));
-    let rl = m.path("rl");
     let prompts = m.task.join("train_prompts.jsonl");
-    ok(&[
-        "rlhf",
-        "--policy",
-        s(&policy),
-        "--task-reward",
-        "--prompts",
-        s(&prompts),
-        "--out",
-        s(&rl),
-        "--steps",
-        "30",
-        "--prompts-per-step",
-        "8",
-        "--max-new-tokens",
-        "12",
-        "--lr",
-        "3e-3",
-        "--warmup",
-        "2",
-    ]);
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "rlhf",
+            "--policy",
+            s(&policy),
+            "--task-reward",
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--steps",
+            "30",
+            "--prompts-per-step",
+            "8",
+            "--max-new-tokens",
+            "12",
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+    };
+    let rl = m.path("rl");
+    run(&rl, &[]);
+    // the same seed reproduces the run bit for bit (timings aside)
+    let again = m.path("again");
+    run(&again, &[]);
+    assert_eq!(weights(&again), weights(&rl));
+    assert_eq!(untimed(&again), untimed(&rl));
+    // a KL bound stops the run early and says so
+    let bounded = m.path("bounded");
+    run(&bounded, &["--max-kl", "0.05"]);
+    let log = metrics(&bounded);
+    assert!(log.len() < 30, "{} steps", log.len());
+    assert!(log.last().unwrap()["kl_init"].as_f64().unwrap() > 0.05);
+    let provenance: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bounded.join("posttrain.json")).unwrap()).unwrap();
+    assert_eq!(provenance["metrics"]["stopped_at_kl"], log.len());
+
     let table = m.path("eval.jsonl");
     ok(&[
         "eval",
