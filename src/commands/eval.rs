@@ -1,8 +1,7 @@
 use anyhow::Result;
 use burn::tensor::Device;
-use posttrain_datasets::{ChatTokenizer, read_prompts, write_records};
-use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::{SamplingConfig, load_reward_model};
+use posttrain_datasets::{read_prompts, write_records};
+use posttrain_model::SamplingConfig;
 use posttrain_rlhf::{Judge, PromptSet, evaluate};
 use serde_json::{Value, json};
 
@@ -20,11 +19,7 @@ pub fn run(args: EvalArgs, device: Device) -> Result<()> {
     }
     let prompts = read_prompts(&args.prompts)?;
     let rm = match &args.reward {
-        Some(dir) => {
-            let (config, model) = load_reward_model(dir, &device)?;
-            let tokenizer = ChatTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-            Some((config, model, tokenizer))
-        }
+        Some(dir) => Some(super::load_reward(dir, &device)?),
         None => None,
     };
     let judge = rm.as_ref().map(|(config, model, tokenizer)| Judge {

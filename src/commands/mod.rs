@@ -226,3 +226,18 @@ impl posttrain_datasets::Record for JsonRow {
         serde_json::Value::Object(self.0.clone())
     }
 }
+
+/// A reward model checkpoint with its tokenizer.
+pub fn load_reward(
+    dir: &Path,
+    device: &burn::tensor::Device,
+) -> anyhow::Result<(
+    posttrain_model::Gemma2Config,
+    posttrain_model::Gemma2ForSequenceClassification,
+    posttrain_datasets::ChatTokenizer,
+)> {
+    let (config, model) = posttrain_model::load_reward_model(dir, device)?;
+    let path = dir.join(posttrain_model::checkpoint::TOKENIZER_FILE);
+    let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
+    Ok((config, model, tokenizer))
+}

@@ -4,7 +4,7 @@ use posttrain_datasets::{ChatTokenizer, Preference, Record, SftPair, read_record
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::{
     CheckpointWriter, Gemma2ForSequenceClassification, Padding, Provenance, RandomInit,
-    load_config, load_reward_model, load_reward_trunk,
+    load_config, load_reward_trunk,
 };
 use posttrain_reward::{
     PairIds, RewardConfig, encode_pairs, scale_config, score_examples, train_reward,
@@ -152,8 +152,7 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
 
 pub fn score(args: RewardScoreArgs, device: Device) -> Result<()> {
     super::refuse_existing(args.out.as_deref(), args.overwrite)?;
-    let (config, model) = load_reward_model(&args.reward, &device)?;
-    let tokenizer = ChatTokenizer::from_file(&args.reward.join(TOKENIZER_FILE))?;
+    let (config, model, tokenizer) = super::load_reward(&args.reward, &device)?;
     let rows: Vec<SftPair> = read_records(&args.input)?;
     let ids = encode_pairs(
         &tokenizer,

@@ -1,9 +1,8 @@
 use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::tensor::Device;
-use posttrain_datasets::{ChatTokenizer, read_prompts};
-use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance, load_reward_model};
+use posttrain_datasets::read_prompts;
+use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
 use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, train_rlhf};
 use posttrain_sft::Vocab;
 use posttrain_train::MetricsLog;
@@ -67,11 +66,7 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
     } = super::ChatModel::load(&args.policy, &device.clone().autodiff())?;
     let init = policy.valid();
     let rm = match &args.reward {
-        Some(dir) => {
-            let (config, model) = load_reward_model(dir, &device)?;
-            let tokenizer = ChatTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-            Some((config, model, tokenizer))
-        }
+        Some(dir) => Some(super::load_reward(dir, &device)?),
         None => None,
     };
     let max_len = config.max_position_embeddings;

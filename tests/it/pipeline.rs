@@ -61,6 +61,27 @@ impl Micro {
         self.dir.path().join(name)
     }
 
+    /// A policy pretrained for 30 steps on the task's pairs (`policy`).
+    pub fn policy(&self) -> PathBuf {
+        let policy = self.path("policy");
+        let train = self.task.join("train.jsonl");
+        ok(&self.pretrain_args(
+            &train,
+            &policy,
+            &[
+                "--steps",
+                "30",
+                "--batch-size",
+                "16",
+                "--lr",
+                "1e-2",
+                "--warmup",
+                "3",
+            ],
+        ));
+        policy
+    }
+
     /// `posttrain pretrain` on `data` into `out`, plus `extra` flags.
     pub fn pretrain_args<'a>(
         &'a self,
@@ -464,22 +485,7 @@ fn sft_refuses_bad_inputs() {
 #[test]
 fn prefs_reward_and_score() {
     let m = Micro::new("200", "24", "200");
-    let train = m.task.join("train.jsonl");
-    let policy = m.path("policy");
-    ok(&m.pretrain_args(
-        &train,
-        &policy,
-        &[
-            "--steps",
-            "30",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-2",
-            "--warmup",
-            "3",
-        ],
-    ));
+    let policy = m.policy();
     let prefs = |prompts: &str, out: &Path, seed: &str| {
         ok(&[
             "data",

@@ -8,21 +8,7 @@ use crate::{fails, ok, s};
 
 /// A micro policy, its preference data and a 3x reward model.
 fn policy_and_reward(m: &Micro) -> (PathBuf, PathBuf) {
-    let policy = m.path("policy");
-    ok(&m.pretrain_args(
-        &m.task.join("train.jsonl"),
-        &policy,
-        &[
-            "--steps",
-            "30",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-2",
-            "--warmup",
-            "3",
-        ],
-    ));
+    let policy = m.policy();
     let prefs = m.path("prefs.jsonl");
     ok(&[
         "data",
@@ -409,21 +395,7 @@ fn warp_refuses_models_that_differ() {
 #[test]
 fn task_reward_raises_the_true_score() {
     let m = Micro::new("200", "24", "200");
-    let policy = m.path("policy");
-    ok(&m.pretrain_args(
-        &m.task.join("train.jsonl"),
-        &policy,
-        &[
-            "--steps",
-            "30",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-2",
-            "--warmup",
-            "3",
-        ],
-    ));
+    let policy = m.policy();
     let prompts = m.task.join("train_prompts.jsonl");
     let run = |out: &Path, extra: &[&str]| {
         let mut args = vec![
