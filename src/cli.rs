@@ -68,6 +68,8 @@ pub enum Command {
     Warp(WarpCommand),
     /// Evaluate checkpoints: reward-model score, true score, KL to a reference, length (one table).
     Eval(EvalArgs),
+    /// Charts (PNG + SVG) and index.html from run directories: losses, RLHF reward and KL, KL-reward Pareto plots.
+    Report(ReportArgs),
     /// Tokenizer utilities.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
@@ -706,6 +708,21 @@ pub struct EvalArgs {
     /// Also write the table as rows (JSONL or Parquet).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directories, searched for checkpoints with metrics.jsonl and for `eval` tables.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Output directory (index.html, *.png, *.svg).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Moving-average window of the per-step curves (training loss, RLHF reward and KL).
+    #[arg(long, default_value_t = 20)]
+    pub smooth: usize,
     #[arg(long)]
     pub overwrite: bool,
 }

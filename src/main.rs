@@ -1,4 +1,5 @@
 mod backend;
+mod charts;
 mod cli;
 mod commands;
 
@@ -39,6 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Warp(command) => {
             commands::warp::run(command, backend::device(cli.backend)?, &backend_name)
         }
+        Command::Report(args) => commands::report::run(args),
         Command::Eval(args) => commands::eval::run(args, backend::device(cli.backend)?),
         Command::Score(args) => commands::reward::score(args, backend::device(cli.backend)?),
         Command::Generate(args) => commands::generate::run(args, backend::device(cli.backend)?),

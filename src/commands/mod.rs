@@ -9,6 +9,7 @@ pub mod init;
 pub mod inspect;
 pub mod logits;
 pub mod pretrain;
+pub mod report;
 pub mod reward;
 pub mod rlhf;
 pub mod sample;
@@ -214,12 +215,12 @@ pub fn finish_checkpoint<M: burn::module::Module>(
     Ok(writer.commit()?)
 }
 
-/// A row written as it is (JSONL or Parquet), never read back.
+/// A row as it is (JSONL or Parquet), whatever its columns.
 pub struct JsonRow(pub serde_json::Map<String, serde_json::Value>);
 
 impl posttrain_datasets::Record for JsonRow {
-    fn from_row(_: &serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
-        Err("these rows are written, not read".into())
+    fn from_row(row: &serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        Ok(Self(row.clone()))
     }
 
     fn to_row(&self) -> serde_json::Value {

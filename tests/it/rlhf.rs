@@ -254,6 +254,7 @@ fn rlhf_warp_and_eval() {
         }
     }
     assert!(rows[1]["kl"].as_f64().unwrap() > 0.0);
+    report(&m);
     assert!(
         rows[1]["reward"].as_f64().unwrap() > rows[0]["reward"].as_f64().unwrap(),
         "RL raises the held-out reward: {rows:?}"
@@ -462,4 +463,34 @@ fn task_reward_raises_the_true_score() {
         score(1)
     );
     assert!(rows[0]["reward"].is_null() && rows[0]["kl"].is_null());
+}
+
+/// `report` over the whole micro run: every chart a real picture, all
+/// referenced by index.html.
+fn report(m: &Micro) {
+    let out = m.path("report");
+    ok(&["report", s(&m.path("")), "--out", s(&out), "--smooth", "5"]);
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    for chart in [
+        "loss",
+        "reward_model",
+        "rlhf_reward",
+        "rlhf_kl",
+        "pareto_reward_1",
+        "pareto_score_1",
+    ] {
+        let png = out.join(format!("{chart}.png"));
+        let img = image::open(&png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (900, 560), "{chart}");
+        let colours: std::collections::HashSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+        assert!(colours.len() > 20, "{chart}: {} colours", colours.len());
+        let svg = std::fs::read_to_string(out.join(format!("{chart}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("<polyline"), "{chart}.svg");
+        assert!(html.contains(&format!("<img src=\"{chart}.png\"")), "{chart} in index.html");
+    }
+    assert!(html.contains("rl0/snapshots/step-000010") && html.contains("<table>"));
+    fails(
+        &["report", s(&m.task), "--out", s(&m.path("empty"))],
+        &["no run found under"],
+    );
 }
