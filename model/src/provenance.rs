@@ -14,7 +14,11 @@ pub const PROVENANCE_FILE: &str = "posttrain.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Parent {
+    /// As given on the command line.
     pub path: String,
+    /// Absolute, as it was resolved when the output was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
     pub sha256: String,
 }
 
@@ -45,6 +49,9 @@ impl Provenance {
     pub fn with_parent(mut self, path: &Path) -> Result<Self> {
         self.parents.push(Parent {
             path: path.display().to_string(),
+            resolved: std::path::absolute(path)
+                .ok()
+                .map(|p| p.display().to_string()),
             sha256: content_hash(path)?,
         });
         Ok(self)

@@ -1,11 +1,77 @@
+use std::collections::HashSet;
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::provenance::{PROVENANCE_FILE, content_hash};
 use posttrain_model::{Weights, load_config};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::cli::InspectArgs;
+
+/// One node of a lineage: an output and what it was made from.
+struct Node {
+    depth: usize,
+    stage: String,
+    path: String,
+    /// Does the parent still hash as recorded: "ok", "changed" or "missing".
+    state: &'static str,
+    seen: bool,
+}
+
+fn read_provenance(dir: &Path) -> Option<Value> {
+    let text = fs_err::read_to_string(dir.join(PROVENANCE_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The chain of parents from `dir` back to its roots, depth first; an output
+/// met twice is listed once more, marked seen, without its parents.
+fn lineage(dir: &Path) -> Vec<Node> {
+    fn visit(
+        dir: &Path,
+        depth: usize,
+        state: &'static str,
+        seen: &mut HashSet<PathBuf>,
+        out: &mut Vec<Node>,
+    ) {
+        let provenance = dir.is_dir().then(|| read_provenance(dir)).flatten();
+        let stage = match (&provenance, dir.is_file()) {
+            (Some(p), _) => p["stage"].as_str().unwrap_or("?").to_string(),
+            (None, true) => "file".into(),
+            (None, false) => "-".into(),
+        };
+        let key = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let again = !seen.insert(key);
+        out.push(Node {
+            depth,
+            stage,
+            path: dir.display().to_string(),
+            state,
+            seen: again && provenance.is_some(),
+        });
+        let Some(p) = provenance.filter(|_| !again) else {
+            return;
+        };
+        for parent in p["parents"].as_array().into_iter().flatten() {
+            let recorded = parent["path"].as_str().unwrap_or_default();
+            let path = parent["resolved"]
+                .as_str()
+                .map(PathBuf::from)
+                .filter(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from(recorded));
+            let state = match content_hash(&path) {
+                Ok(h) if Some(h.as_str()) == parent["sha256"].as_str() => "ok",
+                Ok(_) => "changed",
+                Err(_) => "missing",
+            };
+            visit(&path, depth + 1, state, seen, out);
+        }
+    }
+    let mut out = Vec::new();
+    visit(dir, 0, "ok", &mut HashSet::new(), &mut out);
+    out
+}
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let config = load_config(&args.dir)?;
@@ -24,9 +90,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
             json!({"name": name, "dtype": format!("{dtype:?}"), "shape": shape, "file": file}),
         );
     }
-    let provenance = fs_err::read_to_string(args.dir.join("posttrain.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let provenance = read_provenance(&args.dir);
+    let chain = lineage(&args.dir);
     let sliding = (0..config.num_hidden_layers)
         .filter(|&l| config.is_sliding(l))
         .count();
@@ -48,6 +113,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "files": weights.files().iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "tokenizer": args.dir.join(TOKENIZER_FILE).is_file(),
         "provenance": provenance,
+        "lineage": chain.iter().map(|n| json!({
+            "depth": n.depth, "stage": n.stage, "path": n.path, "hash": n.state, "seen": n.seen,
+        })).collect::<Vec<_>>(),
         "tensors": tensors,
     });
     if args.json {
@@ -83,12 +151,26 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "no"
         }
     )?;
-    if let Some(p) = &summary["provenance"].as_object() {
+    if chain.len() > 1 || provenance.is_some() {
         writeln!(
             out,
-            "  provenance: stage {}",
-            p.get("stage").and_then(|s| s.as_str()).unwrap_or("?")
+            "  lineage (hash: does the parent still match what was recorded):"
         )?;
+        for n in &chain {
+            writeln!(
+                out,
+                "    {}{:<11} {}{}{}",
+                "  ".repeat(n.depth),
+                n.stage,
+                n.path,
+                if n.depth > 0 {
+                    format!("  [{}]", n.state)
+                } else {
+                    String::new()
+                },
+                if n.seen { "  (above)" } else { "" }
+            )?;
+        }
     }
     writeln!(
         out,

@@ -255,6 +255,37 @@ fn rlhf_warp_and_eval() {
     }
     assert!(rows[1]["kl"].as_f64().unwrap() > 0.0);
     report(&m);
+
+    // lineage: the merge point back through the RL runs, the reward model and
+    // its preference data to the pretrained policy and the task files
+    let lineage = |dir: &Path| {
+        let text = ok(&["inspect", s(dir)]);
+        let start = text.find("  lineage").expect("a lineage section");
+        let end = text[start..]
+            .find("  tensor ")
+            .map_or(text.len(), |e| start + e);
+        text[start..end].to_string()
+    };
+    let chain = lineage(&points[1]);
+    for needle in [
+        "warp-merge",
+        "rlhf",
+        "reward",
+        "pretrain",
+        "prefs.jsonl",
+        "train_prompts.jsonl",
+    ] {
+        assert!(chain.contains(needle), "{needle} in {chain}");
+    }
+    assert!(
+        !chain.contains("[changed]") && !chain.contains("[missing]"),
+        "{chain}"
+    );
+    let mut prefs = std::fs::read_to_string(m.path("prefs.jsonl")).unwrap();
+    prefs.push('\n');
+    std::fs::write(m.path("prefs.jsonl"), prefs).unwrap();
+    let chain = lineage(&points[1]);
+    assert!(chain.contains("prefs.jsonl  [changed]"), "{chain}");
     assert!(
         rows[1]["reward"].as_f64().unwrap() > rows[0]["reward"].as_f64().unwrap(),
         "RL raises the held-out reward: {rows:?}"
@@ -485,8 +516,14 @@ fn report(m: &Micro) {
         let colours: std::collections::HashSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
         assert!(colours.len() > 20, "{chart}: {} colours", colours.len());
         let svg = std::fs::read_to_string(out.join(format!("{chart}.svg"))).unwrap();
-        assert!(svg.contains("<svg") && svg.contains("<polyline"), "{chart}.svg");
-        assert!(html.contains(&format!("<img src=\"{chart}.png\"")), "{chart} in index.html");
+        assert!(
+            svg.contains("<svg") && svg.contains("<polyline"),
+            "{chart}.svg"
+        );
+        assert!(
+            html.contains(&format!("<img src=\"{chart}.png\"")),
+            "{chart} in index.html"
+        );
     }
     assert!(html.contains("rl0/snapshots/step-000010") && html.contains("<table>"));
     fails(
