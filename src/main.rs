@@ -21,7 +21,9 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let backend_name = format!("{:?}", cli.backend).to_lowercase();
     match cli.command {
-        Command::Data(command) => commands::data::run(command, || backend::device(cli.backend)),
+        Command::Data(command) => {
+            commands::data::run(command, || backend::device(cli.backend), &backend_name)
+        }
         Command::Pretrain(args) => {
             commands::pretrain::run(args, backend::device(cli.backend)?, &backend_name)
         }
@@ -43,7 +45,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => commands::report::run(args),
         Command::Eval(args) => commands::eval::run(args, backend::device(cli.backend)?),
         Command::Score(args) => commands::reward::score(args, backend::device(cli.backend)?),
-        Command::Generate(args) => commands::generate::run(args, backend::device(cli.backend)?),
+        Command::Generate(args) => {
+            commands::generate::run(args, backend::device(cli.backend)?, &backend_name)
+        }
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Tokenizer(command) => commands::tokenizer::run(command),
         Command::Sample(args) => commands::sample::run(args, backend::device(cli.backend)?),

@@ -28,6 +28,8 @@ NEXT_ETA ?= 0.30
 REWARD_FLAGS ?= --reward $(REWARD_MODEL)
 RLHF_FLAGS ?= --steps 300 --lr 3e-4 --save-every 100
 EVAL_FLAGS ?= --samples 4
+# more checkpoints for the eval table (e.g. the teacher)
+EXTRA_CHECKPOINTS ?=
 
 W ?= $(RUN)/warp
 ITERS := $(shell seq 1 $(ITERATIONS))
@@ -55,6 +57,6 @@ $(W)/it1/sft-anchor: $(SFT) $(REWARD_MODEL) $(PROMPTS)
 	  --seed $(firstword $(SEEDS)) --out $@ $(RLHF_FLAGS)
 
 $(W)/eval.jsonl: $(foreach i,$(ITERS),$(W)/it$(i)/merge) $(W)/it1/sft-anchor
-	$(POSTTRAIN) eval --checkpoints $(SFT) $(W)/it1/sft-anchor $(W)/it1/sft-anchor/snapshots/* \
-	  $(foreach i,$(ITERS),$(foreach r,$(call runs_of,$(i)),$(r) $(r)/snapshots/*) $(call points_of,$(i))) \
+	$(POSTTRAIN) eval --checkpoints $(EXTRA_CHECKPOINTS) $(SFT) $(W)/it1/sft-anchor $(wildcard $(W)/it1/sft-anchor/snapshots/*) \
+	  $(foreach i,$(ITERS),$(foreach r,$(call runs_of,$(i)),$(r) $(wildcard $(r)/snapshots/*)) $(call points_of,$(i))) \
 	  --prompts $(EVAL_PROMPTS) --reward $(REWARD_MODEL) --reference $(SFT) $(EVAL_FLAGS) --out $@ --overwrite

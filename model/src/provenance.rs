@@ -60,6 +60,34 @@ impl Provenance {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("provenance serialises")
     }
+
+    /// Writes the provenance of a data file beside it, as
+    /// `FILE.posttrain.json` (temp file + rename).
+    pub fn write_beside(&self, data: &Path) -> Result<()> {
+        let target = beside(data);
+        let tmp = target.with_extension("json.tmp");
+        crate::checkpoint::write_synced(&tmp, self.to_json().as_bytes())?;
+        fs_err::rename(&tmp, &target)?;
+        Ok(())
+    }
+}
+
+/// Where the provenance of a data file lives: `FILE.posttrain.json`.
+pub fn beside(data: &Path) -> std::path::PathBuf {
+    let mut name = data.as_os_str().to_owned();
+    name.push(".posttrain.json");
+    name.into()
+}
+
+/// The provenance of a checkpoint directory or of a data file, when it has one.
+pub fn read(path: &Path) -> Option<Provenance> {
+    let file = if path.is_dir() {
+        path.join(PROVENANCE_FILE)
+    } else {
+        beside(path)
+    };
+    let text = fs_err::read_to_string(file).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

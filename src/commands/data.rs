@@ -10,15 +10,16 @@ use crate::cli::{DataCommand, PrefsArgs, ScoreArgs, SynthArgs};
 pub fn run(
     command: DataCommand,
     device: impl FnOnce() -> Result<burn::tensor::Device>,
+    backend: &str,
 ) -> Result<()> {
     match command {
         DataCommand::Synth(args) => synth_task(args),
         DataCommand::Score(args) => score_file(args),
-        DataCommand::Prefs(args) => prefs(args, device()?),
+        DataCommand::Prefs(args) => prefs(args, device()?, backend),
     }
 }
 
-fn prefs(args: PrefsArgs, device: burn::tensor::Device) -> Result<()> {
+fn prefs(args: PrefsArgs, device: burn::tensor::Device, backend: &str) -> Result<()> {
     use posttrain_reward::{Policy, PrefsConfig, make_preferences};
     super::refuse_existing(Some(&args.out), args.overwrite)?;
     if !(0.0..=1.0).contains(&args.label_noise) {
@@ -62,6 +63,17 @@ fn prefs(args: PrefsArgs, device: burn::tensor::Device) -> Result<()> {
     let report = make_preferences(&policies, &prompts, &cfg)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.prompts.display()))?;
     write_records(&args.out, &report.pairs, args.overwrite)?;
+    let mut provenance = posttrain_model::Provenance::new(
+        "data-prefs",
+        backend,
+        serde_json::json!({ "prefs": cfg }),
+    );
+    for dir in &args.policy {
+        provenance = provenance.with_parent(dir)?;
+    }
+    provenance
+        .with_parent(&args.prompts)?
+        .write_beside(&args.out)?;
     eprintln!(
         "data prefs: {} pairs from {} prompts ({} with equal scores skipped, {} flipped), chosen score {:.3} vs rejected {:.3} -> {}",
         report.pairs.len(),

@@ -1,11 +1,13 @@
 use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::{read_prompts, write_records};
+use posttrain_model::Provenance;
 use posttrain_sft::generate::generate_pairs;
+use serde_json::json;
 
 use crate::cli::GenerateArgs;
 
-pub fn run(args: GenerateArgs, device: Device) -> Result<()> {
+pub fn run(args: GenerateArgs, device: Device, backend: &str) -> Result<()> {
     super::refuse_existing(Some(&args.out), args.overwrite)?;
     let prompts = read_prompts(&args.prompts)?;
     let lm = super::ChatModel::load(&args.model, &device)?;
@@ -27,6 +29,14 @@ pub fn run(args: GenerateArgs, device: Device) -> Result<()> {
         args.topk,
     )?;
     write_records(&args.out, &report.pairs, args.overwrite)?;
+    Provenance::new(
+        "generate",
+        backend,
+        json!({ "sampling": format!("{sampling:?}"), "topk": args.topk }),
+    )
+    .with_parent(&args.model)?
+    .with_parent(&args.prompts)?
+    .write_beside(&args.out)?;
     eprintln!(
         "generate: {} pairs ({} empty completions left out), {} new tokens -> {}",
         report.pairs.len(),

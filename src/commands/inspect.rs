@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::provenance::{PROVENANCE_FILE, content_hash};
+use posttrain_model::provenance::content_hash;
 use posttrain_model::{Weights, load_config};
 use serde_json::{Value, json};
 
@@ -20,9 +20,8 @@ struct Node {
     seen: bool,
 }
 
-fn read_provenance(dir: &Path) -> Option<Value> {
-    let text = fs_err::read_to_string(dir.join(PROVENANCE_FILE)).ok()?;
-    serde_json::from_str(&text).ok()
+fn read_provenance(path: &Path) -> Option<Value> {
+    posttrain_model::provenance::read(path).and_then(|p| serde_json::to_value(p).ok())
 }
 
 /// The chain of parents from `dir` back to its roots, depth first; an output
@@ -35,7 +34,7 @@ fn lineage(dir: &Path) -> Vec<Node> {
         seen: &mut HashSet<PathBuf>,
         out: &mut Vec<Node>,
     ) {
-        let provenance = dir.is_dir().then(|| read_provenance(dir)).flatten();
+        let provenance = read_provenance(dir);
         let stage = match (&provenance, dir.is_file()) {
             (Some(p), _) => p["stage"].as_str().unwrap_or("?").to_string(),
             (None, true) => "file".into(),

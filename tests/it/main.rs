@@ -2,6 +2,7 @@
 
 mod checkpoints;
 mod cli;
+mod makefile;
 mod pipeline;
 mod rlhf;
 

@@ -1,0 +1,110 @@
+//! The embedded Makefile end to end on a micro configuration: every stage's
+//! output exists, each consumed its parent (lineage), and a second `make`
+//! does nothing.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::{ok, s};
+
+fn make(dir: &Path, run: &Path, extra: &[String]) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new("make");
+    cmd.arg("-f")
+        .arg(root.join("examples/embedded/Makefile"))
+        .arg(format!("RUN={}", run.display()))
+        .arg(format!("POSTTRAIN={}", env!("CARGO_BIN_EXE_posttrain")))
+        .arg("BUILD=true")
+        .args(extra)
+        .current_dir(dir)
+        .env_remove("POSTTRAIN_BACKEND")
+        .env_remove("MAKEFLAGS");
+    cmd.output().expect("make runs")
+}
+
+/// Small enough for seconds: a short task, few steps, the micro student.
+fn micro_flags() -> Vec<String> {
+    [
+        "SYNTH_FLAGS=--vocab-size 128 --train 120 --eval 12",
+        "TEACHER_FLAGS=--steps 12 --batch-size 16 --eval-every 0",
+        "GENERATE_FLAGS=--temperature 0 --max-new-tokens 12 --batch-size 64 --topk 4",
+        "SFT_FLAGS=--steps 8 --batch-size 16 --kd topk --alpha 0.5 --eval-every 0",
+        "PREFS_FLAGS=--samples 2 --max-new-tokens 12",
+        "RM_FLAGS=--size-ratio 3 --steps 6 --batch-size 8",
+        "RLHF_FLAGS=--steps 4 --prompts-per-step 4 --max-new-tokens 12 --save-every 2",
+        "EVAL_FLAGS=--samples 1 --max-new-tokens 12",
+    ]
+    .iter()
+    .map(|f| f.to_string())
+    .collect()
+}
+
+#[test]
+fn embedded_makefile_runs_every_stage() {
+    if Command::new("make").arg("--version").output().is_err() {
+        panic!("GNU make is needed for this test (apt-get install make)");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = std::env::var_os("POSTTRAIN_KEEP_RUN");
+    let run = match &keep {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => tmp.path().join("run"),
+    };
+    let out = make(tmp.path(), &run, &micro_flags());
+    assert!(
+        out.status.success(),
+        "make failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "task/train_prompts.jsonl",
+        "teacher/model.safetensors",
+        "sft_pairs.jsonl",
+        "student_init/model.safetensors",
+        "sft/model.safetensors",
+        "prefs.jsonl",
+        "prefs_eval.jsonl",
+        "rm/model.safetensors",
+        "warp/it1/rl-s0/snapshots/step-000002/model.safetensors",
+        "warp/it1/rl-s1/metrics.jsonl",
+        "warp/it1/sft-anchor/posttrain.json",
+        "warp/it1/merge/eta-0.30/model.safetensors",
+        "warp/it2/rl-s0/model.safetensors",
+        "warp/it2/merge/eta-1.00/model.safetensors",
+        "warp/eval.jsonl",
+        "report/index.html",
+        "report/pareto_reward_1.png",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    // each stage consumed its parent: the last merge's lineage reaches the task
+    let inspect = ok(&["inspect", s(&run.join("warp/it2/merge/eta-0.30"))]);
+    for stage in ["warp-merge", "rlhf", "reward", "sft", "init", "pretrain"] {
+        assert!(
+            inspect.contains(&format!(" {stage} ")),
+            "{stage} in {inspect}"
+        );
+    }
+    assert!(inspect.contains("it1/merge/eta-0.30") && inspect.contains("sft_pairs.jsonl"));
+    assert!(!inspect.contains("[changed]") && !inspect.contains("[missing]"));
+    // the eval table: teacher, SFT policy, 5 runs with one snapshot each, 2 x 5 LITI points
+    let rows = std::fs::read_to_string(run.join("warp/eval.jsonl")).unwrap();
+    assert_eq!(rows.lines().count(), 2 + 5 * 2 + 2 * 5);
+    // nothing left to do
+    let again = make(tmp.path(), &run, &micro_flags());
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success());
+    assert!(!stdout.contains("posttrain "), "re-made: {stdout}");
+    // deleting one stage's output re-makes it and what depends on it only
+    std::fs::remove_file(run.join("warp/eval.jsonl")).unwrap();
+    let redo = make(tmp.path(), &run, &micro_flags());
+    let stdout = String::from_utf8_lossy(&redo.stdout);
+    assert!(
+        stdout.contains(" eval ") && stdout.contains(" report "),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(" rlhf ") && !stdout.contains(" pretrain "),
+        "{stdout}"
+    );
+}
