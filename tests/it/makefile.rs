@@ -8,10 +8,14 @@ use std::process::Command;
 use crate::{ok, s};
 
 fn make(dir: &Path, run: &Path, extra: &[String]) -> std::process::Output {
+    make_file("examples/embedded/Makefile", dir, run, extra)
+}
+
+fn make_file(file: &str, dir: &Path, run: &Path, extra: &[String]) -> std::process::Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut cmd = Command::new("make");
     cmd.arg("-f")
-        .arg(root.join("examples/embedded/Makefile"))
+        .arg(root.join(file))
         .arg(format!("RUN={}", run.display()))
         .arg(format!("POSTTRAIN={}", env!("CARGO_BIN_EXE_posttrain")))
         .arg("BUILD=true")
@@ -106,5 +110,76 @@ fn embedded_makefile_runs_every_stage() {
     assert!(
         !stdout.contains(" rlhf ") && !stdout.contains(" pretrain "),
         "{stdout}"
+    );
+}
+
+#[test]
+fn own_model_makefile_on_the_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let write = |name: &str, rows: Vec<serde_json::Value>| {
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::write(dir.join(name), text).unwrap();
+        name.to_string()
+    };
+    let topics = [
+        "tea", "rain", "maps", "bread", "music", "boats", "stars", "salt",
+    ];
+    let pairs = write(
+        "pairs.jsonl",
+        topics
+            .iter()
+            .map(|t| serde_json::json!({"prompt": format!("Say one thing about {t}."), "completion": format!("People like {t}.")}))
+            .collect(),
+    );
+    let prefs = write(
+        "prefs.jsonl",
+        topics
+            .iter()
+            .map(|t| serde_json::json!({"prompt": format!("Say one thing about {t}."), "chosen": format!("People like {t}."), "rejected": "No."}))
+            .collect(),
+    );
+    let prompts = write(
+        "prompts.jsonl",
+        topics
+            .iter()
+            .map(|t| serde_json::json!({"prompt": format!("Tell me about {t}.")}))
+            .collect(),
+    );
+    let run = dir.join("run");
+    let flags: Vec<String> = [
+        format!("BASE={}", crate::fixture().display()),
+        format!("SFT_DATA={pairs}"),
+        format!("PREFS={prefs}"),
+        format!("PROMPTS={prompts}"),
+        "SFT_FLAGS=--steps 4 --batch-size 4 --eval-every 0".into(),
+        "RM_FLAGS=--steps 4 --batch-size 4".into(),
+        "RLHF_FLAGS=--steps 2 --prompts-per-step 2 --max-new-tokens 8".into(),
+        "EVAL_FLAGS=--samples 1 --max-new-tokens 8".into(),
+    ]
+    .into();
+    let out = make_file("examples/own/Makefile", dir, &run, &flags);
+    assert!(
+        out.status.success(),
+        "make failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "sft/model.safetensors",
+        "rm/model.safetensors",
+        "warp/it2/merge/eta-0.30/model.safetensors",
+        "warp/eval.jsonl",
+        "report/index.html",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let rows = std::fs::read_to_string(run.join("warp/eval.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    assert!(first["score"].is_null(), "no task scorer for these prompts");
+    assert!(first["reward"].as_f64().unwrap().is_finite());
+    let inspect = ok(&["inspect", s(&run.join("rm"))]);
+    assert!(
+        inspect.contains("gemma2-tiny") && inspect.contains("pairs.jsonl"),
+        "{inspect}"
     );
 }
