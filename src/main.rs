@@ -43,7 +43,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::warp::run(command, backend::device(cli.backend)?, &backend_name)
         }
         Command::Report(args) => commands::report::run(args),
-        Command::Eval(args) => commands::eval::run(args, backend::device(cli.backend)?),
+        Command::Eval(args) => {
+            commands::eval::run(args, backend::device(cli.backend)?, &backend_name)
+        }
         Command::Score(args) => commands::reward::score(args, backend::device(cli.backend)?),
         Command::Generate(args) => {
             commands::generate::run(args, backend::device(cli.backend)?, &backend_name)

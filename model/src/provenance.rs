@@ -79,15 +79,18 @@ pub fn beside(data: &Path) -> std::path::PathBuf {
     name.into()
 }
 
-/// The provenance of a checkpoint directory or of a data file, when it has one.
+/// The provenance of a checkpoint directory or of a data file, when it has
+/// one: a file's own `FILE.posttrain.json`, else that of the output
+/// directory it is part of (e.g. `task/train.jsonl` of `data synth`).
 pub fn read(path: &Path) -> Option<Provenance> {
-    let file = if path.is_dir() {
-        path.join(PROVENANCE_FILE)
-    } else {
-        beside(path)
+    let parse = |file: std::path::PathBuf| -> Option<Provenance> {
+        let text = fs_err::read_to_string(file).ok()?;
+        serde_json::from_str(&text).ok()
     };
-    let text = fs_err::read_to_string(file).ok()?;
-    serde_json::from_str(&text).ok()
+    if path.is_dir() {
+        return parse(path.join(PROVENANCE_FILE));
+    }
+    parse(beside(path)).or_else(|| parse(path.parent()?.join(PROVENANCE_FILE)))
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

@@ -130,6 +130,21 @@ fn synth_task(args: SynthArgs) -> Result<()> {
     let (teacher, student) = task_configs(tokenizer.vocab_size());
     writer.write("teacher.json", teacher.to_json().as_bytes())?;
     writer.write("student.json", student.to_json().as_bytes())?;
+    let mut provenance = posttrain_model::Provenance::new(
+        "data-synth",
+        "none",
+        serde_json::json!({
+            "seed": args.seed,
+            "train": args.train,
+            "eval": args.eval,
+            "vocab_size": args.vocab_size,
+        }),
+    );
+    provenance.seed = Some(args.seed);
+    writer.write(
+        posttrain_model::provenance::PROVENANCE_FILE,
+        provenance.to_json().as_bytes(),
+    )?;
     let out = writer.commit()?;
     eprintln!(
         "data synth: {} train / {} eval pairs, {}-token tokenizer, teacher {} params, student {} params -> {}",

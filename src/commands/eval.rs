@@ -12,7 +12,7 @@ fn cell(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.3}"))
 }
 
-pub fn run(args: EvalArgs, device: Device) -> Result<()> {
+pub fn run(args: EvalArgs, device: Device, backend: &str) -> Result<()> {
     super::refuse_existing(args.out.as_deref(), args.overwrite)?;
     if args.temperature.is_nan() || args.temperature <= 0.0 {
         anyhow::bail!("--temperature must be positive, got {}", args.temperature);
@@ -85,6 +85,26 @@ pub fn run(args: EvalArgs, device: Device) -> Result<()> {
     }
     if let Some(out) = &args.out {
         write_records(out, &rows, args.overwrite)?;
+        let mut provenance = posttrain_model::Provenance::new(
+            "eval",
+            backend,
+            json!({
+                "samples": args.samples,
+                "temperature": args.temperature,
+                "max_new_tokens": args.max_new_tokens,
+            }),
+        );
+        provenance.seed = Some(args.seed);
+        for parent in args
+            .checkpoints
+            .iter()
+            .chain([&args.prompts])
+            .chain(args.reward.iter())
+            .chain(args.reference.iter())
+        {
+            provenance = provenance.with_parent(parent)?;
+        }
+        provenance.write_beside(out)?;
         eprintln!("eval: {} checkpoints -> {}", rows.len(), out.display());
     }
     Ok(())

@@ -76,6 +76,7 @@ fn embedded_makefile_runs_every_stage() {
         "warp/it2/rl-s0/model.safetensors",
         "warp/it2/merge/eta-1.00/model.safetensors",
         "warp/eval.jsonl",
+        "warp/eval.jsonl.posttrain.json",
         "report/index.html",
         "report/pareto_reward_1.png",
     ] {
@@ -83,7 +84,17 @@ fn embedded_makefile_runs_every_stage() {
     }
     // each stage consumed its parent: the last merge's lineage reaches the task
     let inspect = ok(&["inspect", s(&run.join("warp/it2/merge/eta-0.30"))]);
-    for stage in ["warp-merge", "rlhf", "reward", "sft", "init", "pretrain"] {
+    for stage in [
+        "warp-merge",
+        "rlhf",
+        "reward",
+        "sft",
+        "init",
+        "pretrain",
+        "generate",
+        "data-prefs",
+        "data-synth",
+    ] {
         assert!(
             inspect.contains(&format!(" {stage} ")),
             "{stage} in {inspect}"
