@@ -22,7 +22,7 @@ fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 
 /// Rewrites model.safetensors through `edit(name, dtype, shape, bytes)`;
 /// returning None drops the tensor.
-fn rewrite(
+pub(crate) fn rewrite(
     ckpt: &std::path::Path,
     edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>,
 ) {
@@ -201,7 +201,7 @@ fn nan_in_weights_is_named() {
     );
 }
 
-fn edit_config(ckpt: &std::path::Path, key: &str, value: serde_json::Value) {
+pub(crate) fn edit_config(ckpt: &std::path::Path, key: &str, value: serde_json::Value) {
     let path = ckpt.join("config.json");
     let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     c[key] = value;

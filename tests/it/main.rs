@@ -1,5 +1,6 @@
 //! End-to-end tests that run the `posttrain` binary, each in its own temp dir.
 
+mod bad_inputs;
 mod checkpoints;
 mod cli;
 mod makefile;
