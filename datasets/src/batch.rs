@@ -198,6 +198,19 @@ impl Epochs {
         }
     }
 
+    /// The stream resumed at data position `(epoch, next)`.
+    pub fn at(lengths: Vec<usize>, batch_size: usize, seed: u64, epoch: u64, next: usize) -> Self {
+        let order = bucketed_batches(&lengths, batch_size, seed.wrapping_add(epoch));
+        Self {
+            lengths,
+            batch_size,
+            seed,
+            epoch,
+            next,
+            order,
+        }
+    }
+
     /// The next batch's example indices (empty only without examples).
     pub fn next_batch(&mut self) -> Vec<usize> {
         if self.next == self.order.len() {

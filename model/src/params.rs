@@ -180,6 +180,68 @@ pub fn with_params<M: Module>(module: M, params: &ParamMap) -> M {
     })
 }
 
+struct Ids<'a> {
+    path: Vec<String>,
+    read: Option<&'a BTreeMap<String, u64>>,
+    out: BTreeMap<String, u64>,
+}
+
+impl ModuleVisitor for Ids<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.insert(self.path.join("."), param.id.val());
+    }
+}
+
+impl ModuleMapper for Ids<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        match self.read.and_then(|ids| ids.get(&name)) {
+            Some(&id) => {
+                let (_, value, mapper) = param.consume();
+                Param::from_mapped_value(burn::module::ParamId::from(id), value, mapper)
+            }
+            None => param,
+        }
+    }
+}
+
+/// The optimizer-state key (`ParamId`) of every float parameter, by name.
+pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
+    let mut v = Ids {
+        path: Vec::new(),
+        read: None,
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
+/// `module` with the parameter ids of an earlier run, so that optimizer
+/// state saved then applies to the parameters loaded now.
+pub fn with_param_ids<M: Module>(module: M, ids: &BTreeMap<String, u64>) -> M {
+    module.map(&mut Ids {
+        path: Vec::new(),
+        read: Some(ids),
+        out: BTreeMap::new(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

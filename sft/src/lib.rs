@@ -7,6 +7,7 @@ pub mod distill;
 pub mod eval;
 pub mod generate;
 pub mod gkd;
+pub mod resume;
 pub mod sft;
 pub mod topk_kd;
 
@@ -14,5 +15,6 @@ pub use ce::cross_entropy;
 pub use distill::forward_kl;
 pub use eval::{EvalSet, TaskScore, eval_loss};
 pub use gkd::generalized_jsd;
+pub use resume::{LoopState, Resume, Saver};
 pub use sft::{Distill, OnPolicy, SftConfig, SftError, SftReport, Vocab, train_lm};
 pub use topk_kd::topk_kl;

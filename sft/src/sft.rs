@@ -22,6 +22,7 @@ use crate::ce::{cross_entropy, weighted_mean};
 use crate::distill::{forward_kl, mix};
 use crate::eval::{EvalSet, TaskScore, eval_loss, make_batch, task_score};
 use crate::gkd::generalized_jsd;
+use crate::resume::{LoopState, Resume, Saver};
 use crate::topk_kd::topk_kl;
 
 /// Where the distillation target comes from.
@@ -96,6 +97,8 @@ pub enum SftError {
     NeedsTeacher(&'static str),
     #[error("stored top-k distillation needs teacher top-k on every row; row {0} has none")]
     MissingTopK(usize),
+    #[error("resumable state: {0}")]
+    State(String),
 }
 
 /// Loss parts of one micro-batch (scalars already read back).
@@ -275,6 +278,8 @@ impl Sums {
     }
 }
 
+/// Trains `model`; with `resume` it continues a saved run (the model is the
+/// saved one), and `saver` stores the state every N steps.
 #[allow(clippy::too_many_arguments)]
 pub fn train_lm(
     stage: &str,
@@ -285,6 +290,8 @@ pub fn train_lm(
     vocab: &Vocab,
     cfg: &SftConfig,
     log: &mut MetricsLog,
+    resume: Option<&Resume>,
+    mut saver: Option<Saver>,
 ) -> Result<(Gemma2ForCausalLM, SftReport), SftError> {
     if train.is_empty() {
         return Err(SftError::NoData);
@@ -323,8 +330,29 @@ pub fn train_lm(
         seconds: 0.0,
     };
     let micro_batches = cfg.optim.accumulation.max(1);
+    let mut first_step = 0;
+    if let Some(r) = resume {
+        optim.load_state(&r.optimizer).map_err(SftError::State)?;
+        data = Epochs::at(
+            train.iter().map(|e| e.ids.len()).collect(),
+            cfg.batch_size,
+            cfg.seed,
+            r.state.epoch,
+            r.state.next,
+        );
+        if on_policy.is_some() {
+            for _ in 0..r.state.step * micro_batches {
+                coin.random::<f64>();
+            }
+        }
+        report.first_loss = r.state.first_loss;
+        report.tokens = r.state.tokens;
+        report.on_policy_batches = r.state.on_policy_batches;
+        first_step = r.state.step;
+        progress.advance(first_step as u64, 0);
+    }
 
-    for step in 0..cfg.optim.steps {
+    for step in first_step..cfg.optim.steps {
         let mut sums = Sums::default();
         let mut step_tokens = 0u64;
         let mut sampled = 0usize;
@@ -420,6 +448,21 @@ pub fn train_lm(
         }
         log.log(&row)?;
         progress.advance(1, step_tokens);
+        if let Some(s) = saver.as_mut()
+            && s.every > 0
+            && (step + 1) % s.every == 0
+            && step + 1 < cfg.optim.steps
+        {
+            let state = LoopState {
+                step: step + 1,
+                epoch: data.epoch,
+                next: data.next,
+                first_loss: report.first_loss,
+                tokens: report.tokens,
+                on_policy_batches: report.on_policy_batches,
+            };
+            (s.save)(&model, &optim, &state).map_err(SftError::State)?;
+        }
     }
     progress.finish();
     report.seconds = start.elapsed().as_secs_f64();
@@ -519,6 +562,8 @@ mod tests {
             &vocab,
             cfg,
             &mut log,
+            None,
+            None,
         )
         .unwrap();
         drop(log);
@@ -650,7 +695,93 @@ mod tests {
                 }),
             ),
             &mut MetricsLog::create(&tempfile::tempdir().unwrap().path().join("m")).unwrap(),
+            None,
+            None,
         );
         assert!(matches!(missing, Err(SftError::NeedsTeacher(_))));
+    }
+
+    #[test]
+    fn resuming_from_a_saved_state_is_bitwise_the_uninterrupted_run() {
+        use posttrain_model::params::{param_ids, param_map, with_param_ids, with_params};
+        let device = Device::default().autodiff();
+        let tok = tokenizer();
+        let vocab = Vocab {
+            tokenizer: &tok,
+            stop_ids: vec![tok.end_of_turn],
+            max_len: 32,
+        };
+        let teacher = model(9, 24, &Device::default());
+        let mut cfg = config(
+            Distill::Live,
+            0.5,
+            Some(OnPolicy {
+                fraction: 0.5,
+                beta: 0.5,
+                temperature: 1.0,
+                max_new_tokens: 4,
+            }),
+        );
+        cfg.optim.steps = 6;
+        let dir = tempfile::tempdir().unwrap();
+        let log = |name: &str| MetricsLog::create(&dir.path().join(name)).unwrap();
+        let whole = train_lm(
+            "test",
+            model(1, 16, &device),
+            Some(&teacher),
+            &data(),
+            &EvalSet::default(),
+            &vocab,
+            &cfg,
+            &mut log("a"),
+            None,
+            None,
+        )
+        .unwrap()
+        .0;
+        // the same run, saving its state after step 3
+        let optimizer = dir.path().join("optimizer.bpk");
+        let mut saved = None;
+        let mut save = |m: &Gemma2ForCausalLM, o: &Optimizer<Gemma2ForCausalLM>, st: &LoopState| {
+            o.save_state(&optimizer)?;
+            if st.step == 3 {
+                saved = Some((param_map(m), param_ids(m), st.clone()));
+            }
+            Ok(())
+        };
+        train_lm(
+            "test",
+            model(1, 16, &device),
+            Some(&teacher),
+            &data(),
+            &EvalSet::default(),
+            &vocab,
+            &cfg,
+            &mut log("b"),
+            None,
+            Some(Saver {
+                every: 3,
+                save: &mut save,
+            }),
+        )
+        .unwrap();
+        let (params, ids, state) = saved.expect("a state at step 3");
+        // as a new process would: other weights and ids, then the saved ones
+        let reloaded = with_param_ids(with_params(model(5, 16, &device), &params), &ids);
+        let resumed = train_lm(
+            "test",
+            reloaded,
+            Some(&teacher),
+            &data(),
+            &EvalSet::default(),
+            &vocab,
+            &cfg,
+            &mut log("c"),
+            Some(&Resume { state, optimizer }),
+            None,
+        )
+        .unwrap()
+        .0;
+        assert_eq!(named_params(&resumed), named_params(&whole));
     }
 }

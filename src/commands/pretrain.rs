@@ -126,6 +126,8 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
         &vocab,
         &cfg,
         &mut log,
+        None,
+        None,
     )?;
     let provenance = Provenance::new(
         "pretrain",

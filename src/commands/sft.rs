@@ -102,6 +102,8 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         &vocab,
         &cfg,
         &mut log,
+        None,
+        None,
     )?;
     let provenance = Provenance::new("sft", backend, json!({"train": cfg}))
         .with_parent(&args.model)?

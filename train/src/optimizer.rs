@@ -41,16 +41,19 @@ pub struct Optimizer<M> {
     cfg: OptimConfig,
 }
 
+fn adamw(cfg: &OptimConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_beta_1(cfg.beta1 as f32)
+        .with_beta_2(cfg.beta2 as f32)
+        .with_epsilon(1e-8)
+        .with_weight_decay(cfg.weight_decay as f32)
+        .init()
+}
+
 impl<M: Module> Optimizer<M> {
     pub fn new(cfg: &OptimConfig) -> Self {
-        let adamw = AdamWConfig::new()
-            .with_beta_1(cfg.beta1 as f32)
-            .with_beta_2(cfg.beta2 as f32)
-            .with_epsilon(1e-8)
-            .with_weight_decay(cfg.weight_decay as f32)
-            .init();
         Self {
-            adamw,
+            adamw: adamw(cfg),
             grads: GradientsAccumulator::new(),
             pending: 0,
             cfg: cfg.clone(),
@@ -77,6 +80,24 @@ impl<M: Module> Optimizer<M> {
             self.adamw.step(lr, model, grads),
             StepStats { lr, grad_norm },
         )
+    }
+
+    /// Writes the AdamW moments and step counts (keyed by parameter id;
+    /// see `posttrain_model::params::param_ids`) to `path`.
+    pub fn save_state(&self, path: &std::path::Path) -> Result<(), String> {
+        self.adamw
+            .to_record()
+            .save(path)
+            .map_err(|e| format!("{}: {e:?}", path.display()))
+    }
+
+    /// Reads what [`Optimizer::save_state`] wrote.
+    pub fn load_state(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let record = burn::optim::OptimizerRecord::load(path)
+            .map_err(|e| format!("{}: {e:?}", path.display()))?;
+        let fresh = adamw(&self.cfg);
+        self.adamw = std::mem::replace(&mut self.adamw, fresh).load_record(record);
+        Ok(())
     }
 
     /// Micro-batches back-propagated since the last step.
