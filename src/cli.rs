@@ -401,6 +401,12 @@ pub struct TrainArgs {
     /// Cut sequences longer than the context instead of failing.
     #[arg(long)]
     pub truncate: bool,
+    /// Save resumable state (weights, optimizer, data position, metrics) to OUT.state every N steps (0: never).
+    #[arg(long, default_value_t = 200)]
+    pub save_state_every: usize,
+    /// Continue from OUT.state when it exists (same settings and inputs), else start afresh.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// AdamW and the schedule's tail, shared by every training stage.

@@ -242,3 +242,190 @@ pub fn load_reward(
     let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
     Ok((config, model, tokenizer))
 }
+
+/// `OUT.state/`: what a training run needs to continue after a crash —
+/// weights (f32, with their parameter ids), optimizer state, data position
+/// and the metrics so far — replaced atomically every N steps and removed
+/// once the output is complete.
+pub struct StateDir {
+    pub path: std::path::PathBuf,
+    fingerprint: serde_json::Value,
+    config: posttrain_model::Gemma2Config,
+    metrics: std::path::PathBuf,
+}
+
+const OPTIMIZER_STATE: &str = "optimizer.bpk";
+const LOOP_STATE: &str = "state.json";
+
+impl StateDir {
+    /// `fingerprint`: the settings and inputs a resumed run must share.
+    pub fn new(
+        out: &Path,
+        fingerprint: serde_json::Value,
+        config: &posttrain_model::Gemma2Config,
+        metrics: &Path,
+    ) -> Self {
+        let mut path = out.as_os_str().to_owned();
+        path.push(".state");
+        Self {
+            path: path.into(),
+            fingerprint,
+            config: config.clone(),
+            metrics: metrics.to_path_buf(),
+        }
+    }
+
+    pub fn save(
+        &self,
+        model: &posttrain_model::Gemma2ForCausalLM,
+        optim: &posttrain_train::Optimizer<posttrain_model::Gemma2ForCausalLM>,
+        state: &posttrain_sft::LoopState,
+    ) -> anyhow::Result<()> {
+        let w = posttrain_model::CheckpointWriter::create(&self.path, true)?;
+        w.write_model(model, &self.config, posttrain_model::SaveDtype::F32)?;
+        optim
+            .save_state(&w.path().join(OPTIMIZER_STATE))
+            .map_err(anyhow::Error::msg)?;
+        let loop_state = serde_json::json!({
+            "loop": state,
+            "ids": posttrain_model::params::param_ids(model),
+            "fingerprint": self.fingerprint,
+        });
+        w.write(LOOP_STATE, loop_state.to_string().as_bytes())?;
+        w.write("metrics.jsonl", &fs_err::read(&self.metrics)?)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// The saved run, when there is one: its model (with the saved parameter
+    /// ids), where to continue, and its metrics so far.
+    pub fn load(
+        &self,
+        device: &burn::tensor::Device,
+    ) -> anyhow::Result<
+        Option<(
+            posttrain_model::Gemma2ForCausalLM,
+            posttrain_sft::Resume,
+            Vec<u8>,
+        )>,
+    > {
+        if !self.path.is_dir() {
+            return Ok(None);
+        }
+        let file = self.path.join(LOOP_STATE);
+        let v: serde_json::Value = serde_json::from_slice(&fs_err::read(&file)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        if v["fingerprint"] != self.fingerprint {
+            anyhow::bail!(
+                "{}: written by a run with other settings or inputs (delete it to start afresh)",
+                self.path.display()
+            );
+        }
+        let parse = |key: &str| anyhow::anyhow!("{}: `{key}` is malformed", file.display());
+        let ids: std::collections::BTreeMap<String, u64> =
+            serde_json::from_value(v["ids"].clone()).map_err(|_| parse("ids"))?;
+        let state: posttrain_sft::LoopState =
+            serde_json::from_value(v["loop"].clone()).map_err(|_| parse("loop"))?;
+        let (_, model) = posttrain_model::load_causal_lm(&self.path, device)?;
+        let model = posttrain_model::params::with_param_ids(model, &ids);
+        let metrics = fs_err::read(self.path.join("metrics.jsonl"))?;
+        let resume = posttrain_sft::Resume {
+            state,
+            optimizer: self.path.join(OPTIMIZER_STATE),
+        };
+        Ok(Some((model, resume, metrics)))
+    }
+
+    /// Where a (possibly resumed) run's metrics go.
+    pub fn metrics_log(
+        &self,
+        resumed: Option<&[u8]>,
+    ) -> anyhow::Result<posttrain_train::MetricsLog> {
+        Ok(match resumed {
+            Some(rows) => {
+                fs_err::write(&self.metrics, rows)?;
+                posttrain_train::MetricsLog::append(&self.metrics)?
+            }
+            None => posttrain_train::MetricsLog::create(&self.metrics)?,
+        })
+    }
+
+    pub fn remove(&self) -> anyhow::Result<()> {
+        if self.path.exists() {
+            fs_err::remove_dir_all(&self.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// The LM training loop of `pretrain` and `sft` with resumable state in
+/// `OUT.state` (`--save-state-every`, `--resume`); returns the state
+/// directory for the caller to remove once the output is written.
+#[allow(clippy::too_many_arguments)]
+pub fn train_resumable(
+    stage: &str,
+    model: posttrain_model::Gemma2ForCausalLM,
+    teacher: Option<&posttrain_model::Gemma2ForCausalLM>,
+    data: &TrainData,
+    vocab: &posttrain_sft::Vocab,
+    cfg: &posttrain_sft::SftConfig,
+    args: &crate::cli::TrainArgs,
+    out: &Path,
+    writer: &Path,
+    config: &posttrain_model::Gemma2Config,
+    fingerprint: serde_json::Value,
+) -> anyhow::Result<(
+    posttrain_model::Gemma2ForCausalLM,
+    posttrain_sft::SftReport,
+    StateDir,
+)> {
+    let device = model.model.embed_tokens.weight.device();
+    let state = StateDir::new(out, fingerprint, config, &writer.join("metrics.jsonl"));
+    let resumed = if args.resume {
+        state.load(&device)?
+    } else {
+        None
+    };
+    let (model, resume, rows) = match resumed {
+        Some((m, r, rows)) => {
+            eprintln!(
+                "{stage}: resuming from {} at step {}",
+                state.path.display(),
+                r.state.step
+            );
+            (m, Some(r), Some(rows))
+        }
+        None => {
+            if args.resume {
+                eprintln!(
+                    "{stage}: no {} yet: starting at step 0",
+                    state.path.display()
+                );
+            }
+            (model, None, None)
+        }
+    };
+    let mut log = state.metrics_log(rows.as_deref())?;
+    let mut save = |m: &posttrain_model::Gemma2ForCausalLM,
+                    o: &posttrain_train::Optimizer<posttrain_model::Gemma2ForCausalLM>,
+                    st: &posttrain_sft::LoopState| {
+        state.save(m, o, st).map_err(|e| format!("{e:#}"))
+    };
+    let saver = posttrain_sft::Saver {
+        every: args.save_state_every,
+        save: &mut save,
+    };
+    let (model, report) = posttrain_sft::train_lm(
+        stage,
+        model,
+        teacher,
+        &data.train,
+        &data.eval,
+        vocab,
+        cfg,
+        &mut log,
+        resume.as_ref(),
+        Some(saver),
+    )?;
+    Ok((model, report, state))
+}

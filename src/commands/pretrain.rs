@@ -2,8 +2,8 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, LossOn};
 use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
-use posttrain_sft::{Distill, SftConfig, Vocab, train_lm};
-use posttrain_train::{MetricsLog, OptimConfig};
+use posttrain_sft::{Distill, SftConfig, Vocab};
+use posttrain_train::OptimConfig;
 use serde_json::json;
 
 use crate::cli::{AdamArgs, DistillArgs, LossOnArg, PretrainArgs, TrainArgs};
@@ -98,7 +98,6 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
         &mut RandomInit::new(args.train.seed),
         &device.clone().autodiff(),
     )?;
-    let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
     eprintln!(
         "pretrain: {} params, {} train / {} eval sequences, {} steps of {}{}",
         config.num_params(),
@@ -117,17 +116,18 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
         stop_ids: super::stop_ids(&config, &tokenizer),
         max_len: config.max_position_embeddings,
     };
-    let (model, report) = train_lm(
+    let (model, report, state) = super::train_resumable(
         "pretrain",
         model,
         teacher.as_ref(),
-        &data.train,
-        &data.eval,
+        &data,
         &vocab,
         &cfg,
-        &mut log,
-        None,
-        None,
+        &args.train,
+        &args.out,
+        writer.path(),
+        &config,
+        json!({"train": cfg, "config": args.config, "data": args.data, "eval": args.eval, "teacher": args.teacher, "tokenizer": args.tokenizer}),
     )?;
     let provenance = Provenance::new(
         "pretrain",
@@ -146,6 +146,7 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
         Some(args.train.seed),
         serde_json::to_value(&report)?,
     )?;
+    state.remove()?;
     super::print_report("pretrain", &report, &out);
     Ok(())
 }

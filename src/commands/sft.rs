@@ -2,8 +2,7 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::LossOn;
 use posttrain_model::{CheckpointWriter, Provenance};
-use posttrain_sft::{Distill, OnPolicy, Vocab, train_lm};
-use posttrain_train::MetricsLog;
+use posttrain_sft::{Distill, OnPolicy, Vocab};
 use serde_json::json;
 
 use crate::cli::{KdArg, SftArgs};
@@ -67,7 +66,6 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         Some(dir) => Some(super::load_teacher(dir, config, tokenizer, &device)?),
         None => None,
     };
-    let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
     eprintln!(
         "sft: {} params, {} train / {} eval pairs, {} steps of {}x{}, distillation: {}{}",
         config.num_params(),
@@ -93,17 +91,18 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         stop_ids: super::stop_ids(config, tokenizer),
         max_len: config.max_position_embeddings,
     };
-    let (model, report) = train_lm(
+    let (model, report, state) = super::train_resumable(
         "sft",
         student,
         teacher.as_ref(),
-        &data.train,
-        &data.eval,
+        &data,
         &vocab,
         &cfg,
-        &mut log,
-        None,
-        None,
+        &args.train,
+        &args.out,
+        writer.path(),
+        config,
+        json!({"train": cfg, "model": args.model, "data": args.data, "eval": args.eval, "teacher": args.teacher}),
     )?;
     let provenance = Provenance::new("sft", backend, json!({"train": cfg}))
         .with_parent(&args.model)?
@@ -118,6 +117,7 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         Some(args.train.seed),
         serde_json::to_value(&report)?,
     )?;
+    state.remove()?;
     super::print_report("sft", &report, &out);
     Ok(())
 }

@@ -5,6 +5,7 @@ mod checkpoints;
 mod cli;
 mod makefile;
 mod pipeline;
+mod resume;
 mod rlhf;
 
 use std::path::{Path, PathBuf};

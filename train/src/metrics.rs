@@ -17,6 +17,17 @@ impl MetricsLog {
         })
     }
 
+    /// Continues an existing file (a resumed run).
+    pub fn append(path: &Path) -> std::io::Result<Self> {
+        let file = fs_err::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)?;
+        Ok(Self {
+            out: BufWriter::new(file),
+        })
+    }
+
     pub fn log(&mut self, row: &Value) -> std::io::Result<()> {
         writeln!(self.out, "{row}")?;
         self.out.flush()

@@ -1,0 +1,119 @@
+//! A training run killed with SIGKILL at a random moment and resumed ends
+//! with the checkpoint of the run that was never interrupted, bit for bit.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::pipeline::Micro;
+use crate::{ok, s};
+
+#[test]
+fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let data = m.task.join("train.jsonl");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "sft",
+            "--model",
+            s(&policy),
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--steps",
+            "60",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "0",
+            "--save-state-every",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = m.path("whole");
+    let a = args(&whole);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let cut = m.path("cut");
+    let state = m.path("cut.state");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
+        .args(args(&cut))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // a random moment after the first saved state
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let delay = Duration::from_millis(u64::from(nanos % 60));
+    let start = Instant::now();
+    while !state.join("state.json").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no state was saved"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(delay);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!cut.exists(), "the run finished before it was killed");
+    assert!(state.is_dir());
+
+    let mut resumed = args(&cut);
+    resumed.push("--resume".into());
+    ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        std::fs::read(cut.join("model.safetensors")).unwrap(),
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        "resumed weights differ (killed after {delay:?})"
+    );
+    let rows = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("tokens_per_s");
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rows(&cut), rows(&whole));
+    assert!(
+        !state.exists(),
+        "the state is removed once the output is complete"
+    );
+
+    // a state written with other settings is refused, not silently used
+    let mut other = args(&m.path("other"));
+    let steps = other.iter().position(|a| a == "60").unwrap();
+    other[steps] = "30".into();
+    std::fs::create_dir_all(m.path("other.state")).unwrap();
+    std::fs::copy(
+        whole.join("config.json"),
+        m.path("other.state").join("config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        m.path("other.state").join("state.json"),
+        "{\"fingerprint\": {}, \"loop\": {}, \"ids\": {}}",
+    )
+    .unwrap();
+    other.push("--resume".into());
+    let refused = crate::posttrain(&other.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!refused.status.success());
+    let err = crate::stderr(&refused);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("other.state") && line.contains("other settings or inputs"),
+        "{err}"
+    );
+}
