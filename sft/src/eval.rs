@@ -18,7 +18,7 @@ pub struct EvalSet {
     pub prompts: Vec<Option<String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TaskScore {
     pub score: f64,
     pub accuracy: f64,

@@ -7,7 +7,6 @@ pub mod distill;
 pub mod eval;
 pub mod generate;
 pub mod gkd;
-pub mod resume;
 pub mod sft;
 pub mod topk_kd;
 
@@ -15,6 +14,5 @@ pub use ce::cross_entropy;
 pub use distill::forward_kl;
 pub use eval::{EvalSet, TaskScore, eval_loss};
 pub use gkd::generalized_jsd;
-pub use resume::{LoopState, Resume, Saver};
 pub use sft::{Distill, OnPolicy, SftConfig, SftError, SftReport, Vocab, train_lm};
 pub use topk_kd::topk_kl;

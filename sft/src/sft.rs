@@ -13,7 +13,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use posttrain_datasets::{ChatTokenizer, Epochs, Example};
 use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, TokenBatch, generate};
-use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress};
+use posttrain_train::{LoopState, MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -22,7 +22,6 @@ use crate::ce::{cross_entropy, weighted_mean};
 use crate::distill::{forward_kl, mix};
 use crate::eval::{EvalSet, TaskScore, eval_loss, make_batch, task_score};
 use crate::gkd::generalized_jsd;
-use crate::resume::{LoopState, Resume, Saver};
 use crate::topk_kd::topk_kl;
 
 /// Where the distillation target comes from.
@@ -74,7 +73,7 @@ pub struct Vocab<'a> {
     pub max_len: usize,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SftReport {
     pub first_loss: f64,
     pub last_loss: f64,
@@ -291,7 +290,7 @@ pub fn train_lm(
     cfg: &SftConfig,
     log: &mut MetricsLog,
     resume: Option<&Resume>,
-    mut saver: Option<Saver>,
+    mut saver: Option<Saver<Gemma2ForCausalLM>>,
 ) -> Result<(Gemma2ForCausalLM, SftReport), SftError> {
     if train.is_empty() {
         return Err(SftError::NoData);
@@ -345,9 +344,8 @@ pub fn train_lm(
                 coin.random::<f64>();
             }
         }
-        report.first_loss = r.state.first_loss;
-        report.tokens = r.state.tokens;
-        report.on_policy_batches = r.state.on_policy_batches;
+        report = serde_json::from_value(r.state.report.clone())
+            .map_err(|e| SftError::State(format!("report: {e}")))?;
         first_step = r.state.step;
         progress.advance(first_step as u64, 0);
     }
@@ -449,19 +447,15 @@ pub fn train_lm(
         log.log(&row)?;
         progress.advance(1, step_tokens);
         if let Some(s) = saver.as_mut()
-            && s.every > 0
-            && (step + 1) % s.every == 0
-            && step + 1 < cfg.optim.steps
+            && s.due(step + 1, cfg.optim.steps)
         {
             let state = LoopState {
                 step: step + 1,
                 epoch: data.epoch,
                 next: data.next,
-                first_loss: report.first_loss,
-                tokens: report.tokens,
-                on_policy_batches: report.on_policy_batches,
+                report: serde_json::to_value(&report).expect("the report serialises"),
             };
-            (s.save)(&model, &optim, &state).map_err(SftError::State)?;
+            (s.save)(&model, &optim, &state, &[]).map_err(SftError::State)?;
         }
     }
     progress.finish();
@@ -742,7 +736,10 @@ mod tests {
         // the same run, saving its state after step 3
         let optimizer = dir.path().join("optimizer.bpk");
         let mut saved = None;
-        let mut save = |m: &Gemma2ForCausalLM, o: &Optimizer<Gemma2ForCausalLM>, st: &LoopState| {
+        let mut save = |m: &Gemma2ForCausalLM,
+                        o: &Optimizer<Gemma2ForCausalLM>,
+                        st: &LoopState,
+                        _: &[(&str, &Gemma2ForCausalLM)]| {
             o.save_state(&optimizer)?;
             if st.step == 3 {
                 saved = Some((param_map(m), param_ids(m), st.clone()));

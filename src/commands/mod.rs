@@ -244,9 +244,10 @@ pub fn load_reward(
 }
 
 /// `OUT.state/`: what a training run needs to continue after a crash —
-/// weights (f32, with their parameter ids), optimizer state, data position
-/// and the metrics so far — replaced atomically every N steps and removed
-/// once the output is complete.
+/// weights (f32, with their parameter ids), optimizer state, data position,
+/// the report and metrics so far, and modules the loop keeps besides the
+/// model (RLHF's anchor, as `NAME.safetensors`) — replaced atomically every
+/// N steps and removed once the output is complete.
 pub struct StateDir {
     pub path: std::path::PathBuf,
     fingerprint: serde_json::Value,
@@ -275,14 +276,21 @@ impl StateDir {
         }
     }
 
-    pub fn save(
+    pub fn save<M: burn::module::Module>(
         &self,
-        model: &posttrain_model::Gemma2ForCausalLM,
-        optim: &posttrain_train::Optimizer<posttrain_model::Gemma2ForCausalLM>,
-        state: &posttrain_sft::LoopState,
+        model: &M,
+        optim: &posttrain_train::Optimizer<M>,
+        state: &posttrain_train::LoopState,
+        extra: &[(&str, &M)],
     ) -> anyhow::Result<()> {
+        use posttrain_model::SaveDtype::F32;
         let w = posttrain_model::CheckpointWriter::create(&self.path, true)?;
-        w.write_model(model, &self.config, posttrain_model::SaveDtype::F32)?;
+        w.write_model(model, &self.config, F32)?;
+        for (name, m) in extra {
+            let tensors = posttrain_model::params::named_params(*m);
+            let bytes = posttrain_model::safetensors_io::to_safetensors_bytes(&tensors, F32);
+            w.write(&format!("{name}.safetensors"), &bytes)?;
+        }
         optim
             .save_state(&w.path().join(OPTIMIZER_STATE))
             .map_err(anyhow::Error::msg)?;
@@ -297,18 +305,13 @@ impl StateDir {
         Ok(())
     }
 
-    /// The saved run, when there is one: its model (with the saved parameter
-    /// ids), where to continue, and its metrics so far.
-    pub fn load(
+    /// The saved run, when there is one: its model (read by `load` from the
+    /// state directory, then given the saved parameter ids), where to
+    /// continue, and its metrics so far.
+    pub fn load<M: burn::module::Module>(
         &self,
-        device: &burn::tensor::Device,
-    ) -> anyhow::Result<
-        Option<(
-            posttrain_model::Gemma2ForCausalLM,
-            posttrain_sft::Resume,
-            Vec<u8>,
-        )>,
-    > {
+        load: impl FnOnce(&Path) -> anyhow::Result<M>,
+    ) -> anyhow::Result<Option<(M, posttrain_train::Resume, Vec<u8>)>> {
         if !self.path.is_dir() {
             return Ok(None);
         }
@@ -324,23 +327,39 @@ impl StateDir {
         let parse = |key: &str| anyhow::anyhow!("{}: `{key}` is malformed", file.display());
         let ids: std::collections::BTreeMap<String, u64> =
             serde_json::from_value(v["ids"].clone()).map_err(|_| parse("ids"))?;
-        let state: posttrain_sft::LoopState =
+        let state: posttrain_train::LoopState =
             serde_json::from_value(v["loop"].clone()).map_err(|_| parse("loop"))?;
-        let (_, model) = posttrain_model::load_causal_lm(&self.path, device)?;
-        let model = posttrain_model::params::with_param_ids(model, &ids);
+        let model = posttrain_model::params::with_param_ids(load(&self.path)?, &ids);
         let metrics = fs_err::read(self.path.join("metrics.jsonl"))?;
-        let resume = posttrain_sft::Resume {
+        let resume = posttrain_train::Resume {
             state,
             optimizer: self.path.join(OPTIMIZER_STATE),
         };
         Ok(Some((model, resume, metrics)))
     }
 
-    /// Where a (possibly resumed) run's metrics go.
-    pub fn metrics_log(
+    /// Tensors saved beside the model as `NAME.safetensors`.
+    pub fn extra(
         &self,
-        resumed: Option<&[u8]>,
-    ) -> anyhow::Result<posttrain_train::MetricsLog> {
+        name: &str,
+        device: &burn::tensor::Device,
+    ) -> anyhow::Result<posttrain_model::params::ParamMap> {
+        let weights =
+            posttrain_model::Weights::open_file(&self.path.join(format!("{name}.safetensors")))?;
+        weights
+            .names()
+            .map(|n| {
+                let t = weights.read(n)?;
+                Ok((
+                    n.to_string(),
+                    posttrain_model::params::ParamTensor::from_host(&t, device),
+                ))
+            })
+            .collect()
+    }
+
+    /// Where a (possibly resumed) run's metrics go.
+    pub fn metrics_log(&self, resumed: Option<&[u8]>) -> anyhow::Result<posttrain_train::MetricsLog> {
         Ok(match resumed {
             Some(rows) => {
                 fs_err::write(&self.metrics, rows)?;
@@ -382,7 +401,7 @@ pub fn train_resumable(
     let device = model.model.embed_tokens.weight.device();
     let state = StateDir::new(out, fingerprint, config, &writer.join("metrics.jsonl"));
     let resumed = if args.resume {
-        state.load(&device)?
+        state.load(|p| Ok(posttrain_model::load_causal_lm(p, &device)?.1))?
     } else {
         None
     };
@@ -408,10 +427,11 @@ pub fn train_resumable(
     let mut log = state.metrics_log(rows.as_deref())?;
     let mut save = |m: &posttrain_model::Gemma2ForCausalLM,
                     o: &posttrain_train::Optimizer<posttrain_model::Gemma2ForCausalLM>,
-                    st: &posttrain_sft::LoopState| {
-        state.save(m, o, st).map_err(|e| format!("{e:#}"))
+                    st: &posttrain_train::LoopState,
+                    extra: &[(&str, &posttrain_model::Gemma2ForCausalLM)]| {
+        state.save(m, o, st, extra).map_err(|e| format!("{e:#}"))
     };
-    let saver = posttrain_sft::Saver {
+    let saver = posttrain_train::Saver {
         every: args.save_state_every,
         save: &mut save,
     };

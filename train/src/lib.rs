@@ -7,9 +7,11 @@ pub mod metrics;
 pub mod optimizer;
 pub mod progress;
 pub mod schedule;
+pub mod state;
 
 pub use clip::clip_global_norm;
 pub use metrics::MetricsLog;
 pub use optimizer::{OptimConfig, Optimizer, StepStats};
 pub use progress::Progress;
 pub use schedule::warmup_cosine;
+pub use state::{LoopState, Resume, SaveFn, Saver};

@@ -1,0 +1,44 @@
+//! What a training loop needs to continue where it stopped: steps done,
+//! data position and its report so far. The command stores it with the
+//! weights and the optimizer state every N steps; `--resume` hands it back.
+
+use std::path::PathBuf;
+
+use burn::module::Module;
+
+use crate::Optimizer;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoopState {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub epoch: u64,
+    pub next: usize,
+    /// The stage's report up to `step`.
+    pub report: serde_json::Value,
+}
+
+/// A saved state to continue from; the model given to the loop is the one
+/// saved with it (with its parameter ids).
+pub struct Resume {
+    pub state: LoopState,
+    /// What `Optimizer::save_state` wrote.
+    pub optimizer: PathBuf,
+}
+
+/// Stores the model, optimizer and loop state; `extra` holds other modules
+/// the loop keeps (RLHF's anchor).
+pub type SaveFn<'a, M> =
+    dyn FnMut(&M, &Optimizer<M>, &LoopState, &[(&str, &M)]) -> Result<(), String> + 'a;
+
+/// Saves a loop's state every `every` steps (0: never), except after the last.
+pub struct Saver<'a, M> {
+    pub every: usize,
+    pub save: &'a mut SaveFn<'a, M>,
+}
+
+impl<M: Module> Saver<'_, M> {
+    pub fn due(&self, done: usize, total: usize) -> bool {
+        self.every > 0 && done % self.every == 0 && done < total
+    }
+}
