@@ -636,6 +636,12 @@ pub struct RlhfArgs {
     /// Sequences per forward pass when scoring.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Save resumable state (policy, anchor, optimizer, data position, metrics, snapshots) to OUT.state every N steps (0: never).
+    #[arg(long, default_value_t = 50)]
+    pub save_state_every: usize,
+    /// Continue from OUT.state when it exists (same settings and inputs), else start afresh.
+    #[arg(long)]
+    pub resume: bool,
     #[arg(long)]
     pub overwrite: bool,
 }

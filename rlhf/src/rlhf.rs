@@ -9,10 +9,10 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::Tensor;
 use posttrain_datasets::Epochs;
-use posttrain_model::params::{param_map, with_params};
+use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_sft::Vocab;
-use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress};
+use posttrain_train::{LoopState, MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
 use posttrain_warp::{WarpError, ema};
 use serde_json::json;
 
@@ -56,9 +56,11 @@ pub struct RlhfConfig {
     pub save_every: usize,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RlhfReport {
     pub steps: usize,
+    /// Completion tokens sampled.
+    pub tokens: u64,
     /// Mean RM reward of the first and last steps' samples.
     pub first_reward: f64,
     pub last_reward: f64,
@@ -94,6 +96,8 @@ pub enum RlhfError {
     Config(String),
     #[error("writing a snapshot: {0}")]
     Snapshot(String),
+    #[error("resumable state: {0}")]
+    State(String),
 }
 
 /// The seed of step `step`'s rollouts.
@@ -107,7 +111,9 @@ fn mean(v: &[f64]) -> f64 {
 
 /// Trains `policy` (on an autodiff device) from `init` (the SFT policy);
 /// returns the policy and the final anchor. `snapshot(step, policy)` is
-/// called every `save_every` steps before the last.
+/// called every `save_every` steps before the last. With `resume` (and the
+/// anchor saved with it) it continues a saved run; `saver` stores the state
+/// (the anchor as `anchor`) every N steps.
 #[allow(clippy::too_many_arguments)]
 pub fn train_rlhf(
     mut policy: Gemma2ForCausalLM,
@@ -118,6 +124,8 @@ pub fn train_rlhf(
     cfg: &RlhfConfig,
     log: &mut MetricsLog,
     snapshot: &mut dyn FnMut(usize, &Gemma2ForCausalLM) -> Result<(), String>,
+    resume: Option<(&Resume, ParamMap)>,
+    mut saver: Option<Saver<Gemma2ForCausalLM>>,
 ) -> Result<(Gemma2ForCausalLM, Gemma2ForCausalLM, RlhfReport), RlhfError> {
     if prompts.is_empty() {
         return Err(RlhfError::NoPrompts);
@@ -142,9 +150,24 @@ pub fn train_rlhf(
     let mut progress = Progress::new("rlhf", cfg.optim.steps as u64, "steps");
     let start = Instant::now();
     let mut report = RlhfReport::default();
-    let mut tokens = 0u64;
+    let mut first_step = 0;
+    if let Some((r, saved_anchor)) = resume {
+        optim.load_state(&r.optimizer).map_err(RlhfError::State)?;
+        data = Epochs::at(
+            prompts.ids.iter().map(Vec::len).collect(),
+            cfg.prompts_per_step,
+            cfg.seed,
+            r.state.epoch,
+            r.state.next,
+        );
+        report = serde_json::from_value(r.state.report.clone())
+            .map_err(|e| RlhfError::State(format!("report: {e}")))?;
+        anchor = with_params(anchor, &saved_anchor);
+        first_step = r.state.step;
+        progress.advance(first_step as u64, 0);
+    }
 
-    for step in 0..cfg.optim.steps {
+    for step in first_step..cfg.optim.steps {
         let t = Instant::now();
         let indices = data.next_batch();
         let sampling = SamplingConfig {
@@ -230,7 +253,7 @@ pub fn train_rlhf(
         let update_s = t.elapsed().as_secs_f64();
 
         let step_tokens: usize = lengths.iter().sum();
-        tokens += step_tokens as u64;
+        report.tokens += step_tokens as u64;
         let reward = mean(&rewards);
         let mut row = json!({
             "step": step + 1,
@@ -244,7 +267,7 @@ pub fn train_rlhf(
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
             "samples": rollouts.len(),
-            "tokens": tokens,
+            "tokens": report.tokens,
             "rollout_s": rollout_s,
             "reward_s": reward_s,
             "logprob_s": logprob_s,
@@ -287,6 +310,17 @@ pub fn train_rlhf(
         progress.advance(1, step_tokens as u64);
         if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && step + 1 < cfg.optim.steps {
             snapshot(step + 1, &policy).map_err(RlhfError::Snapshot)?;
+        }
+        if let Some(s) = saver.as_mut()
+            && s.due(step + 1, cfg.optim.steps)
+        {
+            let state = LoopState {
+                step: step + 1,
+                epoch: data.epoch,
+                next: data.next,
+                report: serde_json::to_value(&report).expect("the report serialises"),
+            };
+            (s.save)(&policy, &optim, &state, &[("anchor", &anchor)]).map_err(RlhfError::State)?;
         }
         if let Some(bound) = cfg.max_kl
             && report.last_kl_init > bound

@@ -253,6 +253,24 @@ pub struct StateDir {
     fingerprint: serde_json::Value,
     config: posttrain_model::Gemma2Config,
     metrics: std::path::PathBuf,
+    /// A directory of the output in progress to keep with the state (RLHF's
+    /// snapshots), as `carried/`.
+    pub carry: Option<std::path::PathBuf>,
+}
+
+/// Hard-links (or copies) every file under `from` to the same place under `to`.
+fn link_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs_err::create_dir_all(to)?;
+    for entry in fs_err::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if src.is_dir() {
+            link_tree(&src, &dst)?;
+        } else if std::fs::hard_link(&src, &dst).is_err() {
+            fs_err::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
 }
 
 const OPTIMIZER_STATE: &str = "optimizer.bpk";
@@ -273,7 +291,19 @@ impl StateDir {
             fingerprint,
             config: config.clone(),
             metrics: metrics.to_path_buf(),
+            carry: None,
         }
+    }
+
+    /// Puts what was carried back where the run keeps it.
+    pub fn restore_carried(&self) -> anyhow::Result<()> {
+        let (Some(to), from) = (&self.carry, self.path.join("carried")) else {
+            return Ok(());
+        };
+        if from.is_dir() {
+            link_tree(&from, to)?;
+        }
+        Ok(())
     }
 
     pub fn save<M: burn::module::Module>(
@@ -301,6 +331,9 @@ impl StateDir {
         });
         w.write(LOOP_STATE, loop_state.to_string().as_bytes())?;
         w.write("metrics.jsonl", &fs_err::read(&self.metrics)?)?;
+        if let Some(dir) = self.carry.as_ref().filter(|d| d.is_dir()) {
+            link_tree(dir, &w.path().join("carried"))?;
+        }
         w.commit()?;
         Ok(())
     }
@@ -359,7 +392,10 @@ impl StateDir {
     }
 
     /// Where a (possibly resumed) run's metrics go.
-    pub fn metrics_log(&self, resumed: Option<&[u8]>) -> anyhow::Result<posttrain_train::MetricsLog> {
+    pub fn metrics_log(
+        &self,
+        resumed: Option<&[u8]>,
+    ) -> anyhow::Result<posttrain_train::MetricsLog> {
         Ok(match resumed {
             Some(rows) => {
                 fs_err::write(&self.metrics, rows)?;

@@ -5,7 +5,6 @@ use posttrain_datasets::read_prompts;
 use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
 use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, train_rlhf};
 use posttrain_sft::Vocab;
-use posttrain_train::MetricsLog;
 use serde_json::json;
 
 use crate::cli::{AnchorArg, RlhfArgs};
@@ -114,7 +113,44 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         cfg.samples,
         cfg.anchor
     );
-    let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
+    let mut state = super::StateDir::new(
+        &args.out,
+        json!({
+            "rlhf": cfg,
+            "policy": args.policy,
+            "reward": args.reward,
+            "task_reward": args.task_reward,
+            "prompts": args.prompts,
+        }),
+        &config,
+        &writer.path().join("metrics.jsonl"),
+    );
+    state.carry = Some(writer.path().join("snapshots"));
+    let device_ad = policy.model.embed_tokens.weight.device();
+    let resumed = if args.resume {
+        state.load(|p| Ok(posttrain_model::load_causal_lm(p, &device_ad)?.1))?
+    } else {
+        None
+    };
+    let (policy, resume, rows) = match resumed {
+        Some((m, r, rows)) => {
+            eprintln!(
+                "rlhf: resuming from {} at step {}",
+                state.path.display(),
+                r.state.step
+            );
+            state.restore_carried()?;
+            let anchor = state.extra("anchor", &device)?;
+            (m, Some((r, anchor)), Some(rows))
+        }
+        None => {
+            if args.resume {
+                eprintln!("rlhf: no {} yet: starting at step 0", state.path.display());
+            }
+            (policy, None, None)
+        }
+    };
+    let mut log = state.metrics_log(rows.as_deref())?;
     let provenance = |stage: &str| -> Result<Provenance> {
         let mut p = Provenance::new(
             stage,
@@ -148,6 +184,16 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         };
         save().map_err(|e| format!("{e:#}"))
     };
+    let mut save = |m: &Gemma2ForCausalLM,
+                    o: &posttrain_train::Optimizer<Gemma2ForCausalLM>,
+                    st: &posttrain_train::LoopState,
+                    extra: &[(&str, &Gemma2ForCausalLM)]| {
+        state.save(m, o, st, extra).map_err(|e| format!("{e:#}"))
+    };
+    let saver = posttrain_train::Saver {
+        every: args.save_state_every,
+        save: &mut save,
+    };
     let (policy, anchor, report) = train_rlhf(
         policy,
         &init,
@@ -157,6 +203,8 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         &cfg,
         &mut log,
         &mut snapshot,
+        resume.as_ref().map(|(r, a)| (r, a.clone())),
+        Some(saver),
     )?;
     let metrics = serde_json::to_value(&report)?;
     let out = super::finish_checkpoint(
@@ -181,6 +229,7 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
             metrics,
         )?;
     }
+    state.remove()?;
     let score = match (report.first_score, report.last_score) {
         (Some(a), Some(b)) => format!(", true score {a:.3} -> {b:.3}"),
         _ => String::new(),

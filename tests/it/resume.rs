@@ -7,6 +7,108 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::pipeline::Micro;
 use crate::{ok, s};
 
+/// Runs `args`, SIGKILLs it at a random moment after `state` first holds a
+/// saved state, checks the output is absent, and runs `args --resume`.
+fn kill_and_resume(args: &[String], state: &std::path::Path) {
+    let out = std::path::PathBuf::from(&args[args.iter().position(|a| a == "--out").unwrap() + 1]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
+        .args(args)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let delay = Duration::from_millis(u64::from(nanos % 60));
+    let start = Instant::now();
+    while !state.join("state.json").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no state was saved"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(delay);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "the run finished before it was killed ({delay:?})"
+    );
+    assert!(state.is_dir());
+    let mut resumed = args.to_vec();
+    resumed.push("--resume".into());
+    ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        !state.exists(),
+        "the state is removed once the output is complete"
+    );
+}
+
+#[test]
+fn killed_and_resumed_rlhf_equals_the_uninterrupted_run() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prompts = m.task.join("train_prompts.jsonl");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "rlhf",
+            "--policy",
+            s(&policy),
+            "--task-reward",
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--steps",
+            "40",
+            "--prompts-per-step",
+            "8",
+            "--max-new-tokens",
+            "12",
+            "--lr",
+            "3e-3",
+            "--save-state-every",
+            "3",
+            "--save-every",
+            "10",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = m.path("whole");
+    ok(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+    let cut = m.path("cut");
+    kill_and_resume(&args(&cut), &m.path("cut.state"));
+    // the policy, its snapshots (kept with the state) and the metrics
+    for f in [
+        "model.safetensors",
+        "snapshots/step-000010/model.safetensors",
+        "snapshots/step-000030/model.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(cut.join(f)).unwrap(),
+            std::fs::read(whole.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    let rows = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| !k.ends_with("_s") && k != "rollout_tokens_per_s");
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rows(&cut), rows(&whole));
+}
+
 #[test]
 fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
     let m = Micro::new("200", "8", "200");
@@ -38,40 +140,13 @@ fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
     ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
 
     let cut = m.path("cut");
-    let state = m.path("cut.state");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
-        .args(args(&cut))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // a random moment after the first saved state
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let delay = Duration::from_millis(u64::from(nanos % 60));
-    let start = Instant::now();
-    while !state.join("state.json").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no state was saved"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(delay);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!cut.exists(), "the run finished before it was killed");
-    assert!(state.is_dir());
-
-    let mut resumed = args(&cut);
-    resumed.push("--resume".into());
-    ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
+    kill_and_resume(&args(&cut), &m.path("cut.state"));
     assert_eq!(
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(whole.join("model.safetensors")).unwrap(),
-        "resumed weights differ (killed after {delay:?})"
+        "resumed weights differ"
     );
+    let state = m.path("cut.state");
     let rows = |d: &std::path::Path| {
         std::fs::read_to_string(d.join("metrics.jsonl"))
             .unwrap()

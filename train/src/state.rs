@@ -39,6 +39,6 @@ pub struct Saver<'a, M> {
 
 impl<M: Module> Saver<'_, M> {
     pub fn due(&self, done: usize, total: usize) -> bool {
-        self.every > 0 && done % self.every == 0 && done < total
+        self.every > 0 && done.is_multiple_of(self.every) && done < total
     }
 }
