@@ -16,7 +16,7 @@ pub fn bradley_terry_loss(chosen: Tensor<1>, rejected: Tensor<1>, margin: f64) -
 }
 
 /// Pairwise accuracy and reward-gap statistics of scored pairs.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PairStats {
     pub pairs: usize,
     /// Fraction with `r⁺ > r⁻` (ties count half).

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use posttrain_datasets::Epochs;
 use posttrain_model::{Gemma2ForSequenceClassification, Padding, TokenBatch};
-use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress};
+use posttrain_train::{LoopState, MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
 use serde_json::json;
 
 use crate::bradley_terry::{PairStats, bradley_terry_loss};
@@ -32,7 +32,7 @@ pub struct RewardConfig {
     pub margin: f64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RewardReport {
     pub first_loss: f64,
     pub last_loss: f64,
@@ -49,6 +49,8 @@ pub enum RewardError {
     Io(#[from] std::io::Error),
     #[error("no training pairs")]
     NoData,
+    #[error("resumable state: {0}")]
+    State(String),
 }
 
 /// Scores every pair (no gradients).
@@ -66,6 +68,9 @@ pub fn evaluate(
     PairStats::new(&rc, &rr, margin)
 }
 
+/// Trains `model`; with `resume` it continues a saved run (the model is the
+/// saved one), and `saver` stores the state every N steps.
+#[allow(clippy::too_many_arguments)]
 pub fn train_reward(
     mut model: Gemma2ForSequenceClassification,
     train: &[PairIds],
@@ -73,16 +78,20 @@ pub fn train_reward(
     pad: u32,
     cfg: &RewardConfig,
     log: &mut MetricsLog,
+    resume: Option<&Resume>,
+    mut saver: Option<Saver<Gemma2ForSequenceClassification>>,
 ) -> Result<(Gemma2ForSequenceClassification, RewardReport), RewardError> {
     if train.is_empty() {
         return Err(RewardError::NoData);
     }
     let mut optim = Optimizer::new(&cfg.optim);
-    let lengths = train
-        .iter()
-        .map(|p| p.chosen.len().max(p.rejected.len()))
-        .collect();
-    let mut data = Epochs::new(lengths, cfg.batch_size, cfg.seed);
+    let lengths = || {
+        train
+            .iter()
+            .map(|p| p.chosen.len().max(p.rejected.len()))
+            .collect()
+    };
+    let mut data = Epochs::new(lengths(), cfg.batch_size, cfg.seed);
     let mut progress = Progress::new("reward", cfg.optim.steps as u64, "steps");
     let start = Instant::now();
     let mut report = RewardReport {
@@ -93,8 +102,23 @@ pub fn train_reward(
         seconds: 0.0,
     };
     let micro_batches = cfg.optim.accumulation.max(1);
+    let mut first_step = 0;
+    if let Some(r) = resume {
+        optim.load_state(&r.optimizer).map_err(RewardError::State)?;
+        data = Epochs::at(
+            lengths(),
+            cfg.batch_size,
+            cfg.seed,
+            r.state.epoch,
+            r.state.next,
+        );
+        report = serde_json::from_value(r.state.report.clone())
+            .map_err(|e| RewardError::State(format!("report: {e}")))?;
+        first_step = r.state.step;
+        progress.advance(first_step as u64, 0);
+    }
 
-    for step in 0..cfg.optim.steps {
+    for step in first_step..cfg.optim.steps {
         let (mut loss_sum, mut right, mut pairs, mut tokens) = (0.0, 0usize, 0usize, 0u64);
         for _ in 0..micro_batches {
             let idx = data.next_batch();
@@ -161,6 +185,17 @@ pub fn train_reward(
         }
         log.log(&row)?;
         progress.advance(1, tokens);
+        if let Some(s) = saver.as_mut()
+            && s.due(step + 1, cfg.optim.steps)
+        {
+            let state = LoopState {
+                step: step + 1,
+                epoch: data.epoch,
+                next: data.next,
+                report: serde_json::to_value(&report).expect("the report serialises"),
+            };
+            (s.save)(&model, &optim, &state, &[]).map_err(RewardError::State)?;
+        }
     }
     progress.finish();
     report.seconds = start.elapsed().as_secs_f64();

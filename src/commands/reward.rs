@@ -9,7 +9,6 @@ use posttrain_model::{
 use posttrain_reward::{
     PairIds, RewardConfig, encode_pairs, scale_config, score_examples, train_reward,
 };
-use posttrain_train::MetricsLog;
 use serde_json::{Value, json};
 
 use super::JsonRow;
@@ -102,13 +101,62 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
         train.len(),
         eval.len()
     );
-    let mut log = MetricsLog::create(&writer.path().join("metrics.jsonl"))?;
-    let (model, report) = train_reward(model, &train, &eval, tokenizer.pad, &cfg, &mut log)?;
     config.extra.insert(
         "architectures".into(),
         json!(["Gemma2ForSequenceClassification"]),
     );
     config.extra.insert("num_labels".into(), 1.into());
+    let state = super::StateDir::new(
+        &args.out,
+        json!({
+            "train": cfg,
+            "policy": args.policy,
+            "init": args.init,
+            "size_ratio": args.size_ratio,
+            "data": args.data,
+            "eval": args.eval,
+        }),
+        &config,
+        &writer.path().join("metrics.jsonl"),
+    );
+    let device_ad = model.model.embed_tokens.weight.device();
+    let resumed = if args.train.resume {
+        state.load(|p| Ok(posttrain_model::load_reward_model(p, &device_ad)?.1))?
+    } else {
+        None
+    };
+    let (model, resume, rows) = match resumed {
+        Some((m, r, rows)) => {
+            eprintln!(
+                "reward: resuming from {} at step {}",
+                state.path.display(),
+                r.state.step
+            );
+            (m, Some(r), Some(rows))
+        }
+        None => (model, None, None),
+    };
+    let mut log = state.metrics_log(rows.as_deref())?;
+    let mut save = |m: &Gemma2ForSequenceClassification,
+                    o: &posttrain_train::Optimizer<Gemma2ForSequenceClassification>,
+                    st: &posttrain_train::LoopState,
+                    extra: &[(&str, &Gemma2ForSequenceClassification)]| {
+        state.save(m, o, st, extra).map_err(|e| format!("{e:#}"))
+    };
+    let saver = posttrain_train::Saver {
+        every: args.train.save_state_every,
+        save: &mut save,
+    };
+    let (model, report) = train_reward(
+        model,
+        &train,
+        &eval,
+        tokenizer.pad,
+        &cfg,
+        &mut log,
+        resume.as_ref(),
+        Some(saver),
+    )?;
     let provenance = Provenance::new(
         "reward",
         backend,
@@ -135,6 +183,7 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
         Some(args.train.seed),
         metrics,
     )?;
+    state.remove()?;
     let eval = report.eval.map_or(String::new(), |s| {
         format!(
             ", eval accuracy {:.3} (gap {:.3} ± {:.3})",

@@ -110,6 +110,61 @@ fn killed_and_resumed_rlhf_equals_the_uninterrupted_run() {
 }
 
 #[test]
+fn killed_and_resumed_reward_equals_the_uninterrupted_run() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prefs = m.path("prefs.jsonl");
+    ok(&[
+        "data",
+        "prefs",
+        "--policy",
+        s(&policy),
+        "--prompts",
+        s(&m.task.join("train_prompts.jsonl")),
+        "--out",
+        s(&prefs),
+        "--samples",
+        "4",
+        "--pairs-per-prompt",
+        "2",
+        "--max-new-tokens",
+        "12",
+    ]);
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "reward",
+            "--policy",
+            s(&policy),
+            "--size-ratio",
+            "3",
+            "--data",
+            s(&prefs),
+            "--out",
+            s(out),
+            "--steps",
+            "80",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "0",
+            "--save-state-every",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = m.path("whole");
+    ok(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+    let cut = m.path("cut");
+    kill_and_resume(&args(&cut), &m.path("cut.state"));
+    assert_eq!(
+        std::fs::read(cut.join("model.safetensors")).unwrap(),
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        "resumed reward model differs"
+    );
+}
+
+#[test]
 fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
     let m = Micro::new("200", "8", "200");
     let policy = m.policy();
