@@ -21,7 +21,7 @@ pub fn run(
 
 fn prefs(args: PrefsArgs, device: burn::tensor::Device, backend: &str) -> Result<()> {
     use posttrain_reward::{Policy, PrefsConfig, make_preferences};
-    super::refuse_existing(Some(&args.out), args.overwrite)?;
+    super::check_table_output(Some(&args.out), args.overwrite)?;
     if !(0.0..=1.0).contains(&args.label_noise) {
         bail!("--label-noise must be in [0, 1], got {}", args.label_noise);
     }
@@ -178,7 +178,7 @@ impl Record for Scored {
 }
 
 fn score_file(args: ScoreArgs) -> Result<()> {
-    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
+    super::check_table_output(args.out.as_deref(), args.overwrite)?;
     let pairs: Vec<SftPair> = read_records(&args.input)?;
     let mut rows = Vec::with_capacity(pairs.len());
     for (i, p) in pairs.iter().enumerate() {

@@ -13,7 +13,7 @@ fn cell(v: Option<f64>) -> String {
 }
 
 pub fn run(args: EvalArgs, device: Device, backend: &str) -> Result<()> {
-    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
+    super::check_table_output(args.out.as_deref(), args.overwrite)?;
     if args.temperature.is_nan() || args.temperature <= 0.0 {
         anyhow::bail!("--temperature must be positive, got {}", args.temperature);
     }

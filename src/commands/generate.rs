@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::cli::GenerateArgs;
 
 pub fn run(args: GenerateArgs, device: Device, backend: &str) -> Result<()> {
-    super::refuse_existing(Some(&args.out), args.overwrite)?;
+    super::check_table_output(Some(&args.out), args.overwrite)?;
     let prompts = read_prompts(&args.prompts)?;
     let lm = super::ChatModel::load(&args.model, &device)?;
     let config = &lm.config;

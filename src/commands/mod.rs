@@ -28,6 +28,16 @@ pub fn refuse_existing(out: Option<&std::path::Path>, overwrite: bool) -> anyhow
     }
 }
 
+/// Checks, before any work, an output table: not silently replacing a file,
+/// and a name whose extension says JSONL or Parquet.
+pub fn check_table_output(out: Option<&std::path::Path>, overwrite: bool) -> anyhow::Result<()> {
+    refuse_existing(out, overwrite)?;
+    if let Some(path) = out {
+        posttrain_datasets::records::Format::of(path)?;
+    }
+    Ok(())
+}
+
 /// A causal LM checkpoint with its tokenizer, checked to fit together.
 pub struct ChatModel {
     pub config: posttrain_model::Gemma2Config,

@@ -200,7 +200,7 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
 }
 
 pub fn score(args: RewardScoreArgs, device: Device) -> Result<()> {
-    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
+    super::check_table_output(args.out.as_deref(), args.overwrite)?;
     let (config, model, tokenizer) = super::load_reward(&args.reward, &device)?;
     let rows: Vec<SftPair> = read_records(&args.input)?;
     let ids = encode_pairs(

@@ -3,6 +3,7 @@
 mod bad_inputs;
 mod checkpoints;
 mod cli;
+mod determinism;
 mod makefile;
 mod pipeline;
 mod resume;
