@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use posttrain_datasets::Epochs;
 use posttrain_model::{Gemma2ForSequenceClassification, Padding, TokenBatch};
-use posttrain_train::{LoopState, MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
+use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
 use serde_json::json;
 
 use crate::bradley_terry::{PairStats, bradley_terry_loss};
@@ -185,16 +185,18 @@ pub fn train_reward(
         }
         log.log(&row)?;
         progress.advance(1, tokens);
-        if let Some(s) = saver.as_mut()
-            && s.due(step + 1, cfg.optim.steps)
-        {
-            let state = LoopState {
-                step: step + 1,
-                epoch: data.epoch,
-                next: data.next,
-                report: serde_json::to_value(&report).expect("the report serialises"),
-            };
-            (s.save)(&model, &optim, &state, &[]).map_err(RewardError::State)?;
+        if let Some(s) = saver.as_mut() {
+            let position = (data.epoch, data.next);
+            s.after_step(
+                step + 1,
+                cfg.optim.steps,
+                position,
+                &report,
+                &model,
+                &optim,
+                &[],
+            )
+            .map_err(RewardError::State)?;
         }
     }
     progress.finish();

@@ -12,7 +12,7 @@ use posttrain_datasets::Epochs;
 use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_sft::Vocab;
-use posttrain_train::{LoopState, MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
+use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
 use posttrain_warp::{WarpError, ema};
 use serde_json::json;
 
@@ -311,16 +311,18 @@ pub fn train_rlhf(
         if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && step + 1 < cfg.optim.steps {
             snapshot(step + 1, &policy).map_err(RlhfError::Snapshot)?;
         }
-        if let Some(s) = saver.as_mut()
-            && s.due(step + 1, cfg.optim.steps)
-        {
-            let state = LoopState {
-                step: step + 1,
-                epoch: data.epoch,
-                next: data.next,
-                report: serde_json::to_value(&report).expect("the report serialises"),
-            };
-            (s.save)(&policy, &optim, &state, &[("anchor", &anchor)]).map_err(RlhfError::State)?;
+        if let Some(s) = saver.as_mut() {
+            let position = (data.epoch, data.next);
+            s.after_step(
+                step + 1,
+                cfg.optim.steps,
+                position,
+                &report,
+                &policy,
+                &optim,
+                &[("anchor", &anchor)],
+            )
+            .map_err(RlhfError::State)?;
         }
         if let Some(bound) = cfg.max_kl
             && report.last_kl_init > bound

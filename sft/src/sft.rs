@@ -13,7 +13,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use posttrain_datasets::{ChatTokenizer, Epochs, Example};
 use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, TokenBatch, generate};
-use posttrain_train::{LoopState, MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
+use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -446,16 +446,18 @@ pub fn train_lm(
         }
         log.log(&row)?;
         progress.advance(1, step_tokens);
-        if let Some(s) = saver.as_mut()
-            && s.due(step + 1, cfg.optim.steps)
-        {
-            let state = LoopState {
-                step: step + 1,
-                epoch: data.epoch,
-                next: data.next,
-                report: serde_json::to_value(&report).expect("the report serialises"),
-            };
-            (s.save)(&model, &optim, &state, &[]).map_err(SftError::State)?;
+        if let Some(s) = saver.as_mut() {
+            let position = (data.epoch, data.next);
+            s.after_step(
+                step + 1,
+                cfg.optim.steps,
+                position,
+                &report,
+                &model,
+                &optim,
+                &[],
+            )
+            .map_err(SftError::State)?;
         }
     }
     progress.finish();

@@ -381,6 +381,38 @@ impl StateDir {
         Ok(Some((model, resume, metrics)))
     }
 
+    /// With `resume`, the saved run when there is one (see [`StateDir::load`]),
+    /// else `fresh`; says which on stderr.
+    #[allow(clippy::type_complexity)]
+    pub fn resume_or<M: burn::module::Module>(
+        &self,
+        stage: &str,
+        resume: bool,
+        fresh: M,
+        load: impl FnOnce(&Path) -> anyhow::Result<M>,
+    ) -> anyhow::Result<(M, Option<posttrain_train::Resume>, Option<Vec<u8>>)> {
+        let saved = if resume { self.load(load)? } else { None };
+        Ok(match saved {
+            Some((model, r, rows)) => {
+                eprintln!(
+                    "{stage}: resuming from {} at step {}",
+                    self.path.display(),
+                    r.state.step
+                );
+                (model, Some(r), Some(rows))
+            }
+            None => {
+                if resume {
+                    eprintln!(
+                        "{stage}: no {} yet: starting at step 0",
+                        self.path.display()
+                    );
+                }
+                (fresh, None, None)
+            }
+        })
+    }
+
     /// Tensors saved beside the model as `NAME.safetensors`.
     pub fn extra(
         &self,
@@ -446,30 +478,9 @@ pub fn train_resumable(
 )> {
     let device = model.model.embed_tokens.weight.device();
     let state = StateDir::new(out, fingerprint, config, &writer.join("metrics.jsonl"));
-    let resumed = if args.resume {
-        state.load(|p| Ok(posttrain_model::load_causal_lm(p, &device)?.1))?
-    } else {
-        None
-    };
-    let (model, resume, rows) = match resumed {
-        Some((m, r, rows)) => {
-            eprintln!(
-                "{stage}: resuming from {} at step {}",
-                state.path.display(),
-                r.state.step
-            );
-            (m, Some(r), Some(rows))
-        }
-        None => {
-            if args.resume {
-                eprintln!(
-                    "{stage}: no {} yet: starting at step 0",
-                    state.path.display()
-                );
-            }
-            (model, None, None)
-        }
-    };
+    let (model, resume, rows) = state.resume_or(stage, args.resume, model, |p| {
+        Ok(posttrain_model::load_causal_lm(p, &device)?.1)
+    })?;
     let mut log = state.metrics_log(rows.as_deref())?;
     let mut save = |m: &posttrain_model::Gemma2ForCausalLM,
                     o: &posttrain_train::Optimizer<posttrain_model::Gemma2ForCausalLM>,

@@ -120,22 +120,9 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
         &writer.path().join("metrics.jsonl"),
     );
     let device_ad = model.model.embed_tokens.weight.device();
-    let resumed = if args.train.resume {
-        state.load(|p| Ok(posttrain_model::load_reward_model(p, &device_ad)?.1))?
-    } else {
-        None
-    };
-    let (model, resume, rows) = match resumed {
-        Some((m, r, rows)) => {
-            eprintln!(
-                "reward: resuming from {} at step {}",
-                state.path.display(),
-                r.state.step
-            );
-            (m, Some(r), Some(rows))
-        }
-        None => (model, None, None),
-    };
+    let (model, resume, rows) = state.resume_or("reward", args.train.resume, model, |p| {
+        Ok(posttrain_model::load_reward_model(p, &device_ad)?.1)
+    })?;
     let mut log = state.metrics_log(rows.as_deref())?;
     let mut save = |m: &Gemma2ForSequenceClassification,
                     o: &posttrain_train::Optimizer<Gemma2ForSequenceClassification>,

@@ -127,28 +127,15 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
     );
     state.carry = Some(writer.path().join("snapshots"));
     let device_ad = policy.model.embed_tokens.weight.device();
-    let resumed = if args.resume {
-        state.load(|p| Ok(posttrain_model::load_causal_lm(p, &device_ad)?.1))?
-    } else {
-        None
-    };
-    let (policy, resume, rows) = match resumed {
-        Some((m, r, rows)) => {
-            eprintln!(
-                "rlhf: resuming from {} at step {}",
-                state.path.display(),
-                r.state.step
-            );
+    let (policy, resume, rows) = state.resume_or("rlhf", args.resume, policy, |p| {
+        Ok(posttrain_model::load_causal_lm(p, &device_ad)?.1)
+    })?;
+    let resume = match resume {
+        Some(r) => {
             state.restore_carried()?;
-            let anchor = state.extra("anchor", &device)?;
-            (m, Some((r, anchor)), Some(rows))
+            Some((r, state.extra("anchor", &device)?))
         }
-        None => {
-            if args.resume {
-                eprintln!("rlhf: no {} yet: starting at step 0", state.path.display());
-            }
-            (policy, None, None)
-        }
+        None => None,
     };
     let mut log = state.metrics_log(rows.as_deref())?;
     let provenance = |stage: &str| -> Result<Provenance> {

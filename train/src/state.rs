@@ -41,4 +41,29 @@ impl<M: Module> Saver<'_, M> {
     pub fn due(&self, done: usize, total: usize) -> bool {
         self.every > 0 && done.is_multiple_of(self.every) && done < total
     }
+
+    /// Saves when `done` of `total` steps is due, with the data position
+    /// `(epoch, next)` and the report so far.
+    #[allow(clippy::too_many_arguments)]
+    pub fn after_step(
+        &mut self,
+        done: usize,
+        total: usize,
+        (epoch, next): (u64, usize),
+        report: &impl serde::Serialize,
+        model: &M,
+        optim: &Optimizer<M>,
+        extra: &[(&str, &M)],
+    ) -> Result<(), String> {
+        if !self.due(done, total) {
+            return Ok(());
+        }
+        let state = LoopState {
+            step: done,
+            epoch,
+            next,
+            report: serde_json::to_value(report).map_err(|e| e.to_string())?,
+        };
+        (self.save)(model, optim, &state, extra)
+    }
 }
