@@ -700,6 +700,7 @@ mod tests {
     #[test]
     fn resuming_from_a_saved_state_is_bitwise_the_uninterrupted_run() {
         use posttrain_model::params::{param_ids, param_map, with_param_ids, with_params};
+        use posttrain_train::LoopState;
         let device = Device::default().autodiff();
         let tok = tokenizer();
         let vocab = Vocab {
