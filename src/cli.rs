@@ -53,7 +53,7 @@ pub enum Command {
     Score(RewardScoreArgs),
     /// Write SFT pairs with a teacher's completions (and top-k log-probs).
     Generate(GenerateArgs),
-    /// Show a checkpoint: config, parameter count, tensors, provenance.
+    /// Show a checkpoint: config, parameter count, tensors, provenance and its lineage back to the roots.
     Inspect(InspectArgs),
     /// Sample completions from a causal LM checkpoint (JSONL out).
     Sample(SampleArgs),
