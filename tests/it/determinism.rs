@@ -119,7 +119,10 @@ fn every_stage_is_reproducible() {
 fn an_interrupted_data_stage_leaves_no_output() {
     let m = Micro::new("200", "8", "200");
     let policy = m.policy();
-    let prompts = m.task.join("train_prompts.jsonl");
+    // enough work that neither stage can finish within the wait below
+    let prompts = m.path("many_prompts.jsonl");
+    let one = std::fs::read_to_string(m.task.join("train_prompts.jsonl")).unwrap();
+    std::fs::write(&prompts, one.repeat(10)).unwrap();
     for (name, args) in [
         (
             "prefs.jsonl",
