@@ -198,17 +198,15 @@ impl Epochs {
         }
     }
 
-    /// The stream resumed at data position `(epoch, next)`.
-    pub fn at(lengths: Vec<usize>, batch_size: usize, seed: u64, epoch: u64, next: usize) -> Self {
-        let order = bucketed_batches(&lengths, batch_size, seed.wrapping_add(epoch));
-        Self {
-            lengths,
-            batch_size,
-            seed,
-            epoch,
-            next,
-            order,
-        }
+    /// Moves to data position `(epoch, next)` (a resumed run).
+    pub fn seek(&mut self, epoch: u64, next: usize) {
+        self.order = bucketed_batches(
+            &self.lengths,
+            self.batch_size,
+            self.seed.wrapping_add(epoch),
+        );
+        self.epoch = epoch;
+        self.next = next;
     }
 
     /// The next batch's example indices (empty only without examples).

@@ -1,70 +1,13 @@
 //! Parameters by their Hugging Face names: read them out of a module (to
 //! save, or for weight-space algebra on the device), write them back, and
-//! gradients by the same names.
+//! gradients by the same names. One visitor reads, one mapper writes.
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 
 use crate::safetensors_io::HostTensor;
-
-struct Collect<'g> {
-    path: Vec<String>,
-    grads: Option<&'g Gradients>,
-    out: BTreeMap<String, HostTensor>,
-}
-
-fn to_host<const D: usize>(t: Tensor<D>) -> HostTensor {
-    let shape = t.dims().to_vec();
-    let data = t
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .expect("float tensor");
-    HostTensor { shape, data }
-}
-
-impl ModuleVisitor for Collect<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let value = match self.grads {
-            None => Some(param.val()),
-            Some(grads) => param.val().grad(grads),
-        };
-        if let Some(t) = value {
-            self.out.insert(self.path.join("."), to_host(t));
-        }
-    }
-}
-
-/// Every float parameter, keyed by its path (= Hugging Face name).
-pub fn named_params<M: Module>(module: &M) -> BTreeMap<String, HostTensor> {
-    let mut c = Collect {
-        path: Vec::new(),
-        grads: None,
-        out: BTreeMap::new(),
-    };
-    module.visit(&mut c);
-    c.out
-}
-
-/// Gradients of every parameter that has one, by name.
-pub fn named_grads<M: Module>(module: &M, grads: &Gradients) -> BTreeMap<String, HostTensor> {
-    let mut c = Collect {
-        path: Vec::new(),
-        grads: Some(grads),
-        out: BTreeMap::new(),
-    };
-    module.visit(&mut c);
-    c.out
-}
 
 /// One parameter on the device, flattened, with its shape.
 #[derive(Debug, Clone)]
@@ -106,12 +49,15 @@ impl ParamTensor {
 /// Parameters by name, on the device and outside any autodiff graph.
 pub type ParamMap = BTreeMap<String, ParamTensor>;
 
-struct Gather {
+/// Every float parameter (or its gradient) with its path, id and value,
+/// flattened and outside the autodiff graph.
+struct Walk<'g, F> {
     path: Vec<String>,
-    out: ParamMap,
+    grads: Option<&'g Gradients>,
+    seen: F,
 }
 
-impl ModuleVisitor for Gather {
+impl<F: FnMut(String, ParamId, ParamTensor)> ModuleVisitor for Walk<'_, F> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -121,27 +67,72 @@ impl ModuleVisitor for Gather {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val().inner();
-        let shape = t.dims().to_vec();
-        let value = t.reshape([shape.iter().product::<usize>()]);
-        self.out
-            .insert(self.path.join("."), ParamTensor { shape, value });
+        let value = match self.grads {
+            None => Some(param.val()),
+            Some(grads) => param.val().grad(grads),
+        };
+        if let Some(t) = value {
+            let t = t.inner();
+            let shape = t.dims().to_vec();
+            let value = t.reshape([shape.iter().product::<usize>()]);
+            (self.seen)(self.path.join("."), param.id, ParamTensor { shape, value });
+        }
     }
+}
+
+fn walk<M: Module>(
+    module: &M,
+    grads: Option<&Gradients>,
+    seen: impl FnMut(String, ParamId, ParamTensor),
+) {
+    module.visit(&mut Walk {
+        path: Vec::new(),
+        grads,
+        seen,
+    });
+}
+
+/// Every float parameter, keyed by its path (= Hugging Face name).
+pub fn named_params<M: Module>(module: &M) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    walk(module, None, |name, _, p| {
+        out.insert(name, p.to_host());
+    });
+    out
+}
+
+/// Gradients of every parameter that has one, by name.
+pub fn named_grads<M: Module>(module: &M, grads: &Gradients) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    walk(module, Some(grads), |name, _, p| {
+        out.insert(name, p.to_host());
+    });
+    out
 }
 
 /// Every float parameter of `module` on its device (no host copy).
 pub fn param_map<M: Module>(module: &M) -> ParamMap {
-    let mut g = Gather {
-        path: Vec::new(),
-        out: ParamMap::new(),
-    };
-    module.visit(&mut g);
-    g.out
+    let mut out = ParamMap::new();
+    walk(module, None, |name, _, p| {
+        out.insert(name, p);
+    });
+    out
 }
 
+/// The optimizer-state key (`ParamId`) of every float parameter, by name.
+pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    walk(module, None, |name, id, _| {
+        out.insert(name, id.val());
+    });
+    out
+}
+
+/// Writes named values and/or ids into a module's parameters.
 struct Replace<'a> {
     path: Vec<String>,
-    params: &'a ParamMap,
+    values: Option<&'a ParamMap>,
+    ids: Option<&'a BTreeMap<String, u64>>,
 }
 
 impl ModuleMapper for Replace<'_> {
@@ -155,19 +146,26 @@ impl ModuleMapper for Replace<'_> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let name = self.path.join(".");
-        let Some(new) = self.params.get(&name) else {
-            return param;
+        let param = match self.values.and_then(|v| v.get(&name)) {
+            Some(new) => param.map(|old| {
+                let dims = old.dims();
+                assert_eq!(new.shape, dims, "parameter {name}: shape");
+                let value = new.value.clone().reshape(dims);
+                if old.is_autodiff() {
+                    value.autodiff().require_grad()
+                } else {
+                    value
+                }
+            }),
+            None => param,
         };
-        param.map(|old| {
-            let dims = old.dims();
-            assert_eq!(new.shape, dims, "parameter {name}: shape");
-            let value = new.value.clone().reshape(dims);
-            if old.is_autodiff() {
-                value.autodiff().require_grad()
-            } else {
-                value
+        match self.ids.and_then(|ids| ids.get(&name)) {
+            Some(&id) => {
+                let (_, value, mapper) = param.consume();
+                Param::from_mapped_value(ParamId::from(id), value, mapper)
             }
-        })
+            None => param,
+        }
     }
 }
 
@@ -176,69 +174,18 @@ impl ModuleMapper for Replace<'_> {
 pub fn with_params<M: Module>(module: M, params: &ParamMap) -> M {
     module.map(&mut Replace {
         path: Vec::new(),
-        params,
+        values: Some(params),
+        ids: None,
     })
-}
-
-struct Ids<'a> {
-    path: Vec<String>,
-    read: Option<&'a BTreeMap<String, u64>>,
-    out: BTreeMap<String, u64>,
-}
-
-impl ModuleVisitor for Ids<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.insert(self.path.join("."), param.id.val());
-    }
-}
-
-impl ModuleMapper for Ids<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let name = self.path.join(".");
-        match self.read.and_then(|ids| ids.get(&name)) {
-            Some(&id) => {
-                let (_, value, mapper) = param.consume();
-                Param::from_mapped_value(burn::module::ParamId::from(id), value, mapper)
-            }
-            None => param,
-        }
-    }
-}
-
-/// The optimizer-state key (`ParamId`) of every float parameter, by name.
-pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
-    let mut v = Ids {
-        path: Vec::new(),
-        read: None,
-        out: BTreeMap::new(),
-    };
-    module.visit(&mut v);
-    v.out
 }
 
 /// `module` with the parameter ids of an earlier run, so that optimizer
 /// state saved then applies to the parameters loaded now.
 pub fn with_param_ids<M: Module>(module: M, ids: &BTreeMap<String, u64>) -> M {
-    module.map(&mut Ids {
+    module.map(&mut Replace {
         path: Vec::new(),
-        read: Some(ids),
-        out: BTreeMap::new(),
+        values: None,
+        ids: Some(ids),
     })
 }
 

@@ -85,13 +85,11 @@ pub fn train_reward(
         return Err(RewardError::NoData);
     }
     let mut optim = Optimizer::new(&cfg.optim);
-    let lengths = || {
-        train
-            .iter()
-            .map(|p| p.chosen.len().max(p.rejected.len()))
-            .collect()
-    };
-    let mut data = Epochs::new(lengths(), cfg.batch_size, cfg.seed);
+    let lengths = train
+        .iter()
+        .map(|p| p.chosen.len().max(p.rejected.len()))
+        .collect();
+    let mut data = Epochs::new(lengths, cfg.batch_size, cfg.seed);
     let mut progress = Progress::new("reward", cfg.optim.steps as u64, "steps");
     let start = Instant::now();
     let mut report = RewardReport {
@@ -104,16 +102,8 @@ pub fn train_reward(
     let micro_batches = cfg.optim.accumulation.max(1);
     let mut first_step = 0;
     if let Some(r) = resume {
-        optim.load_state(&r.optimizer).map_err(RewardError::State)?;
-        data = Epochs::at(
-            lengths(),
-            cfg.batch_size,
-            cfg.seed,
-            r.state.epoch,
-            r.state.next,
-        );
-        report = serde_json::from_value(r.state.report.clone())
-            .map_err(|e| RewardError::State(format!("report: {e}")))?;
+        report = r.restore(&mut optim).map_err(RewardError::State)?;
+        data.seek(r.state.epoch, r.state.next);
         first_step = r.state.step;
         progress.advance(first_step as u64, 0);
     }

@@ -152,16 +152,8 @@ pub fn train_rlhf(
     let mut report = RlhfReport::default();
     let mut first_step = 0;
     if let Some((r, saved_anchor)) = resume {
-        optim.load_state(&r.optimizer).map_err(RlhfError::State)?;
-        data = Epochs::at(
-            prompts.ids.iter().map(Vec::len).collect(),
-            cfg.prompts_per_step,
-            cfg.seed,
-            r.state.epoch,
-            r.state.next,
-        );
-        report = serde_json::from_value(r.state.report.clone())
-            .map_err(|e| RlhfError::State(format!("report: {e}")))?;
+        report = r.restore(&mut optim).map_err(RlhfError::State)?;
+        data.seek(r.state.epoch, r.state.next);
         anchor = with_params(anchor, &saved_anchor);
         first_step = r.state.step;
         progress.advance(first_step as u64, 0);

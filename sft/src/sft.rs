@@ -331,21 +331,13 @@ pub fn train_lm(
     let micro_batches = cfg.optim.accumulation.max(1);
     let mut first_step = 0;
     if let Some(r) = resume {
-        optim.load_state(&r.optimizer).map_err(SftError::State)?;
-        data = Epochs::at(
-            train.iter().map(|e| e.ids.len()).collect(),
-            cfg.batch_size,
-            cfg.seed,
-            r.state.epoch,
-            r.state.next,
-        );
+        report = r.restore(&mut optim).map_err(SftError::State)?;
+        data.seek(r.state.epoch, r.state.next);
         if on_policy.is_some() {
             for _ in 0..r.state.step * micro_batches {
                 coin.random::<f64>();
             }
         }
-        report = serde_json::from_value(r.state.report.clone())
-            .map_err(|e| SftError::State(format!("report: {e}")))?;
         first_step = r.state.step;
         progress.advance(first_step as u64, 0);
     }
@@ -739,10 +731,10 @@ mod tests {
         // the same run, saving its state after step 3
         let optimizer = dir.path().join("optimizer.bpk");
         let mut saved = None;
-        let mut save = |m: &Gemma2ForCausalLM,
-                        o: &Optimizer<Gemma2ForCausalLM>,
-                        st: &LoopState,
-                        _: &[(&str, &Gemma2ForCausalLM)]| {
+        let save = |m: &Gemma2ForCausalLM,
+                    o: &Optimizer<Gemma2ForCausalLM>,
+                    st: &LoopState,
+                    _: &[(&str, &Gemma2ForCausalLM)]| {
             o.save_state(&optimizer)?;
             if st.step == 3 {
                 saved = Some((param_map(m), param_ids(m), st.clone()));
@@ -761,7 +753,7 @@ mod tests {
             None,
             Some(Saver {
                 every: 3,
-                save: &mut save,
+                save: Box::new(save),
             }),
         )
         .unwrap();

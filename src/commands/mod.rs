@@ -433,6 +433,16 @@ impl StateDir {
             .collect()
     }
 
+    /// Saves this state every `every` steps of a loop.
+    pub fn saver<M: burn::module::Module>(&self, every: usize) -> posttrain_train::Saver<'_, M> {
+        posttrain_train::Saver {
+            every,
+            save: Box::new(move |m, o, st, extra| {
+                self.save(m, o, st, extra).map_err(|e| format!("{e:#}"))
+            }),
+        }
+    }
+
     /// Where a (possibly resumed) run's metrics go.
     pub fn metrics_log(
         &self,
@@ -482,16 +492,7 @@ pub fn train_resumable(
         Ok(posttrain_model::load_causal_lm(p, &device)?.1)
     })?;
     let mut log = state.metrics_log(rows.as_deref())?;
-    let mut save = |m: &posttrain_model::Gemma2ForCausalLM,
-                    o: &posttrain_train::Optimizer<posttrain_model::Gemma2ForCausalLM>,
-                    st: &posttrain_train::LoopState,
-                    extra: &[(&str, &posttrain_model::Gemma2ForCausalLM)]| {
-        state.save(m, o, st, extra).map_err(|e| format!("{e:#}"))
-    };
-    let saver = posttrain_train::Saver {
-        every: args.save_state_every,
-        save: &mut save,
-    };
+    let saver = state.saver(args.save_state_every);
     let (model, report) = posttrain_sft::train_lm(
         stage,
         model,

@@ -124,16 +124,7 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
         Ok(posttrain_model::load_reward_model(p, &device_ad)?.1)
     })?;
     let mut log = state.metrics_log(rows.as_deref())?;
-    let mut save = |m: &Gemma2ForSequenceClassification,
-                    o: &posttrain_train::Optimizer<Gemma2ForSequenceClassification>,
-                    st: &posttrain_train::LoopState,
-                    extra: &[(&str, &Gemma2ForSequenceClassification)]| {
-        state.save(m, o, st, extra).map_err(|e| format!("{e:#}"))
-    };
-    let saver = posttrain_train::Saver {
-        every: args.train.save_state_every,
-        save: &mut save,
-    };
+    let saver = state.saver(args.train.save_state_every);
     let (model, report) = train_reward(
         model,
         &train,

@@ -171,16 +171,7 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         };
         save().map_err(|e| format!("{e:#}"))
     };
-    let mut save = |m: &Gemma2ForCausalLM,
-                    o: &posttrain_train::Optimizer<Gemma2ForCausalLM>,
-                    st: &posttrain_train::LoopState,
-                    extra: &[(&str, &Gemma2ForCausalLM)]| {
-        state.save(m, o, st, extra).map_err(|e| format!("{e:#}"))
-    };
-    let saver = posttrain_train::Saver {
-        every: args.save_state_every,
-        save: &mut save,
-    };
+    let saver = state.saver(args.save_state_every);
     let (policy, anchor, report) = train_rlhf(
         policy,
         &init,

@@ -26,6 +26,17 @@ pub struct Resume {
     pub optimizer: PathBuf,
 }
 
+impl Resume {
+    /// Loads the optimizer state into `optim` and returns the report so far.
+    pub fn restore<M: Module, R: serde::de::DeserializeOwned>(
+        &self,
+        optim: &mut Optimizer<M>,
+    ) -> Result<R, String> {
+        optim.load_state(&self.optimizer)?;
+        serde_json::from_value(self.state.report.clone()).map_err(|e| format!("report: {e}"))
+    }
+}
+
 /// Stores the model, optimizer and loop state; `extra` holds other modules
 /// the loop keeps (RLHF's anchor).
 pub type SaveFn<'a, M> =
@@ -34,7 +45,7 @@ pub type SaveFn<'a, M> =
 /// Saves a loop's state every `every` steps (0: never), except after the last.
 pub struct Saver<'a, M> {
     pub every: usize,
-    pub save: &'a mut SaveFn<'a, M>,
+    pub save: Box<SaveFn<'a, M>>,
 }
 
 impl<M: Module> Saver<'_, M> {
