@@ -343,6 +343,10 @@ pub struct SynthArgs {
     /// Held-out pairs (prompts disjoint from training).
     #[arg(long, default_value_t = 200)]
     pub eval: usize,
+    /// Largest operand of the arithmetic and comparison questions (30: ~3,400 distinct
+    /// questions; 99: ~26,000).
+    #[arg(long, default_value_t = posttrain_datasets::task::DEFAULT_MAX_NUMBER)]
+    pub max_number: u32,
     /// Tokenizer vocabulary size (control tokens included).
     #[arg(long, default_value_t = 512)]
     pub vocab_size: usize,

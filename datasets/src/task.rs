@@ -45,7 +45,8 @@ const WORDS: &[&str] = &[
     "net", "owl", "pen", "pig", "rat", "sky", "toy", "van", "web", "yak",
 ];
 
-const MAX_NUMBER: u32 = 30;
+/// Operands of the arithmetic and comparison questions run from 0 to this.
+pub const DEFAULT_MAX_NUMBER: u32 = 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
@@ -76,12 +77,12 @@ pub struct Item {
     pub answer: String,
 }
 
-fn item(rng: &mut StdRng) -> Item {
+fn item(rng: &mut StdRng, max_number: u32) -> Item {
     let family = *FAMILIES.choose(rng).expect("families");
     let word = *WORDS.choose(rng).expect("words");
     let (a, b) = (
-        rng.random_range(0..=MAX_NUMBER),
-        rng.random_range(0..=MAX_NUMBER),
+        rng.random_range(0..=max_number),
+        rng.random_range(0..=max_number),
     );
     let (prompt, completion, answer) = match family {
         Family::Add => (
@@ -99,7 +100,7 @@ fn item(rng: &mut StdRng) -> Item {
         }
         Family::Larger => {
             let b = if a == b {
-                (b + 1) % (MAX_NUMBER + 1)
+                (b + 1) % (max_number + 1)
             } else {
                 b
             };
@@ -148,8 +149,10 @@ fn item(rng: &mut StdRng) -> Item {
     }
 }
 
-/// `train` and `eval` items with disjoint prompts, deterministic in `seed`.
-pub fn synth(seed: u64, train: usize, eval: usize) -> (Vec<Item>, Vec<Item>) {
+/// `train` and `eval` items with disjoint prompts, deterministic in `seed`;
+/// numbers in the questions run from 0 to `max_number` (at least 1).
+pub fn synth(seed: u64, train: usize, eval: usize, max_number: u32) -> (Vec<Item>, Vec<Item>) {
+    let max_number = max_number.max(1);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seen = HashSet::new();
     let mut take = |n: usize, rng: &mut StdRng| {
@@ -157,7 +160,7 @@ pub fn synth(seed: u64, train: usize, eval: usize) -> (Vec<Item>, Vec<Item>) {
         let mut attempts = 0;
         while out.len() < n && attempts < 100 * n.max(1) {
             attempts += 1;
-            let it = item(rng);
+            let it = item(rng, max_number);
             if seen.insert(it.prompt.clone()) {
                 out.push(it);
             }
@@ -252,7 +255,7 @@ mod tests {
 
     #[test]
     fn references_score_full_marks() {
-        let (train, eval) = synth(1, 300, 50);
+        let (train, eval) = synth(1, 300, 50, DEFAULT_MAX_NUMBER);
         assert_eq!((train.len(), eval.len()), (300, 50));
         for it in train.iter().chain(&eval) {
             let s = score(&it.prompt, &it.completion).unwrap();
@@ -265,8 +268,31 @@ mod tests {
 
     #[test]
     fn synth_is_deterministic_in_the_seed() {
-        assert_eq!(synth(4, 20, 5), synth(4, 20, 5));
-        assert_ne!(synth(4, 20, 5), synth(5, 20, 5));
+        assert_eq!(synth(4, 20, 5, 30), synth(4, 20, 5, 30));
+        assert_ne!(synth(4, 20, 5, 30), synth(5, 20, 5, 30));
+    }
+
+    #[test]
+    fn a_wider_number_range_gives_more_distinct_questions() {
+        let numbers = |items: &[Item]| {
+            items
+                .iter()
+                .filter_map(|i| i.answer.parse::<u32>().ok())
+                .max()
+                .unwrap()
+        };
+        let (narrow, _) = synth(2, 20_000, 10, DEFAULT_MAX_NUMBER);
+        let (wide, eval) = synth(2, 20_000, 10, 99);
+        assert!(narrow.len() < 4_000, "{}", narrow.len());
+        assert_eq!(wide.len(), 20_000);
+        assert!(numbers(&narrow) <= 60 && numbers(&wide) > 100);
+        for it in wide.iter().chain(&eval) {
+            assert_eq!(
+                score(&it.prompt, &it.completion).unwrap().score,
+                1.0,
+                "{it:?}"
+            );
+        }
     }
 
     #[test]

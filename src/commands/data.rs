@@ -102,7 +102,7 @@ fn synth_task(args: SynthArgs) -> Result<()> {
     if args.train == 0 || args.eval == 0 {
         bail!("--train and --eval must be positive");
     }
-    let (train, eval) = synth(args.seed, args.train, args.eval);
+    let (train, eval) = synth(args.seed, args.train, args.eval, args.max_number);
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
     let dir = writer.path();
     let pairs = |items: &[posttrain_datasets::task::Item]| {
@@ -137,6 +137,7 @@ fn synth_task(args: SynthArgs) -> Result<()> {
             "seed": args.seed,
             "train": args.train,
             "eval": args.eval,
+            "max_number": args.max_number,
             "vocab_size": args.vocab_size,
         }),
     );
