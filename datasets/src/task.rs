@@ -150,9 +150,8 @@ fn item(rng: &mut StdRng, max_number: u32) -> Item {
 }
 
 /// `train` and `eval` items with disjoint prompts, deterministic in `seed`;
-/// numbers in the questions run from 0 to `max_number` (at least 1).
+/// numbers in the questions run from 0 to `max_number`.
 pub fn synth(seed: u64, train: usize, eval: usize, max_number: u32) -> (Vec<Item>, Vec<Item>) {
-    let max_number = max_number.max(1);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seen = HashSet::new();
     let mut take = |n: usize, rng: &mut StdRng| {

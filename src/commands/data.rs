@@ -102,6 +102,9 @@ fn synth_task(args: SynthArgs) -> Result<()> {
     if args.train == 0 || args.eval == 0 {
         bail!("--train and --eval must be positive");
     }
+    if args.max_number == 0 {
+        bail!("--max-number must be at least 1");
+    }
     let (train, eval) = synth(args.seed, args.train, args.eval, args.max_number);
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
     let dir = writer.path();

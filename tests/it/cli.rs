@@ -200,3 +200,14 @@ fn every_subcommand_has_help() {
     }
     assert!(ok(&["sample", "--help"]).contains("[default: 64]"));
 }
+
+#[test]
+fn synth_refuses_an_empty_number_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("task");
+    fails(
+        &["data", "synth", "--out", s(&out), "--max-number", "0"],
+        &["--max-number"],
+    );
+    assert!(!out.exists());
+}
