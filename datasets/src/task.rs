@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn a_wider_number_range_gives_more_distinct_questions() {
-        let numbers = |items: &[Item]| {
+        let largest_answer = |items: &[Item]| {
             items
                 .iter()
                 .filter_map(|i| i.answer.parse::<u32>().ok())
@@ -284,7 +284,7 @@ mod tests {
         let (wide, eval) = synth(2, 20_000, 10, 99);
         assert!(narrow.len() < 4_000, "{}", narrow.len());
         assert_eq!(wide.len(), 20_000);
-        assert!(numbers(&narrow) <= 60 && numbers(&wide) > 100);
+        assert!(largest_answer(&narrow) <= 60 && largest_answer(&wide) > 100);
         for it in wide.iter().chain(&eval) {
             assert_eq!(
                 score(&it.prompt, &it.completion).unwrap().score,

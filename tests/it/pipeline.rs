@@ -82,6 +82,28 @@ impl Micro {
         policy
     }
 
+    /// Preference pairs (`prefs.jsonl`) sampled from `policy` on the train prompts.
+    pub fn prefs(&self, policy: &Path) -> PathBuf {
+        let prefs = self.path("prefs.jsonl");
+        ok(&[
+            "data",
+            "prefs",
+            "--policy",
+            s(policy),
+            "--prompts",
+            s(&self.task.join("train_prompts.jsonl")),
+            "--out",
+            s(&prefs),
+            "--samples",
+            "4",
+            "--pairs-per-prompt",
+            "2",
+            "--max-new-tokens",
+            "12",
+        ]);
+        prefs
+    }
+
     /// `posttrain pretrain` on `data` into `out`, plus `extra` flags.
     pub fn pretrain_args<'a>(
         &'a self,

@@ -39,11 +39,41 @@ fn kill_and_resume(args: &[String], state: &std::path::Path) {
     assert!(state.is_dir());
     let mut resumed = args.to_vec();
     resumed.push("--resume".into());
-    ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
+    run(&resumed);
     assert!(
         !state.exists(),
         "the state is removed once the output is complete"
     );
+}
+
+fn run(args: &[String]) {
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// The uninterrupted run into `whole` and the killed-and-resumed one into
+/// `cut`, same arguments otherwise.
+fn whole_and_resumed(
+    m: &Micro,
+    args: impl Fn(&std::path::Path) -> Vec<String>,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let whole = m.path("whole");
+    run(&args(&whole));
+    let cut = m.path("cut");
+    kill_and_resume(&args(&cut), &m.path("cut.state"));
+    (whole, cut)
+}
+
+/// Metrics rows without the timing fields (`*_s`), which differ run to run.
+fn rows_without_timings(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().retain(|k, _| !k.ends_with("_s"));
+            v
+        })
+        .collect()
 }
 
 #[test]
@@ -77,10 +107,7 @@ fn killed_and_resumed_rlhf_equals_the_uninterrupted_run() {
         .map(String::from)
         .to_vec()
     };
-    let whole = m.path("whole");
-    ok(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
-    let cut = m.path("cut");
-    kill_and_resume(&args(&cut), &m.path("cut.state"));
+    let (whole, cut) = whole_and_resumed(&m, args);
     // the policy, its snapshots (kept with the state) and the metrics
     for f in [
         "model.safetensors",
@@ -93,43 +120,14 @@ fn killed_and_resumed_rlhf_equals_the_uninterrupted_run() {
             "{f} differs"
         );
     }
-    let rows = |d: &std::path::Path| {
-        std::fs::read_to_string(d.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut()
-                    .unwrap()
-                    .retain(|k, _| !k.ends_with("_s") && k != "rollout_tokens_per_s");
-                v
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(rows(&cut), rows(&whole));
+    assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
 }
 
 #[test]
 fn killed_and_resumed_reward_equals_the_uninterrupted_run() {
     let m = Micro::new("200", "8", "200");
     let policy = m.policy();
-    let prefs = m.path("prefs.jsonl");
-    ok(&[
-        "data",
-        "prefs",
-        "--policy",
-        s(&policy),
-        "--prompts",
-        s(&m.task.join("train_prompts.jsonl")),
-        "--out",
-        s(&prefs),
-        "--samples",
-        "4",
-        "--pairs-per-prompt",
-        "2",
-        "--max-new-tokens",
-        "12",
-    ]);
+    let prefs = m.prefs(&policy);
     let args = |out: &std::path::Path| -> Vec<String> {
         [
             "reward",
@@ -153,10 +151,7 @@ fn killed_and_resumed_reward_equals_the_uninterrupted_run() {
         .map(String::from)
         .to_vec()
     };
-    let whole = m.path("whole");
-    ok(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
-    let cut = m.path("cut");
-    kill_and_resume(&args(&cut), &m.path("cut.state"));
+    let (whole, cut) = whole_and_resumed(&m, args);
     assert_eq!(
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(whole.join("model.safetensors")).unwrap(),
@@ -190,30 +185,14 @@ fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
         .map(String::from)
         .to_vec()
     };
-    let whole = m.path("whole");
-    let a = args(&whole);
-    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-
-    let cut = m.path("cut");
-    kill_and_resume(&args(&cut), &m.path("cut.state"));
+    let (whole, cut) = whole_and_resumed(&m, &args);
     assert_eq!(
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(whole.join("model.safetensors")).unwrap(),
         "resumed weights differ"
     );
     let state = m.path("cut.state");
-    let rows = |d: &std::path::Path| {
-        std::fs::read_to_string(d.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v.as_object_mut().unwrap().remove("tokens_per_s");
-                v
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(rows(&cut), rows(&whole));
+    assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
     assert!(
         !state.exists(),
         "the state is removed once the output is complete"

@@ -9,23 +9,7 @@ use crate::{fails, ok, s};
 /// A micro policy, its preference data and a 3x reward model.
 fn policy_and_reward(m: &Micro) -> (PathBuf, PathBuf) {
     let policy = m.policy();
-    let prefs = m.path("prefs.jsonl");
-    ok(&[
-        "data",
-        "prefs",
-        "--policy",
-        s(&policy),
-        "--prompts",
-        s(&m.task.join("train_prompts.jsonl")),
-        "--out",
-        s(&prefs),
-        "--samples",
-        "4",
-        "--pairs-per-prompt",
-        "2",
-        "--max-new-tokens",
-        "12",
-    ]);
+    let prefs = m.prefs(&policy);
     let rm = m.path("rm");
     ok(&[
         "reward",
