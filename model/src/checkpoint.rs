@@ -176,7 +176,11 @@ impl CheckpointWriter {
     pub fn commit(self) -> Result<PathBuf> {
         let tmp = self.tmp.keep();
         if self.target.exists() {
-            let old = tmp.with_extension("old");
+            // unique like `tmp`: a run killed between the renames leaves its
+            // `.old` behind, which must not block the next commit
+            let mut old = tmp.clone().into_os_string();
+            old.push(".old");
+            let old = PathBuf::from(old);
             fs_err::rename(&self.target, &old)?;
             fs_err::rename(&tmp, &self.target)?;
             fs_err::remove_dir_all(&old)?;
@@ -184,5 +188,28 @@ impl CheckpointWriter {
             fs_err::rename(&tmp, &self.target)?;
         }
         Ok(self.target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leftover_old_directory_does_not_block_replacing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.state");
+        for round in 0..3 {
+            let writer = CheckpointWriter::create(&target, true).unwrap();
+            writer.write("n", round.to_string().as_bytes()).unwrap();
+            writer.commit().unwrap();
+            // what a run killed between the two renames leaves beside it
+            let stale = dir.path().join(format!(".out.state.tmp-killed{round}.old"));
+            fs_err::create_dir_all(&stale).unwrap();
+            fs_err::write(stale.join("n"), b"stale").unwrap();
+            fs_err::create_dir_all(dir.path().join(".out.state.old")).unwrap();
+            fs_err::write(dir.path().join(".out.state.old/n"), b"stale").unwrap();
+        }
+        assert_eq!(fs_err::read_to_string(target.join("n")).unwrap(), "2");
     }
 }
