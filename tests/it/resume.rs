@@ -185,7 +185,7 @@ fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
         .map(String::from)
         .to_vec()
     };
-    let (whole, cut) = whole_and_resumed(&m, &args);
+    let (whole, cut) = whole_and_resumed(&m, args);
     assert_eq!(
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(whole.join("model.safetensors")).unwrap(),
