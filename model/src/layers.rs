@@ -169,13 +169,22 @@ impl Mlp {
     }
 }
 
+/// Largest exponent passed to `exp`: `e^80` is finite in f32, and beyond it
+/// both rewritten functions below are flat to f32 precision. Without the
+/// clamp `e^v` overflows to `inf` and the backward pass computes `0 · inf`.
+const MAX_EXPONENT: f64 = 80.0;
+
 /// `gelu_pytorch_tanh(x) = ½x(1 + tanh(u))`, `u = √(2/π)(x + 0.044715x³)`,
 /// written as `x / (1 + e^{−2u})` (the same function): `exp` is much cheaper
 /// than `tanh` and `powf` on the CPU backend.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
     let u = x.clone().square().mul_scalar(0.044715).add_scalar(1.0) * x.clone();
-    x / u.mul_scalar(-TWO_SQRT_2_OVER_PI).exp().add_scalar(1.0)
+    x / u
+        .mul_scalar(-TWO_SQRT_2_OVER_PI)
+        .clamp_max(MAX_EXPONENT)
+        .exp()
+        .add_scalar(1.0)
 }
 
 /// `cap · tanh(x / cap)`, written as `cap − 2·cap / (e^{2x/cap} + 1)`.
@@ -183,6 +192,7 @@ pub fn soft_cap<const D: usize>(x: Tensor<D>, cap: Option<f64>) -> Tensor<D> {
     match cap {
         Some(cap) => x
             .mul_scalar(2.0 / cap)
+            .clamp_max(MAX_EXPONENT)
             .exp()
             .add_scalar(1.0)
             .recip()
@@ -195,6 +205,35 @@ pub fn soft_cap<const D: usize>(x: Tensor<D>, cap: Option<f64>) -> Tensor<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values and gradients of `f` at `xs` (sum of outputs as the loss).
+    fn value_and_grad(f: fn(Tensor<1>) -> Tensor<1>, xs: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let device = Device::default();
+        let x = Tensor::<1>::from_data(TensorData::new(xs.to_vec(), [xs.len()]), &device)
+            .autodiff()
+            .require_grad();
+        let y = f(x.clone());
+        let grads = y.clone().sum().backward();
+        let grad = x.grad(&grads).expect("gradient of x");
+        let vec = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
+        (vec(y.inner()), vec(grad))
+    }
+
+    #[test]
+    fn gelu_and_soft_cap_have_finite_gradients_at_large_inputs() {
+        // gelu: e^{−2u} overflows f32 below x ≈ −10.7
+        let (y, g) = value_and_grad(gelu_tanh, &[-1e4, -50.0, -11.0, 0.0, 11.0, 50.0]);
+        assert!(y.iter().chain(&g).all(|v| v.is_finite()), "{y:?} {g:?}");
+        assert_eq!(&y[3..], &[0.0, 11.0, 50.0]);
+        assert!(y[..3].iter().chain(&g[..3]).all(|v| v.abs() < 1e-20), "{y:?} {g:?}");
+        assert_eq!(&g[3..], &[0.5, 1.0, 1.0]);
+        // soft-cap 30: e^{2x/30} overflows above x ≈ 1331
+        let (y, g) = value_and_grad(|x| soft_cap(x, Some(30.0)), &[-1e5, -2000.0, 0.0, 2000.0, 1e5]);
+        assert!(y.iter().chain(&g).all(|v| v.is_finite()), "{y:?} {g:?}");
+        assert_eq!(y, [-30.0, -30.0, 0.0, 30.0, 30.0]);
+        assert_eq!([g[0], g[1], g[3], g[4]], [0.0; 4]);
+        assert!((g[2] - 1.0).abs() < 1e-6, "{g:?}");
+    }
 
     #[test]
     fn gelu_tanh_matches_the_tanh_form() {
