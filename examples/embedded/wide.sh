@@ -72,3 +72,10 @@ echo "== WARP against the reward model: 2 iterations of rlhf x 2 seeds -> SLERP 
 make -f "$ROOT/examples/embedded/warp.mk" RUN=. SFT=sft_live REWARD_MODEL=rm \
   PROMPTS=task/train_prompts.jsonl EVAL_PROMPTS=task/eval_prompts.jsonl POSTTRAIN="$BIN" \
   W=warp EXTRA_CHECKPOINTS=teacher
+
+echo
+echo "== the README's table: 16 samples per held-out prompt =="
+step eval16.jsonl eval --checkpoints sft_live warp/it1/sft-anchor warp/it1/rl-s0 warp/it1/rl-s1 \
+  warp/it1/merge/eta-0.30 warp/it1/merge/eta-0.50 warp/it1/merge/eta-0.70 warp/it1/merge/eta-1.00 \
+  warp/it2/rl-s0 warp/it2/rl-s1 warp/it2/merge/eta-0.30 warp/it2/merge/eta-0.70 warp/it2/merge/eta-1.00 \
+  --prompts task/eval_prompts.jsonl --reward rm --reference sft_live --samples 16 --seed 7 --out eval16.jsonl
