@@ -225,10 +225,16 @@ mod tests {
         let (y, g) = value_and_grad(gelu_tanh, &[-1e4, -50.0, -11.0, 0.0, 11.0, 50.0]);
         assert!(y.iter().chain(&g).all(|v| v.is_finite()), "{y:?} {g:?}");
         assert_eq!(&y[3..], &[0.0, 11.0, 50.0]);
-        assert!(y[..3].iter().chain(&g[..3]).all(|v| v.abs() < 1e-20), "{y:?} {g:?}");
+        assert!(
+            y[..3].iter().chain(&g[..3]).all(|v| v.abs() < 1e-20),
+            "{y:?} {g:?}"
+        );
         assert_eq!(&g[3..], &[0.5, 1.0, 1.0]);
         // soft-cap 30: e^{2x/30} overflows above x ≈ 1331
-        let (y, g) = value_and_grad(|x| soft_cap(x, Some(30.0)), &[-1e5, -2000.0, 0.0, 2000.0, 1e5]);
+        let (y, g) = value_and_grad(
+            |x| soft_cap(x, Some(30.0)),
+            &[-1e5, -2000.0, 0.0, 2000.0, 1e5],
+        );
         assert!(y.iter().chain(&g).all(|v| v.is_finite()), "{y:?} {g:?}");
         assert_eq!(y, [-30.0, -30.0, 0.0, 30.0, 30.0]);
         assert_eq!([g[0], g[1], g[3], g[4]], [0.0; 4]);
