@@ -318,8 +318,12 @@ pub struct RewardScoreArgs {
     #[arg(long)]
     pub reward: PathBuf,
     /// Rows with `prompt` (or `messages`) and `completion` (JSONL or Parquet).
+    #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+    pub input: Option<PathBuf>,
+    /// Preference pairs (`chosen`/`rejected`) instead: prints their pairwise accuracy and
+    /// reward-gap statistics as one JSON line, as the reward stage's held-out eval does.
     #[arg(long)]
-    pub input: PathBuf,
+    pub pairs: Option<PathBuf>,
     /// Output rows with a `reward` column (JSONL or Parquet); default stdout JSONL.
     #[arg(long)]
     pub out: Option<PathBuf>,

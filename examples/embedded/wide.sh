@@ -49,20 +49,8 @@ for m in rm rm1_init rm1_scratch rm3_scratch rm10_scratch; do
   ratio=$(python3 -c "import json; print(round(json.load(open('$m/posttrain.json'))['metrics']['size_ratio'],2))")
   acc=()
   for pairs in prefs_eval.jsonl prefs_eval8.jsonl; do
-    acc+=("$(python3 - "$BIN" "$m" "$pairs" <<'PY'
-import json, subprocess, sys, tempfile
-bin_, rm, pairs = sys.argv[1:]
-rows = [json.loads(l) for l in open(pairs)]
-with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-    for r in rows:
-        for side in ("chosen", "rejected"):
-            f.write(json.dumps({"prompt": r["prompt"], "completion": r[side]}) + "\n")
-out = subprocess.run([bin_, "score", "--reward", rm, "--input", f.name],
-                     capture_output=True, text=True, check=True).stdout.splitlines()
-s = [json.loads(l)["reward"] for l in out]
-print(f"{sum(s[2 * i] > s[2 * i + 1] for i in range(len(rows))) / len(rows):.3f} ({len(rows)})")
-PY
-)")
+    acc+=("$("$BIN" score --reward "$m" --pairs "$pairs" |
+      python3 -c "import json,sys; d=json.load(sys.stdin); print(f\"{d['accuracy']:.3f} ({d['pairs']})\")")")
   done
   printf '%-28s %8s %12s %12s\n' "$m" "$ratio" "${acc[0]}" "${acc[1]}"
 done

@@ -7,7 +7,7 @@ use posttrain_model::{
     load_config, load_reward_trunk,
 };
 use posttrain_reward::{
-    PairIds, RewardConfig, encode_pairs, scale_config, score_examples, train_reward,
+    PairIds, RewardConfig, encode_pairs, evaluate, scale_config, score_examples, train_reward,
 };
 use serde_json::{Value, json};
 
@@ -180,13 +180,19 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
 pub fn score(args: RewardScoreArgs, device: Device) -> Result<()> {
     super::check_table_output(args.out.as_deref(), args.overwrite)?;
     let (config, model, tokenizer) = super::load_reward(&args.reward, &device)?;
-    let rows: Vec<SftPair> = read_records(&args.input)?;
+    if let Some(pairs) = &args.pairs {
+        let ids = load_pairs(&tokenizer, pairs, config.max_position_embeddings)?;
+        let stats = evaluate(&model, &ids, tokenizer.pad, args.batch_size, 0.0);
+        return crate::print_stdout(&format!("{}\n", serde_json::to_string(&stats)?));
+    }
+    let input = args.input.expect("clap requires --input without --pairs");
+    let rows: Vec<SftPair> = read_records(&input)?;
     let ids = encode_pairs(
         &tokenizer,
         rows.iter()
             .map(|r| (r.prompt.messages(), r.completion.as_str())),
         config.max_position_embeddings,
-        &args.input,
+        &input,
     )?;
     let rewards = score_examples(&model, &ids, tokenizer.pad, Padding::Right, args.batch_size);
     let scored: Vec<JsonRow> = rows

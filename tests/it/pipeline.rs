@@ -627,6 +627,17 @@ fn prefs_reward_and_score() {
         .collect();
     assert_eq!(rewards.len(), 24);
     assert!(rewards.iter().any(|r| (r - rewards[0]).abs() > 1e-6));
+    // score --pairs: the final held-out eval of the reward stage, from the checkpoint
+    let stats: serde_json::Value = serde_json::from_str(&ok(&[
+        "score",
+        "--reward",
+        s(&rm),
+        "--pairs",
+        s(&eval_prefs),
+    ]))
+    .unwrap();
+    assert_eq!(stats["pairs"], datasets_rows(&eval_prefs).len());
+    assert_eq!(stats["accuracy"], log[39]["eval_accuracy"]);
     fails(
         &[
             "score",
