@@ -85,23 +85,30 @@ impl Micro {
     /// Preference pairs (`prefs.jsonl`) sampled from `policy` on the train prompts.
     pub fn prefs(&self, policy: &Path) -> PathBuf {
         let prefs = self.path("prefs.jsonl");
+        self.prefs_into(policy, "train_prompts.jsonl", &prefs, "0");
+        prefs
+    }
+
+    /// Preference pairs sampled from `policy` on the task's `prompts` file into `out`.
+    pub fn prefs_into(&self, policy: &Path, prompts: &str, out: &Path, seed: &str) {
         ok(&[
             "data",
             "prefs",
             "--policy",
             s(policy),
             "--prompts",
-            s(&self.task.join("train_prompts.jsonl")),
+            s(&self.task.join(prompts)),
             "--out",
-            s(&prefs),
+            s(out),
             "--samples",
             "4",
             "--pairs-per-prompt",
             "2",
             "--max-new-tokens",
             "12",
+            "--seed",
+            seed,
         ]);
-        prefs
     }
 
     /// `posttrain pretrain` on `data` into `out`, plus `extra` flags.
@@ -509,24 +516,7 @@ fn prefs_reward_and_score() {
     let m = Micro::new("200", "24", "200");
     let policy = m.policy();
     let prefs = |prompts: &str, out: &Path, seed: &str| {
-        ok(&[
-            "data",
-            "prefs",
-            "--policy",
-            s(&policy),
-            "--prompts",
-            s(&m.task.join(prompts)),
-            "--out",
-            s(out),
-            "--samples",
-            "4",
-            "--pairs-per-prompt",
-            "2",
-            "--max-new-tokens",
-            "12",
-            "--seed",
-            seed,
-        ]);
+        m.prefs_into(&policy, prompts, out, seed);
         datasets_rows(out)
     };
     let train_prefs = m.path("prefs.jsonl");
