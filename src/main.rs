@@ -9,6 +9,11 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 
+/// glibc's malloc returns large freed blocks to the kernel, so every
+/// decoding step page-faults its buffers in again; mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Writes to stdout; a closed pipe (`| head`) is not an error.
 pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
     use std::io::Write;

@@ -107,6 +107,7 @@ impl Attention {
         }
         let out = match mask {
             LayerMask::Bias(bias) => self.differentiable(q, k, v, bias.clone()),
+            LayerMask::Fused(mask) if t == 1 => self.one_query(q, k, v, mask.clone()),
             LayerMask::Fused(mask) => {
                 let options = AttentionModuleOptions {
                     scale: Some(self.scale),
@@ -124,6 +125,28 @@ impl Attention {
             out.swap_dims(1, 2)
                 .reshape([b, t, self.heads * self.head_dim]),
         )
+    }
+
+    /// One new column per row (a decoding step): the query heads that share
+    /// a key/value head become that head's queries, so the cache is not
+    /// repeated; with one query per head nothing is causal beyond `mask`.
+    fn one_query(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: Option<Tensor<4, Bool>>,
+    ) -> Tensor<4> {
+        let [b, h, _, d] = q.dims();
+        let (kv, g) = (self.kv_heads, self.heads / self.kv_heads);
+        let s = k.dims()[2];
+        let options = AttentionModuleOptions {
+            scale: Some(self.scale),
+            softcap: self.softcap,
+            is_causal: false,
+        };
+        let mask = mask.map(|m| m.expand([b, kv, g, s]));
+        attention(q.reshape([b, kv, g, d]), k, v, mask, None, options).reshape([b, h, 1, d])
     }
 
     /// Attention from differentiable ops, for training: the query heads that

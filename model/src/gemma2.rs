@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::init::{Init, ParamSource};
 use crate::layers::{Embedding, Linear, Mlp, RmsNorm, param, soft_cap};
 use crate::rope::Rope;
+use crate::skinny_matmul::matmul_transposed;
 use crate::tokens::{MaskSpec, TokenBatch};
 
 #[derive(Module, Debug)]
@@ -271,10 +272,7 @@ impl Gemma2ForCausalLM {
         let [b, t, h] = hidden.dims();
         let w = self.model.embed_tokens.weight.val();
         let v = w.dims()[0];
-        hidden
-            .reshape([b * t, h])
-            .matmul(w.transpose())
-            .reshape([b, t, v])
+        matmul_transposed(hidden.reshape([b * t, h]), w).reshape([b, t, v])
     }
 
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {

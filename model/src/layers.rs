@@ -6,6 +6,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::Result;
 use crate::init::{Init, ParamSource};
+use crate::skinny_matmul::matmul_transposed;
 
 pub(crate) const INIT_STD: f64 = 0.02;
 
@@ -47,9 +48,7 @@ impl Linear {
         let dims = x.dims();
         let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
-        let y = x
-            .reshape([rows, d_in])
-            .matmul(self.weight.val().transpose());
+        let y = matmul_transposed(x.reshape([rows, d_in]), self.weight.val());
         let mut out = dims;
         out[D - 1] = y.dims()[1];
         y.reshape(out)

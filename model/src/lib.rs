@@ -14,6 +14,7 @@ pub mod params;
 pub mod provenance;
 pub mod rope;
 pub mod safetensors_io;
+pub mod skinny_matmul;
 pub mod tokens;
 
 pub use checkpoint::{

@@ -1,0 +1,272 @@
+//! `x · Wᵀ` for a few rows of `x` (one decoding step), with `W` stored
+//! `[out, in]` as Hugging Face stores it.
+//!
+//! On the CPU backend Burn hands this product to the gemm crate, which
+//! packs all of `W` into panels on every call because `Wᵀ` is not
+//! column-major; with 8 rows the packing costs more than the arithmetic.
+//! [`matmul_transposed`] streams `W` once instead, 4 output rows at a time,
+//! against 2 rows of `x` held in registers; a weight larger than the core's
+//! L2 cache is split between two threads. Other backends, tracked tensors,
+//! other dtypes and more than [`MAX_ROWS`] rows take Burn's `matmul`.
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{DType, Tensor, TensorData};
+
+/// Up to this many rows the streaming kernel wins over gemm.
+pub const MAX_ROWS: usize = 32;
+
+/// Below this many multiply-adds one thread does the whole product: waking
+/// a second one costs more than it saves while the weight fits in L2.
+const PARALLEL_MIN: usize = 1 << 22;
+
+/// `x · wᵀ` for `x: [m, k]`, `w: [n, k]`.
+pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    let [m, k] = x.dims();
+    if m <= MAX_ROWS
+        && streaming_supported()
+        && let Some(y) = streamed(x.clone(), w.clone(), m, k)
+    {
+        return y;
+    }
+    x.matmul(w.transpose())
+}
+
+fn streaming_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn streamed(x: Tensor<2>, w: Tensor<2>, m: usize, k: usize) -> Option<Tensor<2>> {
+    let x: FlexTensor = x.try_into_primitive::<Flex>().ok()?;
+    let w: FlexTensor = w.try_into_primitive::<Flex>().ok()?;
+    if x.dtype() != DType::F32 || w.dtype() != DType::F32 || !w.is_contiguous() {
+        return None;
+    }
+    let n = w.layout().shape()[0];
+    let start = w.layout().start_offset();
+    let w = &w.storage::<f32>()[start..start + n * k];
+    let x = x.into_data();
+    let x = x.as_slice::<f32>().ok()?;
+    let mut out = vec![0.0f32; m * n];
+    multiply(x, w, &mut out, m, k, n);
+    let out = FlexTensor::from_data(TensorData::new(out, [m, n]));
+    Some(Tensor::from_primitive::<Flex>(out))
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major.
+fn multiply(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    let out = OutPtr(out.as_mut_ptr());
+    let columns = |range: std::ops::Range<usize>| {
+        // SAFETY: the slices' lengths are checked above; each call writes
+        // only the output columns in `range`, and the two ranges are disjoint.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx2::columns(x, w, { out }.0, m, k, n, range)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("{range:?}")
+    };
+    if m * n * k < PARALLEL_MIN || n < 16 {
+        columns(0..n);
+    } else {
+        let half = n / 2 / 4 * 4;
+        rayon::join(|| columns(0..half), || columns(half..n));
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the threads that share it write disjoint columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+    /// Floats of `w` prefetched ahead of the loads.
+    const PF: usize = 128;
+
+    /// Output columns `range` of `x · wᵀ`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available, `x` is `m·k`, `w` is `n·k` and `out`
+    /// points to `m·n` floats, and `range` lies within `0..n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn columns(
+        x: &[f32],
+        w: &[f32],
+        out: *mut f32,
+        m: usize,
+        k: usize,
+        n: usize,
+        range: std::ops::Range<usize>,
+    ) {
+        let (x, w) = (x.as_ptr(), w.as_ptr());
+        let mut j = range.start;
+        unsafe {
+            while j + 4 <= range.end {
+                rows::<2, 4>(x, w.add(j * k), out.add(j), m, k, n);
+                j += 4;
+            }
+            while j < range.end {
+                rows::<1, 1>(x, w.add(j * k), out.add(j), m, k, n);
+                j += 1;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const R: usize, const J: usize>(
+        x: *const f32,
+        w: *const f32,
+        out: *mut f32,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let mut r = 0;
+        unsafe {
+            while r + R <= m {
+                block::<R, J>(x.add(r * k), w, out.add(r * n), k, n);
+                r += R;
+            }
+            while r < m {
+                block::<1, J>(x.add(r * k), w, out.add(r * n), k, n);
+                r += 1;
+            }
+        }
+    }
+
+    /// `R` rows of `x` against `J` rows of `w`, accumulated in `R·J` registers.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const R: usize, const J: usize>(
+        x: *const f32,
+        w: *const f32,
+        out: *mut f32,
+        k: usize,
+        n: usize,
+    ) {
+        let k8 = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); J]; R];
+        let mut p = 0;
+        unsafe {
+            while p < k8 {
+                let mut wv = [_mm256_setzero_ps(); J];
+                for j in 0..J {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * k + p + PF) as *const i8);
+                }
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(w.add(j * k + p));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(r * k + p));
+                    for (a, &v) in row.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xv, v, *a);
+                    }
+                }
+                p += 8;
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (j, &a) in row.iter().enumerate() {
+                    let mut s = sum(a);
+                    for q in k8..k {
+                        s += *x.add(r * k + q) * *w.add(j * k + q);
+                    }
+                    *out.add(r * n + j) = s;
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0.0; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                out[r * n + j] = (0..k)
+                    .map(|p| x[r * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001)
+            .map(|v| v as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// Every remainder of the 2-row, 4-column, 8-lane blocking, and both
+    /// the one-thread and the two-thread split.
+    #[test]
+    fn matches_a_float64_reference_for_every_remainder() {
+        let device = Device::default();
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 8, 4),
+            (2, 9, 5),
+            (3, 17, 7),
+            (8, 256, 1024),
+            (7, 1024, 259),
+            (32, 64, 514),
+        ] {
+            let (x, w) = (values(m * k, 1), values(n * k, 2));
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+            let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [n, k]), &device);
+            let got = matmul_transposed(xt, wt)
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap();
+            for (i, (g, r)) in got.iter().zip(reference(&x, &w, m, k, n)).enumerate() {
+                assert!(
+                    (*g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
+                    "{m}x{k}x{n} [{i}]: {g} vs {r}"
+                );
+            }
+        }
+    }
+
+    /// The streaming kernel itself (not the fallback) runs on the CPU
+    /// backend and fills every output.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_cpu_backend_takes_the_streaming_kernel() {
+        assert!(streaming_supported(), "this x86-64 CPU lacks AVX2/FMA");
+        let device = Device::default();
+        let (m, k, n) = (5, 40, 600);
+        let (x, w) = (values(m * k, 3), values(n * k, 4));
+        let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+        let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [n, k]), &device);
+        let got = streamed(xt, wt, m, k)
+            .expect("flex f32 tensors take the streaming path")
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        for (g, r) in got.iter().zip(reference(&x, &w, m, k, n)) {
+            assert!((*g as f64 - r).abs() <= 1e-4, "{g} vs {r}");
+        }
+    }
+}
