@@ -91,8 +91,10 @@ unsafe impl Sync for OutPtr {}
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
-    /// Floats of `w` prefetched ahead of the loads.
+    /// Floats of `w` prefetched ahead of the loads in long rows.
     const PF: usize = 128;
+    /// Rows up to this long prefetch the next block of rows instead.
+    const SHORT_ROW: usize = 512;
 
     /// Output columns `range` of `x · wᵀ`.
     ///
@@ -155,13 +157,14 @@ mod avx2 {
         n: usize,
     ) {
         let k8 = k / 8 * 8;
+        let ahead = if k <= SHORT_ROW { J * k } else { PF };
         let mut acc = [[_mm256_setzero_ps(); J]; R];
         let mut p = 0;
         unsafe {
             while p < k8 {
                 let mut wv = [_mm256_setzero_ps(); J];
                 for j in 0..J {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * k + p + PF) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * k + p + ahead) as *const i8);
                 }
                 for (j, v) in wv.iter_mut().enumerate() {
                     *v = _mm256_loadu_ps(w.add(j * k + p));
