@@ -3,9 +3,10 @@
 #
 #   bash bench/compare.sh PEER_VENV [ROUNDS] [EXTRA_BACKEND]
 #
-# PEER_VENV is made by shared/bench/peer/setup.sh. Each round runs, per
-# shape, the peer's training and generation benchmarks and posttrain's,
-# one process per case (so peak RSS is per case). EXTRA_BACKEND (e.g.
+# PEER_VENV is made by shared/bench/peer/setup.sh. Each round runs both
+# fp32 2048³ matmuls, then, per shape, the peer's training and generation
+# benchmarks and posttrain's, one process per case (so peak RSS is per
+# case; posttrain's MFU is against its own matmul of that round). EXTRA_BACKEND (e.g.
 # ndarray) also measures posttrain built with that feature, from
 # POSTTRAIN_EXTRA_BIN. Prints a markdown table of medians over rounds.
 # Never run this while anything else (a cargo build!) uses the CPUs.
@@ -19,14 +20,18 @@ PEER="${PEER_DIR:-$HERE/../../shared/bench/peer}"
 OUT="${OUT:-$(mktemp -d)}"
 echo "results in $OUT" >&2
 for _ in $(seq "$ROUNDS"); do
+  # The matmul peak once per round; every case's MFU is measured against it.
+  "$VENV/bin/python" "$PEER/bench_matmul.py" --dtypes fp32 >> "$OUT/peer.jsonl"
+  "$BIN" bench --case matmul >> "$OUT/posttrain.jsonl"
+  PEAK="$(tail -n 1 "$OUT/posttrain.jsonl" | python3 -c 'import json, sys; print(json.load(sys.stdin)["gflops_best"])')"
   for shape in tiny small; do
     "$VENV/bin/python" "$PEER/bench_train.py" --preset "$shape" --steps 10 --warmup 2 >> "$OUT/peer.jsonl"
-    "$BIN" bench --shape "$shape" --case train --reps 10 --warmup 2 >> "$OUT/posttrain.jsonl"
+    "$BIN" bench --shape "$shape" --case train --reps 10 --warmup 2 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     "$VENV/bin/python" "$PEER/bench_generate.py" --preset "$shape" --reps 5 >> "$OUT/peer.jsonl"
-    "$BIN" bench --shape "$shape" --case sample --reps 5 --warmup 1 >> "$OUT/posttrain.jsonl"
+    "$BIN" bench --shape "$shape" --case sample --reps 5 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     if [[ -n "$EXTRA" ]]; then
-      "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case train --reps 10 --warmup 2 >> "$OUT/posttrain.jsonl"
-      "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case sample --reps 5 --warmup 1 >> "$OUT/posttrain.jsonl"
+      "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case train --reps 10 --warmup 2 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
+      "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case sample --reps 5 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     fi
   done
 done

@@ -17,11 +17,15 @@ def shape_name(row):
 
 
 runs = defaultdict(list)
+matmul = defaultdict(list)
 for who in ("peer", "posttrain"):
     for line in (out / f"{who}.jsonl").read_text().splitlines():
         row = json.loads(line)
         name = who if who == "peer" else f"posttrain {row['backend']}"
-        runs[(row["bench"], shape_name(row), name)].append(row)
+        if row["bench"] == "matmul":
+            matmul[name].append(row["gflops_best"])
+        else:
+            runs[(row["bench"], shape_name(row), name)].append(row)
 
 cases = sorted({(b, s) for b, s, _ in runs}, key=lambda k: (k[0] != "train", k[1] != "tiny"))
 names = sorted({n for _, _, n in runs}, key=lambda n: (n != "peer", n))
@@ -43,4 +47,15 @@ for bench, shape in cases:
               for n in names if n != "peer"]
     label = "train step" if bench == "train" else "sampling"
     print(f"| {label} `{shape}` | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+if matmul:
+    med = {n: statistics.median(v) for n, v in matmul.items()}
+    cells = [f"{med[n]:,.0f} GFLOP/s" if n in med else "–" for n in names]
+    ratios = [f"{med[n] / med['peer']:.2f}x" if n in med and "peer" in med else "–"
+              for n in names if n != "peer"]
+    print("| fp32 2048³ matmul | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+mfu = {k: statistics.median(r["mfu"] for r in rows) for k, rows in runs.items()
+       if all("mfu" in r for r in rows)}
+if mfu:
+    print("\nMFU (model FLOPs / that process's or round's matmul peak): " + "; ".join(
+        f"{b} {s} {n} {v:.2f}" for (b, s, n), v in sorted(mfu.items())))
 print(f"\n{len(next(iter(runs.values())))} rounds; medians; peak RSS is the largest seen.")

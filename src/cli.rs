@@ -184,13 +184,15 @@ pub enum BenchCase {
     Train,
     /// KV-cached sampling (prefill included).
     Sample,
+    /// An fp32 2048³ matmul through the backend: the practical peak that MFU is measured against.
+    Matmul,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     #[arg(long, value_enum, num_args = 1.., default_values_t = [BenchShape::Tiny, BenchShape::Small])]
     pub shape: Vec<BenchShape>,
-    #[arg(long, value_enum, num_args = 1.., default_values_t = [BenchCase::Train, BenchCase::Sample])]
+    #[arg(long, value_enum, num_args = 1.., default_values_t = [BenchCase::Train, BenchCase::Sample, BenchCase::Matmul])]
     pub case: Vec<BenchCase>,
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -209,6 +211,9 @@ pub struct BenchArgs {
     /// Untimed repetitions first.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Peak GFLOP/s for MFU; by default the 2048³ matmul rate is measured first (best of 10).
+    #[arg(long)]
+    pub peak_gflops: Option<f64>,
 }
 
 #[derive(Debug, Args)]

@@ -9,10 +9,20 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 
-/// glibc's malloc returns large freed blocks to the kernel, so every
-/// decoding step page-faults its buffers in again; mimalloc keeps them.
+/// glibc's malloc returns large freed blocks to the kernel, so every step
+/// page-faults (and the kernel zeroes) its buffers again; mimalloc, told
+/// never to purge, keeps them for the next step.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in the mimalloc v3 sources that
+/// libmimalloc-sys 0.1.49 builds (its Rust bindings do not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn never_purge_freed_memory() {
+    // SAFETY: setting an option is allowed at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error.
 pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
@@ -69,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    never_purge_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -76,5 +87,27 @@ fn main() -> ExitCode {
             eprintln!("error: {}", chain.join(": "));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purge_delay_option_has_the_index_mimalloc_documents() {
+        // SAFETY: reading and setting options is allowed at any time.
+        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(
+            before, 1000,
+            "mimalloc v3 defaults the purge delay to 1000 ms"
+        );
+        let next = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY + 1) };
+        assert_eq!(next, 0, "use_numa_nodes (0 = all) follows purge_delay");
+        never_purge_freed_memory();
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
+            -1
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor, TensorData};
 use posttrain_model::{
     Gemma2Config, Gemma2ForCausalLM, RandomInit, SamplingConfig, TokenBatch, generate,
 };
@@ -117,6 +117,28 @@ fn bench_train(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serde
     }))
 }
 
+/// GFLOP/s of an fp32 `n × n · n × n` matmul: (best, median) of `reps`
+/// after 3 untimed ones, as the peer's `bench_matmul.py` measures it.
+fn matmul_gflops(n: usize, reps: usize, device: &Device) -> (f64, f64) {
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut random = || {
+        let data: Vec<f32> = (0..n * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::<2>::from_data(TensorData::new(data, [n, n]), device)
+    };
+    let (x, y) = (random(), random());
+    let mut times = Vec::new();
+    for i in 0..3 + reps {
+        let t0 = Instant::now();
+        x.clone().matmul(y.clone()).into_data();
+        if i >= 3 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let flops = 2.0 * (n as f64).powi(3);
+    let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    (flops / best / 1e9, flops / median(times) / 1e9)
+}
+
 fn bench_sample(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serde_json::Value> {
     let model = Gemma2ForCausalLM::new(c, &mut RandomInit::new(0), device)?;
     let mut rng = StdRng::seed_from_u64(0);
@@ -138,24 +160,50 @@ fn bench_sample(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serd
         }
     }
     let wall = median(times);
+    let len = a.prompt + a.new;
+    let flops = flops_per_token(c, len, false) * (a.batch * len) as f64;
     Ok(json!({
         "bench": "generate",
         "batch": a.batch, "prompt": a.prompt, "new": a.new, "reps": a.reps,
         "n_params": c.num_params(),
         "tokens_per_s": ((a.batch * a.new) as f64 / wall * 10.0).round() / 10.0,
         "wall_s_median": wall,
+        "achieved_gflops": flops / wall / 1e9,
         "peak_rss_mb": peak_rss_mb(),
     }))
 }
 
 pub fn run(args: BenchArgs, device: Device, backend: &str) -> Result<()> {
+    const PEAK_N: usize = 2048;
+    let wants_matmul = args.case.contains(&BenchCase::Matmul);
+    let measured =
+        (wants_matmul || args.peak_gflops.is_none()).then(|| matmul_gflops(PEAK_N, 10, &device));
+    if let (true, Some((best, median))) = (wants_matmul, measured) {
+        let line = json!({
+            "bench": "matmul", "backend": backend, "n": PEAK_N, "reps": 10,
+            "gflops_best": best, "gflops_median": median,
+        });
+        println!("{line}");
+    }
+    let (peak, peak_src) = match (args.peak_gflops, measured) {
+        (Some(p), _) => (p, "--peak-gflops".to_string()),
+        (None, Some((best, _))) => (
+            best,
+            format!("measured fp32 {PEAK_N}^3 matmul (best of 10, before the cases)"),
+        ),
+        (None, None) => unreachable!("measured when no peak is given"),
+    };
     for &shape in &args.shape {
         let config = shape_config(shape);
         for &case in &args.case {
             let mut line = match case {
                 BenchCase::Train => bench_train(&config, &args, &device)?,
                 BenchCase::Sample => bench_sample(&config, &args, &device)?,
+                BenchCase::Matmul => continue,
             };
+            line["mfu"] = (line["achieved_gflops"].as_f64().unwrap_or(f64::NAN) / peak).into();
+            line["peak_gflops"] = peak.into();
+            line["peak_src"] = peak_src.clone().into();
             line["shape"] = format!("{shape:?}").to_lowercase().into();
             line["backend"] = backend.into();
             println!("{line}");
