@@ -5,8 +5,9 @@
 //! packs all of `W` into panels on every call because `Wᵀ` is not
 //! column-major; with 8 rows the packing costs more than the arithmetic.
 //! [`matmul_transposed`] streams `W` once instead, 4 output rows at a time,
-//! against 2 rows of `x` held in registers; a weight larger than the core's
-//! L2 cache is split between two threads. Other backends, tracked tensors,
+//! against 2 rows of `x` held in registers, the output columns split
+//! between this thread and a second one that stays awake between the steps
+//! of a decoding loop ([`crate::pair`]). Other backends, tracked tensors,
 //! other dtypes and more than [`MAX_ROWS`] rows take Burn's `matmul`.
 
 use burn::backend::Flex;
@@ -16,9 +17,8 @@ use burn::tensor::{DType, Tensor, TensorData};
 /// Up to this many rows the streaming kernel wins over gemm.
 pub const MAX_ROWS: usize = 32;
 
-/// Below this many multiply-adds one thread does the whole product: waking
-/// a second one costs more than it saves while the weight fits in L2.
-const PARALLEL_MIN: usize = 1 << 22;
+/// Below this many multiply-adds one thread does the whole product.
+const PARALLEL_MIN: usize = 1 << 17;
 
 /// `x · wᵀ` for `x: [m, k]`, `w: [n, k]`.
 pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
@@ -78,7 +78,7 @@ fn multiply(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize)
         columns(0..n);
     } else {
         let half = n / 2 / 4 * 4;
-        rayon::join(|| columns(0..half), || columns(half..n));
+        crate::pair::join(|| columns(0..half), || columns(half..n));
     }
 }
 
@@ -271,5 +271,22 @@ mod tests {
         for (g, r) in got.iter().zip(reference(&x, &w, m, k, n)) {
             assert!((*g as f64 - r).abs() <= 1e-4, "{g} vs {r}");
         }
+    }
+
+    /// Splitting the columns between two threads leaves every output's
+    /// arithmetic unchanged, so samples do not depend on the thread count.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn two_threads_give_the_bits_of_one() {
+        let (m, k, n) = (8, 300, 1030);
+        assert!(m * n * k >= PARALLEL_MIN);
+        let (x, w) = (values(m * k, 5), values(n * k, 6));
+        let mut split = vec![0.0; m * n];
+        multiply(&x, &w, &mut split, m, k, n);
+        let mut whole = vec![0.0; m * n];
+        // SAFETY: AVX2/FMA checked, sizes as documented.
+        assert!(streaming_supported());
+        unsafe { avx2::columns(&x, &w, whole.as_mut_ptr(), m, k, n, 0..n) };
+        assert_eq!(split, whole);
     }
 }
