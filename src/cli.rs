@@ -73,7 +73,7 @@ pub enum Command {
     /// Tokenizer utilities.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
-    /// Measure training and sampling throughput (one JSON line per case).
+    /// Measure training and sampling throughput, MFU and the matmul peak (one JSON line per case).
     Bench(BenchArgs),
 }
 

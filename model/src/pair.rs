@@ -62,7 +62,7 @@ fn serve(h: &'static Helper) {
         while h.posted.load(SeqCst) == done {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && since.elapsed() > SPIN {
+            if spins.is_multiple_of(256) && since.elapsed() > SPIN {
                 h.sleeping.store(true, SeqCst);
                 if h.posted.load(SeqCst) == done {
                     thread::park();
