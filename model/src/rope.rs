@@ -1,6 +1,8 @@
 //! Rotary position embedding as Hugging Face applies it: the head dimension
 //! is split in halves, `x·cos + rotate_half(x)·sin`, `rotate_half(x) = [-x₂, x₁]`.
 
+use std::collections::HashMap;
+
 use burn::tensor::{Device, Tensor, TensorData};
 
 #[derive(Debug, Clone)]
@@ -18,16 +20,22 @@ impl Rope {
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| 1.0 / base.powf((2 * i) as f64 / head_dim as f64))
             .collect();
+        // Rows mostly share positions: each distinct one is computed once.
+        let mut first_row: HashMap<usize, usize> = HashMap::new();
         let mut cos = Vec::with_capacity(batch * len * head_dim);
         let mut sin = Vec::with_capacity(batch * len * head_dim);
-        for row in positions {
-            for &p in row {
-                for j in 0..head_dim {
-                    // f32 product, as transformers computes the angle.
-                    let angle = (p as f32 * inv_freq[j % half] as f32) as f64;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
+        for &p in positions.iter().flatten() {
+            if let Some(&at) = first_row.get(&p) {
+                cos.extend_from_within(at..at + head_dim);
+                sin.extend_from_within(at..at + head_dim);
+                continue;
+            }
+            first_row.insert(p, cos.len());
+            for j in 0..head_dim {
+                // f32 product, as transformers computes the angle.
+                let angle = (p as f32 * inv_freq[j % half] as f32) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
             }
         }
         let shape = [batch, 1, len, head_dim];
@@ -78,5 +86,23 @@ mod tests {
         for (a, b) in y[4..].iter().zip(expected) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn rows_sharing_positions_get_each_rows_own_table() {
+        let device = Device::default();
+        let vec = |t: &Tensor<4>| t.clone().into_data().try_into_vec::<f32>().unwrap();
+        let rows = [vec![0, 1, 2, 3], vec![3, 9, 0, 0]];
+        let both = Rope::new(&rows, 8, 10_000.0, &device);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for row in &rows {
+            let one = Rope::new(std::slice::from_ref(row), 8, 10_000.0, &device);
+            cos.extend(vec(&one.cos));
+            sin.extend(vec(&one.sin));
+        }
+        assert_eq!(vec(&both.cos), cos);
+        assert_eq!(vec(&both.sin), sin);
+        // position 9 is not position 3
+        assert_ne!(cos[8 * 4..8 * 5], cos[8 * 5..8 * 6]);
     }
 }
