@@ -5,8 +5,8 @@
 //! products (one decoding step after another) find it awake.
 
 use std::cell::UnsafeCell;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Mutex, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,8 @@ struct Helper {
     finished: AtomicU64,
     sleeping: AtomicBool,
     job: UnsafeCell<Option<Job>>,
-    panicked: Mutex<bool>,
+    /// The last job panicked (set before `finished`).
+    panicked: AtomicBool,
     thread: OnceLock<Thread>,
 }
 
@@ -42,7 +43,7 @@ fn helper() -> &'static Helper {
             finished: AtomicU64::new(0),
             sleeping: AtomicBool::new(false),
             job: UnsafeCell::new(None),
-            panicked: Mutex::new(false),
+            panicked: AtomicBool::new(false),
             thread: OnceLock::new(),
         }));
         let handle = thread::Builder::new()
@@ -76,7 +77,7 @@ fn serve(h: &'static Helper) {
         let job = unsafe { (*h.job.get()).take() }.expect("a posted job");
         let run = std::panic::AssertUnwindSafe(|| unsafe { (*job)() });
         if std::panic::catch_unwind(run).is_err() {
-            *h.panicked.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            h.panicked.store(true, SeqCst);
         }
         h.finished.store(done, SeqCst);
     }
@@ -105,7 +106,7 @@ pub fn join(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
     while h.finished.load(SeqCst) != ticket {
         std::hint::spin_loop();
     }
-    let b_panicked = std::mem::take(&mut *h.panicked.lock().unwrap_or_else(|e| e.into_inner()));
+    let b_panicked = h.panicked.swap(false, SeqCst);
     h.busy.store(false, SeqCst);
     if let Err(payload) = a_panic {
         std::panic::resume_unwind(payload);
