@@ -675,9 +675,12 @@ pub struct WarpMergeArgs {
     /// The policies to merge (M ≥ 1; M > 2 merges recursively with λ = 1/m).
     #[arg(long, required = true, num_args = 1..)]
     pub policies: Vec<PathBuf>,
-    /// η of LITI, one value or a comma-separated sweep (1.0: the SLERP merge itself).
+    /// η of LITI, one value or a comma-separated sweep, each in [0, 1] (0: the init, 1: the SLERP merge itself).
     #[arg(long, value_delimiter = ',', default_value = "0.3")]
     pub eta: Vec<f64>,
+    /// Accept η outside [0, 1]: extrapolate beyond the init or the merge.
+    #[arg(long)]
+    pub allow_extrapolation: bool,
     /// Output checkpoint; with several η, a directory holding one `eta-<η>` checkpoint per value.
     #[arg(long)]
     pub out: PathBuf,

@@ -286,11 +286,35 @@ fn parquet_to_jsonl(path: &Path) -> Result<String, DataError> {
     String::from_utf8(out).map_err(|e| err(e.to_string()))
 }
 
+/// A JSONL file's text, without the byte-order mark that spreadsheet
+/// exports start with (CRLF line ends are dropped by `lines()`); a byte that
+/// is not UTF-8 is reported with its line.
+fn jsonl_text(path: &Path) -> Result<String, DataError> {
+    let mut bytes = fs_err::read(path)?;
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.drain(..3);
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let line_start = bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        DataError::Line {
+            path: path.to_path_buf(),
+            row: bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1,
+            reason: format!(
+                "not valid UTF-8 (byte 0x{:02X} at column {})",
+                bytes[at],
+                at - line_start + 1
+            ),
+        }
+    })
+}
+
 /// Reads every row of a JSONL or Parquet file as `T`.
 pub fn read_records<T: Record>(path: &Path) -> Result<Vec<T>, DataError> {
     let format = Format::of(path)?;
     let text = match format {
-        Format::Jsonl => fs_err::read_to_string(path)?,
+        Format::Jsonl => jsonl_text(path)?,
         Format::Parquet => parquet_to_jsonl(path)?,
     };
     let mut out = Vec::new();
@@ -438,6 +462,30 @@ mod tests {
             chosen: "good".into(),
             rejected: "bad".into(),
         }]);
+    }
+
+    #[test]
+    fn a_byte_order_mark_and_crlf_line_ends_are_read() {
+        let text = "\u{feff}{\"prompt\": \"a\", \"completion\": \"b\"}\r\n{\"prompt\": \"c\", \"completion\": \"d\"}\r\n";
+        let (_d, path) = file("p.jsonl", text);
+        let rows = read_records::<SftPair>(&path).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].completion, "d");
+    }
+
+    #[test]
+    fn a_byte_that_is_not_utf8_is_named_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        let mut bytes = b"{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"c".to_vec();
+        bytes.extend([0xFF, b'"']);
+        bytes.extend(b", \"completion\": \"d\"}\n");
+        fs_err::write(&path, bytes).unwrap();
+        let err = read_records::<SftPair>(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("p.jsonl:2: not valid UTF-8 (byte 0xFF at column 14)"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -75,6 +75,8 @@ fn serve(h: &'static Helper) {
         done += 1;
         // SAFETY: see `impl Sync for Helper`.
         let job = unsafe { (*h.job.get()).take() }.expect("a posted job");
+        // SAFETY: the poster keeps the closure alive until `finished` reaches
+        // this job (see `join`), and only this thread calls it.
         let run = std::panic::AssertUnwindSafe(|| unsafe { (*job)() });
         if std::panic::catch_unwind(run).is_err() {
             h.panicked.store(true, SeqCst);
@@ -97,6 +99,8 @@ pub fn join(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
     // SAFETY: the job is only called before `finished` reaches `ticket`,
     // which this function waits for before `call` goes out of scope.
     let job: Job = unsafe { std::mem::transmute(job) };
+    // SAFETY: `busy` is ours, so no other caller writes the slot, and the
+    // helper reads it only after the store to `posted` below.
     unsafe { *h.job.get() = Some(job) };
     let ticket = h.posted.fetch_add(1, SeqCst) + 1;
     if h.sleeping.load(SeqCst) {

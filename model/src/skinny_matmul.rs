@@ -60,13 +60,23 @@ fn streamed(x: Tensor<2>, w: Tensor<2>, m: usize, k: usize) -> Option<Tensor<2>>
     Some(Tensor::from_primitive::<Flex>(out))
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major.
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major: the AVX2/FMA kernel
+/// where the CPU has both (checked at run time), plain loops elsewhere.
 fn multiply(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
     assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    if !streaming_supported() {
+        for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            for (o, wr) in or.iter_mut().zip(w.chunks_exact(k)) {
+                *o = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            }
+        }
+        return;
+    }
     let out = OutPtr(out.as_mut_ptr());
     let columns = |range: std::ops::Range<usize>| {
-        // SAFETY: the slices' lengths are checked above; each call writes
-        // only the output columns in `range`, and the two ranges are disjoint.
+        // SAFETY: AVX2 and FMA are checked above, and so are the slices'
+        // lengths; each call writes only the output columns in `range`, and
+        // the two ranges are disjoint.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             avx2::columns(x, w, { out }.0, m, k, n, range)
@@ -113,6 +123,8 @@ mod avx2 {
     ) {
         let (x, w) = (x.as_ptr(), w.as_ptr());
         let mut j = range.start;
+        // SAFETY: the caller's contract; `rows` reads rows `j..j + J` of `w`
+        // and writes columns `j..j + J` of `out`, all within `range`.
         unsafe {
             while j + 4 <= range.end {
                 rows::<2, 4>(x, w.add(j * k), out.add(j), m, k, n);
@@ -125,6 +137,11 @@ mod avx2 {
         }
     }
 
+    /// `x · wᵀ` for the `J` rows of `w` at `w` into the columns at `out`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available, `x` points to `m·k` floats, `w` to `J`
+    /// rows of `k`, and `out` to `m` rows of `n` floats with `J` columns left.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn rows<const R: usize, const J: usize>(
         x: *const f32,
@@ -135,6 +152,8 @@ mod avx2 {
         n: usize,
     ) {
         let mut r = 0;
+        // SAFETY: the caller's contract; each block reads `R` rows of `x`
+        // below `m` and writes `R` rows of `out`.
         unsafe {
             while r + R <= m {
                 block::<R, J>(x.add(r * k), w, out.add(r * n), k, n);
@@ -148,6 +167,11 @@ mod avx2 {
     }
 
     /// `R` rows of `x` against `J` rows of `w`, accumulated in `R·J` registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available, `x` points to `R` rows of `k` floats, `w`
+    /// to `J` rows of `k`, and `out` to `R` rows of stride `n` with `J`
+    /// columns left.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block<const R: usize, const J: usize>(
         x: *const f32,
@@ -160,6 +184,9 @@ mod avx2 {
         let ahead = if k <= SHORT_ROW { J * k } else { PF };
         let mut acc = [[_mm256_setzero_ps(); J]; R];
         let mut p = 0;
+        // SAFETY: the caller's contract; loads stay below `k8 ≤ k` in each
+        // row and the tail below `k`; prefetches may point past `w` but never
+        // fault (`wrapping_add`).
         unsafe {
             while p < k8 {
                 let mut wv = [_mm256_setzero_ps(); J];
@@ -278,14 +305,14 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn two_threads_give_the_bits_of_one() {
+        assert!(streaming_supported(), "the kernel under test needs AVX2/FMA");
         let (m, k, n) = (8, 300, 1030);
         assert!(m * n * k >= PARALLEL_MIN);
         let (x, w) = (values(m * k, 5), values(n * k, 6));
         let mut split = vec![0.0; m * n];
         multiply(&x, &w, &mut split, m, k, n);
         let mut whole = vec![0.0; m * n];
-        // SAFETY: AVX2/FMA checked, sizes as documented.
-        assert!(streaming_supported());
+        // SAFETY: AVX2/FMA checked above, sizes as documented.
         unsafe { avx2::columns(&x, &w, whole.as_mut_ptr(), m, k, n, 0..n) };
         assert_eq!(split, whole);
     }

@@ -4,11 +4,12 @@
 //! clipping and accumulation; held-out pairwise accuracy and reward-gap
 //! statistics every `eval_every` steps.
 
-use std::time::Instant;
-
 use posttrain_datasets::Epochs;
 use posttrain_model::{Gemma2ForSequenceClassification, Padding, TokenBatch};
-use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
+use posttrain_train::{
+    Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
+    Schedule, Stage, StepLog, StepStats, train,
+};
 use serde_json::json;
 
 use crate::bradley_terry::{PairStats, bradley_terry_loss};
@@ -34,8 +35,8 @@ pub struct RewardConfig {
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RewardReport {
-    pub first_loss: f64,
-    pub last_loss: f64,
+    #[serde(flatten)]
+    pub loss: LossSummary,
     pub eval: Option<PairStats>,
     pub pairs_seen: u64,
     pub seconds: f64,
@@ -43,14 +44,10 @@ pub struct RewardReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewardError {
-    #[error("loss is not finite ({loss}) at step {step}: lower --lr or check the data")]
-    NotFinite { step: usize, loss: f64 },
-    #[error("writing metrics: {0}")]
-    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Loop(#[from] LoopError),
     #[error("no training pairs")]
     NoData,
-    #[error("resumable state: {0}")]
-    State(String),
 }
 
 /// Scores every pair (no gradients).
@@ -68,57 +65,63 @@ pub fn evaluate(
     PairStats::new(&rc, &rr, margin)
 }
 
-/// Trains `model`; with `resume` it continues a saved run (the model is the
-/// saved one), and `saver` stores the state every N steps.
-#[allow(clippy::too_many_arguments)]
-pub fn train_reward(
-    mut model: Gemma2ForSequenceClassification,
-    train: &[PairIds],
-    eval: &[PairIds],
+/// The reward model in the shared loop.
+struct RewardStage<'a> {
+    train: &'a [PairIds],
+    eval: &'a [PairIds],
     pad: u32,
-    cfg: &RewardConfig,
-    log: &mut MetricsLog,
-    resume: Option<&Resume>,
-    mut saver: Option<Saver<Gemma2ForSequenceClassification>>,
-) -> Result<(Gemma2ForSequenceClassification, RewardReport), RewardError> {
-    if train.is_empty() {
-        return Err(RewardError::NoData);
-    }
-    let mut optim = Optimizer::new(&cfg.optim);
-    let lengths = train
-        .iter()
-        .map(|p| p.chosen.len().max(p.rejected.len()))
-        .collect();
-    let mut data = Epochs::new(lengths, cfg.batch_size, cfg.seed);
-    let mut progress = Progress::new("reward", cfg.optim.steps as u64, "steps");
-    let start = Instant::now();
-    let mut report = RewardReport {
-        first_loss: f64::NAN,
-        last_loss: f64::NAN,
-        eval: None,
-        pairs_seen: 0,
-        seconds: 0.0,
-    };
-    let micro_batches = cfg.optim.accumulation.max(1);
-    let mut first_step = 0;
-    if let Some(r) = resume {
-        report = r.restore(&mut optim).map_err(RewardError::State)?;
-        data.seek(r.state.epoch, r.state.next);
-        first_step = r.state.step;
-        progress.advance(first_step as u64, 0);
+    cfg: &'a RewardConfig,
+    data: Epochs,
+    report: RewardReport,
+    /// The current step's pairs ranked right and pairs seen.
+    right: usize,
+    pairs: usize,
+}
+
+impl Report for RewardReport {
+    fn loss_summary(&mut self) -> &mut LossSummary {
+        &mut self.loss
     }
 
-    for step in first_step..cfg.optim.steps {
-        let (mut loss_sum, mut right, mut pairs, mut tokens) = (0.0, 0usize, 0usize, 0u64);
-        for _ in 0..micro_batches {
-            let idx = data.next_batch();
+    fn set_seconds(&mut self, seconds: f64) {
+        self.seconds = seconds;
+    }
+}
+
+impl Stage<Gemma2ForSequenceClassification> for RewardStage<'_> {
+    type Report = RewardReport;
+    type Error = RewardError;
+
+    fn name(&self) -> &str {
+        "reward"
+    }
+
+    fn report(&mut self) -> &mut RewardReport {
+        &mut self.report
+    }
+
+    fn restore(&mut self, report: RewardReport, state: &LoopState) -> Result<(), RewardError> {
+        self.report = report;
+        self.data.seek(state.epoch, state.next);
+        Ok(())
+    }
+
+    fn forward_backward(
+        &mut self,
+        _step: usize,
+        model: &Gemma2ForSequenceClassification,
+        backward: &mut Backward<'_, Gemma2ForSequenceClassification>,
+    ) -> Result<u64, RewardError> {
+        let (mut right, mut pairs, mut tokens) = (0usize, 0usize, 0u64);
+        for _ in 0..self.cfg.optim.accumulation.max(1) {
+            let idx = self.data.next_batch();
             let b = idx.len();
             let rows: Vec<Vec<u32>> = idx
                 .iter()
-                .map(|&i| train[i].chosen.clone())
-                .chain(idx.iter().map(|&i| train[i].rejected.clone()))
+                .map(|&i| self.train[i].chosen.clone())
+                .chain(idx.iter().map(|&i| self.train[i].rejected.clone()))
                 .collect();
-            let batch = TokenBatch::new(&rows, pad, Padding::Right);
+            let batch = TokenBatch::new(&rows, self.pad, Padding::Right);
             tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
             let r = model.forward(&batch);
             let (chosen, rejected) = (r.clone().narrow(0, 0, b), r.narrow(0, b, b));
@@ -128,68 +131,106 @@ pub fn train_reward(
                 .expect("f32");
             right += gaps.iter().filter(|&&g| g > 0.0).count();
             pairs += b;
-            let loss = bradley_terry_loss(chosen, rejected, cfg.margin);
-            let value = loss.clone().into_scalar::<f64>();
-            if !value.is_finite() {
-                return Err(RewardError::NotFinite {
-                    step: step + 1,
-                    loss: value,
-                });
-            }
-            loss_sum += value;
-            optim.backward(&model, loss);
+            backward.backward(model, bradley_terry_loss(chosen, rejected, self.cfg.margin))?;
         }
-        let (next, stats) = optim.step(step, model);
-        model = next;
-        let loss = loss_sum / micro_batches as f64;
-        if step == 0 {
-            report.first_loss = loss;
-        }
-        report.last_loss = loss;
-        report.pairs_seen += pairs as u64;
-        let mut row = json!({
+        (self.right, self.pairs) = (right, pairs);
+        Ok(tokens)
+    }
+
+    fn metrics(
+        &mut self,
+        step: usize,
+        loss: f64,
+        stats: &StepStats,
+    ) -> Result<StepLog, RewardError> {
+        self.report.pairs_seen += self.pairs as u64;
+        let row = json!({
             "step": step + 1,
             "loss": loss,
-            "accuracy": right as f64 / pairs.max(1) as f64,
+            "accuracy": self.right as f64 / self.pairs.max(1) as f64,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
-            "pairs": report.pairs_seen,
-            "epoch": data.epoch,
+            "pairs": self.report.pairs_seen,
+            "epoch": self.data.epoch,
         });
-        let due = (step + 1) % cfg.eval_every.max(1) == 0 || step + 1 == cfg.optim.steps;
-        if cfg.eval_every > 0 && due && !eval.is_empty() {
-            let s = evaluate(&model, eval, pad, 2 * cfg.batch_size, cfg.margin);
-            row["eval_loss"] = s.loss.into();
-            row["eval_accuracy"] = s.accuracy.into();
-            row["eval_mean_gap"] = s.mean_gap.into();
-            row["eval_std_gap"] = s.std_gap.into();
-            progress.println(&format!(
-                "reward: step {}: eval accuracy {:.3}, loss {:.4}, gap {:.3} ± {:.3}",
-                step + 1,
-                s.accuracy,
-                s.loss,
-                s.mean_gap,
-                s.std_gap
-            ));
-            report.eval = Some(s);
-        }
-        log.log(&row)?;
-        progress.advance(1, tokens);
-        if let Some(s) = saver.as_mut() {
-            let position = (data.epoch, data.next);
-            s.after_step(
-                step + 1,
-                cfg.optim.steps,
-                position,
-                &report,
-                &model,
-                &optim,
-                &[],
-            )
-            .map_err(RewardError::State)?;
-        }
+        let serde_json::Value::Object(row) = row else {
+            unreachable!("a json! object")
+        };
+        Ok(StepLog {
+            row,
+            ..StepLog::default()
+        })
     }
-    progress.finish();
-    report.seconds = start.elapsed().as_secs_f64();
-    Ok((model, report))
+
+    fn evaluate(
+        &mut self,
+        step: usize,
+        model: &Gemma2ForSequenceClassification,
+        row: &mut serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<String>, RewardError> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let cfg = self.cfg;
+        let s = evaluate(model, self.eval, self.pad, 2 * cfg.batch_size, cfg.margin);
+        row.insert("eval_loss".into(), s.loss.into());
+        row.insert("eval_accuracy".into(), s.accuracy.into());
+        row.insert("eval_mean_gap".into(), s.mean_gap.into());
+        row.insert("eval_std_gap".into(), s.std_gap.into());
+        let line = format!(
+            "reward: step {}: eval accuracy {:.3}, loss {:.4}, gap {:.3} ± {:.3}",
+            step + 1,
+            s.accuracy,
+            s.loss,
+            s.mean_gap,
+            s.std_gap
+        );
+        self.report.eval = Some(s);
+        Ok(Some(line))
+    }
+
+    fn position(&self) -> (u64, usize) {
+        (self.data.epoch, self.data.next)
+    }
+}
+
+/// Trains `model`; with `resume` it continues a saved run (the model is the
+/// saved one), and `saver` stores the state every N steps.
+pub fn train_reward(
+    model: Gemma2ForSequenceClassification,
+    (train, eval): (&[PairIds], &[PairIds]),
+    pad: u32,
+    cfg: &RewardConfig,
+    log: &mut MetricsLog,
+    resume: Option<&Resume>,
+    saver: Option<Saver<Gemma2ForSequenceClassification>>,
+) -> Result<(Gemma2ForSequenceClassification, RewardReport), RewardError> {
+    if train.is_empty() {
+        return Err(RewardError::NoData);
+    }
+    let lengths = train
+        .iter()
+        .map(|p| p.chosen.len().max(p.rejected.len()))
+        .collect();
+    let mut stage = RewardStage {
+        train,
+        eval,
+        pad,
+        cfg,
+        data: Epochs::new(lengths, cfg.batch_size, cfg.seed),
+        report: RewardReport {
+            loss: LossSummary::default(),
+            eval: None,
+            pairs_seen: 0,
+            seconds: 0.0,
+        },
+        right: 0,
+        pairs: 0,
+    };
+    let schedule = Schedule {
+        optim: &cfg.optim,
+        eval_every: cfg.eval_every,
+    };
+    let model = train(&mut stage, model, schedule, log, resume, saver)?;
+    Ok((model, stage.report))
 }

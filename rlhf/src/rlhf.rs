@@ -7,18 +7,21 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use posttrain_datasets::Epochs;
 use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
-use posttrain_sft::Vocab;
-use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
+use posttrain_train::{
+    Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
+    Schedule, Stage, StepLog, StepStats, Vocab, train,
+};
 use posttrain_warp::{WarpError, ema};
 use serde_json::json;
 
 use crate::rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
 use crate::rollout::{
-    PromptSet, Reward, batch_of, logprob_sums, mean_entropy, roll_out, sequence_logprobs,
+    PromptSet, Reward, Rollouts, batch_of, logprob_sums, mean_entropy, roll_out,
+    sequence_logprobs,
 };
 
 /// What the KL term pulls towards.
@@ -59,6 +62,9 @@ pub struct RlhfConfig {
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RlhfReport {
     pub steps: usize,
+    /// First and last policy-gradient loss.
+    #[serde(flatten)]
+    pub loss: LossSummary,
     /// Completion tokens sampled.
     pub tokens: u64,
     /// Mean RM reward of the first and last steps' samples.
@@ -82,10 +88,8 @@ pub struct RlhfReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RlhfError {
-    #[error("loss is not finite ({loss}) at step {step}: lower --lr or check the reward model")]
-    NotFinite { step: usize, loss: f64 },
-    #[error("writing metrics: {0}")]
-    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Loop(#[from] LoopError),
     #[error(transparent)]
     Data(#[from] posttrain_datasets::DataError),
     #[error(transparent)]
@@ -96,8 +100,6 @@ pub enum RlhfError {
     Config(String),
     #[error("writing a snapshot: {0}")]
     Snapshot(String),
-    #[error("resumable state: {0}")]
-    State(String),
 }
 
 /// The seed of step `step`'s rollouts.
@@ -109,59 +111,83 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// Trains `policy` (on an autodiff device) from `init` (the SFT policy);
-/// returns the policy and the final anchor. `snapshot(step, policy)` is
-/// called every `save_every` steps before the last. With `resume` (and the
-/// anchor saved with it) it continues a saved run; `saver` stores the state
-/// (the anchor as `anchor`) every N steps.
-#[allow(clippy::too_many_arguments)]
-pub fn train_rlhf(
-    mut policy: Gemma2ForCausalLM,
-    init: &Gemma2ForCausalLM,
-    reward: &Reward,
-    prompts: &PromptSet,
-    vocab: &Vocab,
-    cfg: &RlhfConfig,
-    log: &mut MetricsLog,
-    snapshot: &mut dyn FnMut(usize, &Gemma2ForCausalLM) -> Result<(), String>,
-    resume: Option<(&Resume, ParamMap)>,
-    mut saver: Option<Saver<Gemma2ForCausalLM>>,
-) -> Result<(Gemma2ForCausalLM, Gemma2ForCausalLM, RlhfReport), RlhfError> {
-    if prompts.is_empty() {
-        return Err(RlhfError::NoPrompts);
-    }
-    if cfg.samples < 2 {
-        return Err(RlhfError::Config(format!(
-            "--samples must be at least 2 for the leave-one-out baseline, got {}",
-            cfg.samples
-        )));
-    }
-    let device = policy.model.embed_tokens.weight.device();
-    let pad = vocab.tokenizer.pad;
-    let init = init.valid();
-    let mut anchor = init.clone();
-    let mut optim = Optimizer::new(&cfg.optim);
-    let mut data = Epochs::new(
-        prompts.ids.iter().map(Vec::len).collect(),
-        cfg.prompts_per_step,
-        cfg.seed,
-    );
-    let micro = cfg.optim.accumulation.max(1);
-    let mut progress = Progress::new("rlhf", cfg.optim.steps as u64, "steps");
-    let start = Instant::now();
-    let mut report = RlhfReport::default();
-    let mut first_step = 0;
-    if let Some((r, saved_anchor)) = resume {
-        report = r.restore(&mut optim).map_err(RlhfError::State)?;
-        data.seek(r.state.epoch, r.state.next);
-        anchor = with_params(anchor, &saved_anchor);
-        first_step = r.state.step;
-        progress.advance(first_step as u64, 0);
+/// RLHF in the shared loop.
+struct RlhfStage<'a> {
+    init: Gemma2ForCausalLM,
+    anchor: Gemma2ForCausalLM,
+    reward: &'a Reward<'a>,
+    prompts: &'a PromptSet,
+    vocab: &'a Vocab<'a>,
+    cfg: &'a RlhfConfig,
+    snapshot: &'a mut dyn FnMut(usize, &Gemma2ForCausalLM) -> Result<(), String>,
+    device: Device,
+    data: Epochs,
+    report: RlhfReport,
+    step: Option<StepParts>,
+}
+
+/// What one step measured before the optimizer step.
+struct StepParts {
+    rewards: Vec<f64>,
+    rollouts: Rollouts,
+    lengths: Vec<usize>,
+    shaped: Vec<f64>,
+    kl_anchor: Vec<f64>,
+    kl_init: Vec<f64>,
+    entropy_sum: f64,
+    chunks: usize,
+    rollout_s: f64,
+    reward_s: f64,
+    logprob_s: f64,
+    /// When the policy's forward/backward began (the update is timed to
+    /// the end of the anchor's move).
+    update_start: Instant,
+    update_s: f64,
+}
+
+impl Report for RlhfReport {
+    fn loss_summary(&mut self) -> &mut LossSummary {
+        &mut self.loss
     }
 
-    for step in first_step..cfg.optim.steps {
+    fn set_seconds(&mut self, seconds: f64) {
+        self.seconds = seconds;
+    }
+}
+
+impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
+    type Report = RlhfReport;
+    type Error = RlhfError;
+
+    fn name(&self) -> &str {
+        "rlhf"
+    }
+
+    fn blame(&self) -> &'static str {
+        "reward model"
+    }
+
+    fn report(&mut self) -> &mut RlhfReport {
+        &mut self.report
+    }
+
+    fn restore(&mut self, report: RlhfReport, state: &LoopState) -> Result<(), RlhfError> {
+        self.report = report;
+        self.data.seek(state.epoch, state.next);
+        Ok(())
+    }
+
+    fn forward_backward(
+        &mut self,
+        step: usize,
+        policy: &Gemma2ForCausalLM,
+        backward: &mut Backward<'_, Gemma2ForCausalLM>,
+    ) -> Result<u64, RlhfError> {
+        let (cfg, vocab, prompts) = (self.cfg, self.vocab, self.prompts);
+        let pad = vocab.tokenizer.pad;
+        // rollouts: K samples per prompt
         let t = Instant::now();
-        let indices = data.next_batch();
+        let indices = self.data.next_batch();
         let sampling = SamplingConfig {
             max_new_tokens: cfg.max_new_tokens,
             temperature: cfg.temperature,
@@ -180,27 +206,31 @@ pub fn train_rlhf(
         );
         let rollout_s = t.elapsed().as_secs_f64();
 
+        // their rewards
         let t = Instant::now();
-        let rewards = reward.rewards(prompts, &rollouts)?;
+        let rewards = self.reward.rewards(prompts, &rollouts)?;
         let reward_s = t.elapsed().as_secs_f64();
 
+        // log-probs under the anchor and the init
         let t = Instant::now();
         let lengths = rollouts.lengths();
-        let anchor_lp = logprob_sums(&anchor, &rollouts.examples, pad, cfg.batch_size);
+        let anchor_lp = logprob_sums(&self.anchor, &rollouts.examples, pad, cfg.batch_size);
         let init_lp = match cfg.anchor {
             Anchor::Sft => anchor_lp.clone(),
-            Anchor::Ema => logprob_sums(&init, &rollouts.examples, pad, cfg.batch_size),
+            Anchor::Ema => logprob_sums(&self.init, &rollouts.examples, pad, cfg.batch_size),
         };
         let logprob_s = t.elapsed().as_secs_f64();
 
-        let t = Instant::now();
+        // shaped rewards, leave-one-out advantages and the policy gradient,
+        // whole prompt groups per micro-batch
+        let update_start = Instant::now();
         let (mut kl_anchor, mut kl_init, mut shaped) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut loss_sum, mut entropy_sum) = (0.0, 0.0);
-        let per_chunk = cfg.samples * indices.len().div_ceil(micro);
+        let mut entropy_sum = 0.0;
+        let per_chunk = cfg.samples * indices.len().div_ceil(cfg.optim.accumulation.max(1));
         for (c, chunk) in rollouts.examples.chunks(per_chunk).enumerate() {
             let at = c * per_chunk;
-            let (batch, weights) = batch_of(chunk, pad, &device);
-            let (sums, logits) = sequence_logprobs(&policy, &batch, weights.clone());
+            let (batch, weights) = batch_of(chunk, pad, &self.device);
+            let (sums, logits) = sequence_logprobs(policy, &batch, weights.clone());
             entropy_sum += mean_entropy(logits, weights);
             let lp = sums
                 .clone()
@@ -225,56 +255,71 @@ pub fn train_rlhf(
             let advantages = rloo_advantages(&chunk_shaped, cfg.samples);
             shaped.extend(chunk_shaped);
             let loss: Tensor<1> = policy_gradient_loss(sums, &advantages);
-            let value = loss.clone().into_scalar::<f64>();
-            if !value.is_finite() {
-                return Err(RlhfError::NotFinite {
-                    step: step + 1,
-                    loss: value,
-                });
-            }
-            loss_sum += value;
-            optim.backward(&policy, loss);
+            backward.backward(policy, loss)?;
         }
-        let chunks = rollouts.examples.len().div_ceil(per_chunk);
-        let (next, stats) = optim.step(step, policy);
-        policy = next;
-        if cfg.anchor == Anchor::Ema {
-            let moved = ema(&param_map(&anchor), &param_map(&policy), cfg.mu)?;
-            anchor = with_params(anchor, &moved);
-        }
-        let update_s = t.elapsed().as_secs_f64();
+        let tokens = lengths.iter().sum::<usize>() as u64;
+        self.step = Some(StepParts {
+            chunks: rollouts.examples.len().div_ceil(per_chunk),
+            rewards,
+            rollouts,
+            lengths,
+            shaped,
+            kl_anchor,
+            kl_init,
+            entropy_sum,
+            rollout_s,
+            reward_s,
+            logprob_s,
+            update_start,
+            update_s: 0.0,
+        });
+        Ok(tokens)
+    }
 
-        let step_tokens: usize = lengths.iter().sum();
+    fn after_update(&mut self, policy: &Gemma2ForCausalLM) -> Result<(), RlhfError> {
+        if self.cfg.anchor == Anchor::Ema {
+            let moved = ema(&param_map(&self.anchor), &param_map(policy), self.cfg.mu)?;
+            self.anchor = with_params(self.anchor.clone(), &moved);
+        }
+        if let Some(p) = self.step.as_mut() {
+            p.update_s = p.update_start.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }
+
+    fn metrics(&mut self, step: usize, loss: f64, stats: &StepStats) -> Result<StepLog, RlhfError> {
+        let p = self.step.take().expect("a step was taken");
+        let report = &mut self.report;
+        let step_tokens: usize = p.lengths.iter().sum();
         report.tokens += step_tokens as u64;
-        let reward = mean(&rewards);
+        let reward = mean(&p.rewards);
         let mut row = json!({
             "step": step + 1,
             "reward": reward,
-            "shaped_reward": mean(&shaped),
-            "kl_anchor": mean(&kl_anchor),
-            "kl_init": mean(&kl_init),
-            "length": step_tokens as f64 / lengths.len().max(1) as f64,
-            "entropy": entropy_sum / chunks as f64,
-            "loss": loss_sum / chunks as f64,
+            "shaped_reward": mean(&p.shaped),
+            "kl_anchor": mean(&p.kl_anchor),
+            "kl_init": mean(&p.kl_init),
+            "length": step_tokens as f64 / p.lengths.len().max(1) as f64,
+            "entropy": p.entropy_sum / p.chunks as f64,
+            "loss": loss,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
-            "samples": rollouts.len(),
+            "samples": p.rollouts.len(),
             "tokens": report.tokens,
-            "rollout_s": rollout_s,
-            "reward_s": reward_s,
-            "logprob_s": logprob_s,
-            "update_s": update_s,
-            "rollout_tokens_per_s": step_tokens as f64 / rollout_s.max(1e-9),
-            "epoch": data.epoch,
+            "rollout_s": p.rollout_s,
+            "reward_s": p.reward_s,
+            "logprob_s": p.logprob_s,
+            "update_s": p.update_s,
+            "rollout_tokens_per_s": step_tokens as f64 / p.rollout_s.max(1e-9),
+            "epoch": self.data.epoch,
         });
-        let true_score = rollouts.true_scores(prompts).map(|s| {
+        let true_score = p.rollouts.true_scores(self.prompts).map(|s| {
             let score = s.iter().map(|x| x.0).sum::<f64>() / s.len() as f64;
             let accuracy = s.iter().filter(|x| x.1).count() as f64 / s.len() as f64;
             row["score"] = score.into();
             row["accuracy"] = accuracy.into();
             score
         });
-        log.log(&row)?;
         if step == 0 {
             report.first_reward = reward;
             report.first_score = true_score;
@@ -282,53 +327,111 @@ pub fn train_rlhf(
         report.steps = step + 1;
         report.last_reward = reward;
         report.last_score = true_score;
-        report.last_kl_init = mean(&kl_init);
-        report.last_kl_anchor = mean(&kl_anchor);
-        report.rollout_s += rollout_s;
-        report.reward_s += reward_s;
-        report.logprob_s += logprob_s;
-        report.update_s += update_s;
-        let every = (cfg.optim.steps / 10).max(1);
-        if (step + 1) % every == 0 || step + 1 == cfg.optim.steps {
+        report.last_kl_init = mean(&p.kl_init);
+        report.last_kl_anchor = mean(&p.kl_anchor);
+        report.rollout_s += p.rollout_s;
+        report.reward_s += p.reward_s;
+        report.logprob_s += p.logprob_s;
+        report.update_s += p.update_s;
+        let steps = self.cfg.optim.steps;
+        let line = ((step + 1) % (steps / 10).max(1) == 0 || step + 1 == steps).then(|| {
             let score = true_score.map_or(String::new(), |s| format!(", score {s:.3}"));
-            progress.println(&format!(
+            format!(
                 "rlhf: step {}: reward {reward:.3}{score}, kl to init {:.3}, to anchor {:.3}, length {:.1}",
                 step + 1,
                 report.last_kl_init,
                 report.last_kl_anchor,
                 row["length"].as_f64().unwrap_or(0.0),
-            ));
-        }
-        progress.advance(1, step_tokens as u64);
-        if cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && step + 1 < cfg.optim.steps {
-            snapshot(step + 1, &policy).map_err(RlhfError::Snapshot)?;
-        }
-        if let Some(s) = saver.as_mut() {
-            let position = (data.epoch, data.next);
-            s.after_step(
-                step + 1,
-                cfg.optim.steps,
-                position,
-                &report,
-                &policy,
-                &optim,
-                &[("anchor", &anchor)],
             )
-            .map_err(RlhfError::State)?;
-        }
-        if let Some(bound) = cfg.max_kl
-            && report.last_kl_init > bound
-        {
-            progress.println(&format!(
-                "rlhf: KL to init {:.3} > bound {bound} at step {}: stopping",
-                report.last_kl_init,
-                step + 1
-            ));
-            report.stopped_at_kl = Some(step + 1);
-            break;
-        }
+        });
+        let stop = match self.cfg.max_kl {
+            Some(bound) if report.last_kl_init > bound => {
+                report.stopped_at_kl = Some(step + 1);
+                Some(format!(
+                    "rlhf: KL to init {:.3} > bound {bound} at step {}: stopping",
+                    report.last_kl_init,
+                    step + 1
+                ))
+            }
+            _ => None,
+        };
+        let serde_json::Value::Object(row) = row else {
+            unreachable!("a json! object")
+        };
+        Ok(StepLog { row, line, stop })
     }
-    progress.finish();
-    report.seconds = start.elapsed().as_secs_f64();
-    Ok((policy, anchor, report))
+
+    fn after_log(&mut self, done: usize, policy: &Gemma2ForCausalLM) -> Result<(), RlhfError> {
+        let every = self.cfg.save_every;
+        if every > 0 && done.is_multiple_of(every) && done < self.cfg.optim.steps {
+            (self.snapshot)(done, policy).map_err(RlhfError::Snapshot)?;
+        }
+        Ok(())
+    }
+
+    fn position(&self) -> (u64, usize) {
+        (self.data.epoch, self.data.next)
+    }
+
+    fn extra(&self) -> Vec<(&str, &Gemma2ForCausalLM)> {
+        vec![("anchor", &self.anchor)]
+    }
+}
+
+/// Trains `policy` (on an autodiff device) from `init` (the SFT policy);
+/// returns the policy and the final anchor. `snapshot(step, policy)` is
+/// called every `save_every` steps before the last. With `resume` (and the
+/// anchor saved with it) it continues a saved run; `saver` stores the state
+/// (the anchor as `anchor`) every N steps.
+#[allow(clippy::too_many_arguments)]
+pub fn train_rlhf(
+    policy: Gemma2ForCausalLM,
+    init: &Gemma2ForCausalLM,
+    reward: &Reward,
+    prompts: &PromptSet,
+    vocab: &Vocab,
+    cfg: &RlhfConfig,
+    log: &mut MetricsLog,
+    snapshot: &mut dyn FnMut(usize, &Gemma2ForCausalLM) -> Result<(), String>,
+    resume: Option<(&Resume, ParamMap)>,
+    saver: Option<Saver<Gemma2ForCausalLM>>,
+) -> Result<(Gemma2ForCausalLM, Gemma2ForCausalLM, RlhfReport), RlhfError> {
+    if prompts.is_empty() {
+        return Err(RlhfError::NoPrompts);
+    }
+    if cfg.samples < 2 {
+        return Err(RlhfError::Config(format!(
+            "--samples must be at least 2 for the leave-one-out baseline, got {}",
+            cfg.samples
+        )));
+    }
+    let init = init.valid();
+    let anchor = match &resume {
+        Some((_, saved)) => with_params(init.clone(), saved),
+        None => init.clone(),
+    };
+    let mut stage = RlhfStage {
+        init,
+        anchor,
+        reward,
+        prompts,
+        vocab,
+        cfg,
+        snapshot,
+        device: policy.model.embed_tokens.weight.device(),
+        data: Epochs::new(
+            prompts.ids.iter().map(Vec::len).collect(),
+            cfg.prompts_per_step,
+            cfg.seed,
+        ),
+        report: RlhfReport::default(),
+        step: None,
+    };
+    let schedule = Schedule {
+        optim: &cfg.optim,
+        eval_every: 0,
+    };
+    let resume = resume.as_ref().map(|(r, _)| *r);
+    let policy = train(&mut stage, policy, schedule, log, resume, saver)?;
+    Ok((policy, stage.anchor, stage.report))
 }

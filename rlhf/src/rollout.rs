@@ -15,7 +15,7 @@ use posttrain_model::{
     TokenBatch, generate,
 };
 use posttrain_reward::{encode_pairs, score_examples};
-use posttrain_sft::eval::make_batch;
+use posttrain_train::make_batch;
 
 /// Prompts rendered for the policy, with what the reward model and the task
 /// scorer read.

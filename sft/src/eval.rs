@@ -3,10 +3,10 @@
 //! the ground-truth score of greedy completions.
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
 use posttrain_datasets::task::{expected, score};
 use posttrain_datasets::{ChatTokenizer, Example};
-use posttrain_model::{Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate};
+use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate};
+use posttrain_train::make_batch;
 
 use crate::ce::cross_entropy;
 
@@ -23,19 +23,6 @@ pub struct TaskScore {
     pub score: f64,
     pub accuracy: f64,
     pub samples: usize,
-}
-
-/// A right-padded batch and its target weights `[batch, len − 1]`.
-pub fn make_batch(examples: &[&Example], pad: u32, device: &Device) -> (TokenBatch, Tensor<2>) {
-    let rows: Vec<Vec<u32>> = examples.iter().map(|e| e.ids.clone()).collect();
-    let batch = TokenBatch::new(&rows, pad, Padding::Right);
-    let len = batch.len;
-    let mut w = Vec::with_capacity(batch.batch * (len - 1));
-    for e in examples {
-        w.extend((1..len).map(|t| f32::from(u8::from(e.target.get(t).copied().unwrap_or(false)))));
-    }
-    let weights = Tensor::from_data(TensorData::new(w, [batch.batch, len - 1]), device);
-    (batch, weights)
 }
 
 /// Mean cross-entropy over the target tokens of `examples` (no gradients).

@@ -13,14 +13,17 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use posttrain_datasets::{ChatTokenizer, Epochs, Example};
 use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, TokenBatch, generate};
-use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver};
+use posttrain_train::{
+    Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
+    Schedule, Stage, StepLog, StepStats, Vocab, make_batch, train as train_loop,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::ce::{cross_entropy, weighted_mean};
 use crate::distill::{forward_kl, mix};
-use crate::eval::{EvalSet, TaskScore, eval_loss, make_batch, task_score};
+use crate::eval::{EvalSet, TaskScore, eval_loss, task_score};
 use crate::gkd::generalized_jsd;
 use crate::topk_kd::topk_kl;
 
@@ -65,18 +68,10 @@ pub struct SftConfig {
     pub eval_max_new_tokens: usize,
 }
 
-/// The tokenizer side of the run: padding, decoding, where sampling stops.
-pub struct Vocab<'a> {
-    pub tokenizer: &'a ChatTokenizer,
-    pub stop_ids: Vec<u32>,
-    /// The model's context length.
-    pub max_len: usize,
-}
-
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SftReport {
-    pub first_loss: f64,
-    pub last_loss: f64,
+    #[serde(flatten)]
+    pub loss: LossSummary,
     pub eval_loss: Option<f64>,
     pub eval_score: Option<TaskScore>,
     pub on_policy_batches: usize,
@@ -86,21 +81,17 @@ pub struct SftReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SftError {
-    #[error("loss is not finite ({loss}) at step {step}: lower --lr or check the data")]
-    NotFinite { step: usize, loss: f64 },
-    #[error("writing metrics: {0}")]
-    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Loop(#[from] LoopError),
     #[error("no training examples")]
     NoData,
     #[error("{0} needs a teacher")]
     NeedsTeacher(&'static str),
     #[error("stored top-k distillation needs teacher top-k on every row; row {0} has none")]
     MissingTopK(usize),
-    #[error("resumable state: {0}")]
-    State(String),
 }
 
-/// Loss parts of one micro-batch (scalars already read back).
+/// Loss parts of one micro-batch.
 struct Parts {
     loss: Tensor<1>,
     ce: Option<Tensor<1>>,
@@ -251,29 +242,206 @@ fn on_policy_loss(
     }
 }
 
-/// Mean of the parts' scalars over the micro-batches of a step.
+/// Means of the parts' scalars over the micro-batches of a step.
 #[derive(Default)]
 struct Sums {
-    loss: f64,
     ce: (f64, usize),
     kl: (f64, usize),
     jsd: (f64, usize),
 }
 
 impl Sums {
-    fn add(&mut self, p: &Parts) -> f64 {
+    fn add(&mut self, p: &Parts) {
         let read = |t: &Option<Tensor<1>>, acc: &mut (f64, usize)| {
             if let Some(t) = t {
                 acc.0 += t.clone().into_scalar::<f64>();
                 acc.1 += 1;
             }
         };
-        let loss = p.loss.clone().into_scalar::<f64>();
-        self.loss += loss;
         read(&p.ce, &mut self.ce);
         read(&p.kl, &mut self.kl);
         read(&p.jsd, &mut self.jsd);
-        loss
+    }
+}
+
+/// `pretrain` and `sft` in the shared loop.
+struct LmStage<'a> {
+    name: &'a str,
+    teacher: Option<Gemma2ForCausalLM>,
+    train: &'a [Example],
+    eval: &'a EvalSet,
+    vocab: &'a Vocab<'a>,
+    cfg: &'a SftConfig,
+    on_policy: Option<&'a OnPolicy>,
+    device: Device,
+    data: Epochs,
+    /// Decides which micro-batches are on-policy.
+    coin: StdRng,
+    start: Instant,
+    report: SftReport,
+    /// The current step's loss parts and on-policy micro-batches.
+    sums: Sums,
+    sampled: usize,
+    step_tokens: u64,
+}
+
+impl Report for SftReport {
+    fn loss_summary(&mut self) -> &mut LossSummary {
+        &mut self.loss
+    }
+
+    fn set_seconds(&mut self, seconds: f64) {
+        self.seconds = seconds;
+    }
+}
+
+impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
+    type Report = SftReport;
+    type Error = SftError;
+
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn report(&mut self) -> &mut SftReport {
+        &mut self.report
+    }
+
+    fn restore(&mut self, report: SftReport, state: &LoopState) -> Result<(), SftError> {
+        self.report = report;
+        self.data.seek(state.epoch, state.next);
+        if self.on_policy.is_some() {
+            for _ in 0..state.step * self.cfg.optim.accumulation.max(1) {
+                self.coin.random::<f64>();
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_backward(
+        &mut self,
+        step: usize,
+        model: &Gemma2ForCausalLM,
+        backward: &mut Backward<'_, Gemma2ForCausalLM>,
+    ) -> Result<u64, SftError> {
+        let micro_batches = self.cfg.optim.accumulation.max(1);
+        let pad = self.vocab.tokenizer.pad;
+        let (cfg, device) = (self.cfg, &self.device);
+        self.sums = Sums::default();
+        self.sampled = 0;
+        let mut tokens = 0u64;
+        for micro in 0..micro_batches {
+            let examples: Vec<&Example> = self
+                .data
+                .next_batch()
+                .into_iter()
+                .map(|i| &self.train[i])
+                .collect();
+            let own = match self.on_policy {
+                Some(op) if self.coin.random::<f64>() < op.fraction => {
+                    let seed =
+                        cfg.seed ^ ((step * micro_batches + micro) as u64).wrapping_mul(0x9E37_79B9);
+                    Some((op, sample_completions(model, &examples, self.vocab, op, seed)))
+                }
+                _ => None,
+            };
+            let parts = match &own {
+                Some((op, rows)) => {
+                    let refs: Vec<&Example> = rows.iter().collect();
+                    let (batch, weights) = make_batch(&refs, pad, device);
+                    tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
+                    self.sampled += 1;
+                    let teacher = self.teacher.as_ref().expect("checked before the loop");
+                    on_policy_loss(model, teacher, &batch, weights, cfg, op)
+                }
+                None => {
+                    let (batch, weights) = make_batch(&examples, pad, device);
+                    tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
+                    data_loss(model, self.teacher.as_ref(), &examples, &batch, weights, cfg)
+                }
+            };
+            self.sums.add(&parts);
+            backward.backward(model, parts.loss)?;
+        }
+        self.step_tokens = tokens;
+        Ok(tokens)
+    }
+
+    fn metrics(&mut self, step: usize, loss: f64, stats: &StepStats) -> Result<StepLog, SftError> {
+        let report = &mut self.report;
+        report.tokens += self.step_tokens;
+        report.on_policy_batches += self.sampled;
+        let mut row = json!({
+            "step": step + 1,
+            "loss": loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens": report.tokens,
+            "tokens_per_s": report.tokens as f64 / self.start.elapsed().as_secs_f64(),
+            "epoch": self.data.epoch,
+        });
+        let s = &self.sums;
+        for (name, (sum, n)) in [("ce", s.ce), ("kl", s.kl), ("jsd", s.jsd)] {
+            if n > 0 {
+                row[name] = (sum / n as f64).into();
+            }
+        }
+        if self.on_policy.is_some() {
+            row["on_policy_batches"] = self.sampled.into();
+        }
+        Ok(StepLog {
+            row: into_map(row),
+            ..StepLog::default()
+        })
+    }
+
+    fn evaluate(
+        &mut self,
+        step: usize,
+        model: &Gemma2ForCausalLM,
+        row: &mut serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<String>, SftError> {
+        let (eval, cfg) = (self.eval, self.cfg);
+        if eval.examples.is_empty() {
+            return Ok(None);
+        }
+        let e = eval_loss(model, &eval.examples, self.vocab.tokenizer.pad, cfg.batch_size);
+        row.insert("eval_loss".into(), e.into());
+        self.report.eval_loss = Some(e);
+        let s = task_score(
+            model,
+            eval,
+            self.vocab.tokenizer,
+            &self.vocab.stop_ids,
+            cfg.eval_samples,
+            cfg.eval_max_new_tokens,
+            cfg.batch_size.max(16),
+        );
+        let shown = match s {
+            Some(s) => {
+                row.insert("eval_score".into(), s.score.into());
+                row.insert("eval_accuracy".into(), s.accuracy.into());
+                format!(", score {:.3}, accuracy {:.3}", s.score, s.accuracy)
+            }
+            None => String::new(),
+        };
+        self.report.eval_score = s;
+        Ok(Some(format!(
+            "{}: step {}: eval loss {e:.4}{shown}",
+            self.name,
+            step + 1
+        )))
+    }
+
+    fn position(&self) -> (u64, usize) {
+        (self.data.epoch, self.data.next)
+    }
+}
+
+fn into_map(row: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match row {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!("a json! object"),
     }
 }
 
@@ -282,7 +450,7 @@ impl Sums {
 #[allow(clippy::too_many_arguments)]
 pub fn train_lm(
     stage: &str,
-    mut model: Gemma2ForCausalLM,
+    model: Gemma2ForCausalLM,
     teacher: Option<&Gemma2ForCausalLM>,
     train: &[Example],
     eval: &EvalSet,
@@ -290,7 +458,7 @@ pub fn train_lm(
     cfg: &SftConfig,
     log: &mut MetricsLog,
     resume: Option<&Resume>,
-    mut saver: Option<Saver<Gemma2ForCausalLM>>,
+    saver: Option<Saver<Gemma2ForCausalLM>>,
 ) -> Result<(Gemma2ForCausalLM, SftReport), SftError> {
     if train.is_empty() {
         return Err(SftError::NoData);
@@ -307,154 +475,40 @@ pub fn train_lm(
     {
         return Err(SftError::MissingTopK(row + 1));
     }
-    let device = model.model.embed_tokens.weight.device();
-    let teacher = teacher.map(Module::valid);
-    let pad = vocab.tokenizer.pad;
-    let mut optim = Optimizer::new(&cfg.optim);
-    let mut data = Epochs::new(
-        train.iter().map(|e| e.ids.len()).collect(),
-        cfg.batch_size,
-        cfg.seed,
-    );
-    let mut coin = StdRng::seed_from_u64(cfg.seed ^ 0x6f6e_706f_6c69_6379);
-    let mut progress = Progress::new(stage, cfg.optim.steps as u64, "steps");
-    let start = Instant::now();
-    let mut report = SftReport {
-        first_loss: f64::NAN,
-        last_loss: f64::NAN,
-        eval_loss: None,
-        eval_score: None,
-        on_policy_batches: 0,
-        tokens: 0,
-        seconds: 0.0,
+    let mut lm = LmStage {
+        name: stage,
+        teacher: teacher.map(Module::valid),
+        train,
+        eval,
+        vocab,
+        cfg,
+        on_policy,
+        device: model.model.embed_tokens.weight.device(),
+        data: Epochs::new(
+            train.iter().map(|e| e.ids.len()).collect(),
+            cfg.batch_size,
+            cfg.seed,
+        ),
+        coin: StdRng::seed_from_u64(cfg.seed ^ 0x6f6e_706f_6c69_6379),
+        start: Instant::now(),
+        report: SftReport {
+            loss: LossSummary::default(),
+            eval_loss: None,
+            eval_score: None,
+            on_policy_batches: 0,
+            tokens: 0,
+            seconds: 0.0,
+        },
+        sums: Sums::default(),
+        sampled: 0,
+        step_tokens: 0,
     };
-    let micro_batches = cfg.optim.accumulation.max(1);
-    let mut first_step = 0;
-    if let Some(r) = resume {
-        report = r.restore(&mut optim).map_err(SftError::State)?;
-        data.seek(r.state.epoch, r.state.next);
-        if on_policy.is_some() {
-            for _ in 0..r.state.step * micro_batches {
-                coin.random::<f64>();
-            }
-        }
-        first_step = r.state.step;
-        progress.advance(first_step as u64, 0);
-    }
-
-    for step in first_step..cfg.optim.steps {
-        let mut sums = Sums::default();
-        let mut step_tokens = 0u64;
-        let mut sampled = 0usize;
-        for micro in 0..micro_batches {
-            let examples: Vec<&Example> =
-                data.next_batch().into_iter().map(|i| &train[i]).collect();
-            let own = match on_policy {
-                Some(op) if coin.random::<f64>() < op.fraction => {
-                    let seed = cfg.seed
-                        ^ ((step * micro_batches + micro) as u64).wrapping_mul(0x9E37_79B9);
-                    Some((op, sample_completions(&model, &examples, vocab, op, seed)))
-                }
-                _ => None,
-            };
-            let parts = match &own {
-                Some((op, rows)) => {
-                    let refs: Vec<&Example> = rows.iter().collect();
-                    let (batch, weights) = make_batch(&refs, pad, &device);
-                    step_tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-                    sampled += 1;
-                    let teacher = teacher.as_ref().expect("checked above");
-                    on_policy_loss(&model, teacher, &batch, weights, cfg, op)
-                }
-                None => {
-                    let (batch, weights) = make_batch(&examples, pad, &device);
-                    step_tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-                    data_loss(&model, teacher.as_ref(), &examples, &batch, weights, cfg)
-                }
-            };
-            let loss = sums.add(&parts);
-            if !loss.is_finite() {
-                return Err(SftError::NotFinite {
-                    step: step + 1,
-                    loss,
-                });
-            }
-            optim.backward(&model, parts.loss);
-        }
-        let (next, stats) = optim.step(step, model);
-        model = next;
-
-        let loss = sums.loss / micro_batches as f64;
-        if step == 0 {
-            report.first_loss = loss;
-        }
-        report.last_loss = loss;
-        report.tokens += step_tokens;
-        report.on_policy_batches += sampled;
-        let mut row = json!({
-            "step": step + 1,
-            "loss": loss,
-            "lr": stats.lr,
-            "grad_norm": stats.grad_norm,
-            "tokens": report.tokens,
-            "tokens_per_s": report.tokens as f64 / start.elapsed().as_secs_f64(),
-            "epoch": data.epoch,
-        });
-        for (name, (sum, n)) in [("ce", sums.ce), ("kl", sums.kl), ("jsd", sums.jsd)] {
-            if n > 0 {
-                row[name] = (sum / n as f64).into();
-            }
-        }
-        if on_policy.is_some() {
-            row["on_policy_batches"] = sampled.into();
-        }
-        let due = (step + 1) % cfg.eval_every.max(1) == 0 || step + 1 == cfg.optim.steps;
-        if cfg.eval_every > 0 && due && !eval.examples.is_empty() {
-            let e = eval_loss(&model, &eval.examples, pad, cfg.batch_size);
-            row["eval_loss"] = e.into();
-            report.eval_loss = Some(e);
-            let s = task_score(
-                &model,
-                eval,
-                vocab.tokenizer,
-                &vocab.stop_ids,
-                cfg.eval_samples,
-                cfg.eval_max_new_tokens,
-                cfg.batch_size.max(16),
-            );
-            let shown = match s {
-                Some(s) => {
-                    row["eval_score"] = s.score.into();
-                    row["eval_accuracy"] = s.accuracy.into();
-                    format!(", score {:.3}, accuracy {:.3}", s.score, s.accuracy)
-                }
-                None => String::new(),
-            };
-            report.eval_score = s;
-            progress.println(&format!(
-                "{stage}: step {}: eval loss {e:.4}{shown}",
-                step + 1
-            ));
-        }
-        log.log(&row)?;
-        progress.advance(1, step_tokens);
-        if let Some(s) = saver.as_mut() {
-            let position = (data.epoch, data.next);
-            s.after_step(
-                step + 1,
-                cfg.optim.steps,
-                position,
-                &report,
-                &model,
-                &optim,
-                &[],
-            )
-            .map_err(SftError::State)?;
-        }
-    }
-    progress.finish();
-    report.seconds = start.elapsed().as_secs_f64();
-    Ok((model, report))
+    let schedule = Schedule {
+        optim: &cfg.optim,
+        eval_every: cfg.eval_every,
+    };
+    let model = train_loop(&mut lm, model, schedule, log, resume, saver)?;
+    Ok((model, lm.report))
 }
 
 #[cfg(test)]
@@ -583,7 +637,7 @@ mod tests {
         );
         assert_eq!(kd, kd0, "λ = 0 must be exactly the data KD");
         assert_eq!(r2.on_policy_batches, 0);
-        assert_eq!(r1.first_loss, r2.first_loss);
+        assert_eq!(r1.loss.first_loss, r2.loss.first_loss);
         assert_ne!(kd, ce);
     }
 
@@ -621,10 +675,10 @@ mod tests {
             &train,
         );
         assert!(
-            (a.first_loss - b.first_loss).abs() < 1e-5,
+            (a.loss.first_loss - b.loss.first_loss).abs() < 1e-5,
             "{} vs {}",
-            a.first_loss,
-            b.first_loss
+            a.loss.first_loss,
+            b.loss.first_loss
         );
         for (name, x) in &live {
             let d = x
@@ -692,7 +746,6 @@ mod tests {
     #[test]
     fn resuming_from_a_saved_state_is_bitwise_the_uninterrupted_run() {
         use posttrain_model::params::{param_ids, param_map, with_param_ids, with_params};
-        use posttrain_train::LoopState;
         let device = Device::default().autodiff();
         let tok = tokenizer();
         let vocab = Vocab {
@@ -732,7 +785,7 @@ mod tests {
         let optimizer = dir.path().join("optimizer.bpk");
         let mut saved = None;
         let save = |m: &Gemma2ForCausalLM,
-                    o: &Optimizer<Gemma2ForCausalLM>,
+                    o: &posttrain_train::Optimizer<Gemma2ForCausalLM>,
                     st: &LoopState,
                     _: &[(&str, &Gemma2ForCausalLM)]| {
             o.save_state(&optimizer)?;

@@ -183,7 +183,7 @@ pub fn run(args: BenchArgs, device: Device, backend: &str) -> Result<()> {
             "bench": "matmul", "backend": backend, "n": PEAK_N, "reps": 10,
             "gflops_best": best, "gflops_median": median,
         });
-        println!("{line}");
+        crate::print_stdout(&format!("{line}\n"))?;
     }
     let (peak, peak_src) = match (args.peak_gflops, measured) {
         (Some(p), _) => (p, "--peak-gflops".to_string()),
@@ -206,7 +206,7 @@ pub fn run(args: BenchArgs, device: Device, backend: &str) -> Result<()> {
             line["peak_src"] = peak_src.clone().into();
             line["shape"] = format!("{shape:?}").to_lowercase().into();
             line["backend"] = backend.into();
-            println!("{line}");
+            crate::print_stdout(&format!("{line}\n"))?;
         }
     }
     Ok(())

@@ -40,10 +40,18 @@ pub fn run(args: EvalArgs, device: Device, backend: &str) -> Result<()> {
         .max()
         .unwrap_or(0)
         .max(10);
-    println!(
-        "{:<width$} {:>8} {:>8} {:>8} {:>8} {:>7}",
+    // the table goes to stdout as rows are done; a reader that closes the
+    // pipe early (`| head`) stops the printing, not the evaluation
+    let mut stdout_open = true;
+    let mut print = |line: String| {
+        if stdout_open {
+            stdout_open = crate::print_stdout(&line).is_ok();
+        }
+    };
+    print(format!(
+        "{:<width$} {:>8} {:>8} {:>8} {:>8} {:>7}\n",
         "checkpoint", "reward", "score", "accuracy", "kl", "length"
-    );
+    ));
     for dir in &args.checkpoints {
         let m = ChatModel::load(dir, &device)?;
         let max_len = m.config.max_position_embeddings;
@@ -66,15 +74,15 @@ pub fn run(args: EvalArgs, device: Device, backend: &str) -> Result<()> {
             max_len,
             args.batch_size,
         )?;
-        println!(
-            "{:<width$} {:>8} {:>8} {:>8} {:>8} {:>7.1}",
+        print(format!(
+            "{:<width$} {:>8} {:>8} {:>8} {:>8} {:>7.1}\n",
             dir.display(),
             cell(e.reward),
             cell(e.score),
             cell(e.accuracy),
             cell(e.kl),
             e.length
-        );
+        ));
         let Value::Object(mut row) = json!({ "checkpoint": dir.display().to_string() }) else {
             unreachable!()
         };

@@ -167,8 +167,8 @@ pub fn print_report(stage: &str, report: &posttrain_sft::SftReport, out: &Path) 
     });
     eprintln!(
         "{stage}: loss {:.4} -> {:.4}, eval loss {}{score}, {:.0} tokens/s -> {}",
-        report.first_loss,
-        report.last_loss,
+        report.loss.first_loss,
+        report.loss.last_loss,
         report.eval_loss.map_or("-".into(), |e| format!("{e:.4}")),
         report.tokens as f64 / report.seconds,
         out.display()
@@ -331,9 +331,7 @@ impl StateDir {
             let bytes = posttrain_model::safetensors_io::to_safetensors_bytes(&tensors, F32);
             w.write(&format!("{name}.safetensors"), &bytes)?;
         }
-        optim
-            .save_state(&w.path().join(OPTIMIZER_STATE))
-            .map_err(anyhow::Error::msg)?;
+        optim.save_state(&w.path().join(OPTIMIZER_STATE))?;
         let loop_state = serde_json::json!({
             "loop": state,
             "ids": posttrain_model::params::param_ids(model),
@@ -438,7 +436,8 @@ impl StateDir {
         posttrain_train::Saver {
             every,
             save: Box::new(move |m, o, st, extra| {
-                self.save(m, o, st, extra).map_err(|e| format!("{e:#}"))
+                self.save(m, o, st, extra)
+                    .map_err(|e| posttrain_train::StateError::Save(format!("{e:#}")))
             }),
         }
     }
@@ -474,7 +473,7 @@ pub fn train_resumable(
     model: posttrain_model::Gemma2ForCausalLM,
     teacher: Option<&posttrain_model::Gemma2ForCausalLM>,
     data: &TrainData,
-    vocab: &posttrain_sft::Vocab,
+    vocab: &posttrain_train::Vocab,
     cfg: &posttrain_sft::SftConfig,
     args: &crate::cli::TrainArgs,
     out: &Path,

@@ -2,7 +2,8 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, LossOn};
 use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
-use posttrain_sft::{Distill, SftConfig, Vocab};
+use posttrain_sft::{Distill, SftConfig};
+use posttrain_train::Vocab;
 use posttrain_train::OptimConfig;
 use serde_json::json;
 

@@ -20,6 +20,24 @@ fn load_pairs(
     max_len: usize,
 ) -> Result<Vec<PairIds>> {
     let prefs: Vec<Preference> = read_records(path)?;
+    let ties: Vec<usize> = (0..prefs.len())
+        .filter(|&i| prefs[i].chosen == prefs[i].rejected)
+        .collect();
+    if ties.len() == prefs.len() {
+        bail!(
+            "{}: every row's `chosen` equals its `rejected`: no preference to learn",
+            path.display()
+        );
+    }
+    if let Some(first) = ties.first() {
+        eprintln!(
+            "warning: {}: {} of {} rows have `chosen` equal to `rejected` (first: row {}); they add nothing but a constant loss",
+            path.display(),
+            ties.len(),
+            prefs.len(),
+            first + 1
+        );
+    }
     let side = |f: fn(&Preference) -> &str| {
         encode_pairs(
             tokenizer,
@@ -127,8 +145,7 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
     let saver = state.saver(args.train.save_state_every);
     let (model, report) = train_reward(
         model,
-        &train,
-        &eval,
+        (&train, &eval),
         tokenizer.pad,
         &cfg,
         &mut log,
@@ -170,8 +187,8 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
     });
     eprintln!(
         "reward: loss {:.4} -> {:.4}{eval}, size ratio {ratio:.2}x -> {}",
-        report.first_loss,
-        report.last_loss,
+        report.loss.first_loss,
+        report.loss.last_loss,
         out.display()
     );
     Ok(())

@@ -4,7 +4,7 @@ use burn::tensor::Device;
 use posttrain_datasets::read_prompts;
 use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
 use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, train_rlhf};
-use posttrain_sft::Vocab;
+use posttrain_train::Vocab;
 use serde_json::json;
 
 use crate::cli::{AnchorArg, RlhfArgs};

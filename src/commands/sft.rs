@@ -2,7 +2,8 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use posttrain_datasets::LossOn;
 use posttrain_model::{CheckpointWriter, Provenance};
-use posttrain_sft::{Distill, OnPolicy, Vocab};
+use posttrain_sft::{Distill, OnPolicy};
+use posttrain_train::Vocab;
 use serde_json::json;
 
 use crate::cli::{KdArg, SftArgs};

@@ -3,11 +3,30 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use posttrain_model::params::{ParamMap, param_map, with_params};
-use posttrain_model::{CheckpointWriter, Gemma2Config, Provenance};
+use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::provenance::PROVENANCE_FILE;
+use posttrain_model::{
+    CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, SaveDtype, load_causal_lm,
+};
 use posttrain_warp::{GroupAngle, check_same, ema, liti, slerp_all};
 use serde_json::{Value, json};
 
-use super::ChatModel;
+/// Writes a merged model beside the tokenizer files of `parent` (when it
+/// has them: merging is a weight operation and needs none).
+fn write_merged(
+    writer: CheckpointWriter,
+    model: &Gemma2ForCausalLM,
+    config: &Gemma2Config,
+    parent: &Path,
+    provenance: Provenance,
+) -> Result<PathBuf> {
+    writer.write_model(model, config, SaveDtype::F32)?;
+    for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] {
+        writer.copy_from(parent, file)?;
+    }
+    writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
+    Ok(writer.commit()?)
+}
 use crate::cli::{WarpCommand, WarpEmaArgs, WarpMergeArgs};
 
 pub fn run(command: WarpCommand, device: Device, backend: &str) -> Result<()> {
@@ -39,8 +58,8 @@ fn load_like(
     base: &(PathBuf, Gemma2Config, ParamMap),
     device: &Device,
 ) -> Result<ParamMap> {
-    let m = ChatModel::load(dir, device)?;
-    let (a, b) = (shape_keys(&base.1), shape_keys(&m.config));
+    let (config, model) = load_causal_lm(dir, device)?;
+    let (a, b) = (shape_keys(&base.1), shape_keys(&config));
     if let Some((k, v)) = a.iter().find(|(k, v)| b.get(*k) != Some(*v)) {
         bail!(
             "{}: config differs from {}'s: {k} is {} there and {} here",
@@ -50,7 +69,7 @@ fn load_like(
             b.get(k).unwrap_or(&Value::Null)
         );
     }
-    let params = param_map(&m.model);
+    let params = param_map(&model);
     check_same(&base.2, &params).with_context(|| dir.display().to_string())?;
     Ok(params)
 }
@@ -59,17 +78,23 @@ fn eta_name(eta: f64) -> String {
     format!("eta-{eta:.2}")
 }
 
+/// Hugging Face's tokenizer settings, copied with `tokenizer.json`.
+const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
 fn merge(args: WarpMergeArgs, device: &Device, backend: &str) -> Result<()> {
     if args.eta.is_empty() || args.eta.iter().any(|e| !e.is_finite()) {
         bail!("--eta must be one or more finite numbers");
     }
+    if let Some(eta) = args.eta.iter().find(|e| !(0.0..=1.0).contains(*e))
+        && !args.allow_extrapolation
+    {
+        bail!(
+            "--eta {eta} lies outside [0, 1] and would extrapolate (pass --allow-extrapolation to mean it)"
+        );
+    }
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
-    let init = ChatModel::load(&args.init, device)?;
-    let base = (
-        args.init.clone(),
-        init.config.clone(),
-        param_map(&init.model),
-    );
+    let (config, init) = load_causal_lm(&args.init, device)?;
+    let base = (args.init.clone(), config, param_map(&init));
     let policies = args
         .policies
         .iter()
@@ -103,7 +128,7 @@ fn merge(args: WarpMergeArgs, device: &Device, backend: &str) -> Result<()> {
     }
     let write = |writer: CheckpointWriter, eta: f64| -> Result<PathBuf> {
         let theta = liti(&base.2, &merged, eta)?;
-        let model = with_params(init.model.clone(), &theta);
+        let model = with_params(init.clone(), &theta);
         let mut provenance = Provenance::new(
             "warp-merge",
             backend,
@@ -118,16 +143,7 @@ fn merge(args: WarpMergeArgs, device: &Device, backend: &str) -> Result<()> {
         for p in &args.policies {
             provenance = provenance.with_parent(p)?;
         }
-        super::finish_checkpoint(
-            writer,
-            &model,
-            &init.config,
-            &init.tokenizer,
-            provenance,
-            &[],
-            None,
-            json!({}),
-        )
+        write_merged(writer, &model, &base.1, &args.init, provenance)
     };
     if let [eta] = args.eta[..] {
         let out = write(writer, eta)?;
@@ -149,28 +165,15 @@ fn ema_step(args: WarpEmaArgs, device: &Device, backend: &str) -> Result<()> {
         bail!("--mu must be in [0, 1], got {}", args.mu);
     }
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
-    let anchor = ChatModel::load(&args.anchor, device)?;
-    let base = (
-        args.anchor.clone(),
-        anchor.config.clone(),
-        param_map(&anchor.model),
-    );
+    let (config, anchor) = load_causal_lm(&args.anchor, device)?;
+    let base = (args.anchor.clone(), config, param_map(&anchor));
     let policy = load_like(&args.policy, &base, device)?;
     let moved = ema(&base.2, &policy, args.mu)?;
-    let model = with_params(anchor.model.clone(), &moved);
+    let model = with_params(anchor, &moved);
     let provenance = Provenance::new("warp-ema", backend, json!({ "mu": args.mu }))
         .with_parent(&args.anchor)?
         .with_parent(&args.policy)?;
-    let out = super::finish_checkpoint(
-        writer,
-        &model,
-        &anchor.config,
-        &anchor.tokenizer,
-        provenance,
-        &[],
-        None,
-        json!({}),
-    )?;
+    let out = write_merged(writer, &model, &base.1, &args.anchor, provenance)?;
     eprintln!("warp ema: μ {} -> {}", args.mu, out.display());
     Ok(())
 }

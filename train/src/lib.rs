@@ -2,16 +2,20 @@
 //! gradient accumulation and global-norm clipping, the metrics log and the
 //! progress display.
 
+pub mod batch;
 pub mod clip;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;
 pub mod schedule;
 pub mod state;
+pub mod train_loop;
 
+pub use batch::{Vocab, make_batch};
 pub use clip::clip_global_norm;
 pub use metrics::MetricsLog;
 pub use optimizer::{OptimConfig, Optimizer, StepStats};
 pub use progress::Progress;
 pub use schedule::warmup_cosine;
-pub use state::{LoopState, Resume, SaveFn, Saver};
+pub use state::{LoopState, Resume, SaveFn, Saver, StateError};
+pub use train_loop::{Backward, LoopError, LossSummary, Report, Schedule, Stage, StepLog, train};

@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 
+use crate::state::StateError;
 use crate::{clip_global_norm, warmup_cosine};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -84,17 +85,23 @@ impl<M: Module> Optimizer<M> {
 
     /// Writes the AdamW moments and step counts (keyed by parameter id;
     /// see `posttrain_model::params::param_ids`) to `path`.
-    pub fn save_state(&self, path: &std::path::Path) -> Result<(), String> {
+    pub fn save_state(&self, path: &std::path::Path) -> Result<(), StateError> {
         self.adamw
             .to_record()
             .save(path)
-            .map_err(|e| format!("{}: {e:?}", path.display()))
+            .map_err(|e| StateError::File {
+                path: path.to_path_buf(),
+                reason: format!("{e:?}"),
+            })
     }
 
     /// Reads what [`Optimizer::save_state`] wrote.
-    pub fn load_state(&mut self, path: &std::path::Path) -> Result<(), String> {
-        let record = burn::optim::OptimizerRecord::load(path)
-            .map_err(|e| format!("{}: {e:?}", path.display()))?;
+    pub fn load_state(&mut self, path: &std::path::Path) -> Result<(), StateError> {
+        let record =
+            burn::optim::OptimizerRecord::load(path).map_err(|e| StateError::File {
+                path: path.to_path_buf(),
+                reason: format!("{e:?}"),
+            })?;
         let fresh = adamw(&self.cfg);
         self.adamw = std::mem::replace(&mut self.adamw, fresh).load_record(record);
         Ok(())

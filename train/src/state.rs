@@ -8,6 +8,16 @@ use burn::module::Module;
 
 use crate::Optimizer;
 
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("report: {0}")]
+    Report(#[from] serde_json::Error),
+    #[error("{0}")]
+    Save(String),
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoopState {
     /// Optimizer steps done.
@@ -31,16 +41,16 @@ impl Resume {
     pub fn restore<M: Module, R: serde::de::DeserializeOwned>(
         &self,
         optim: &mut Optimizer<M>,
-    ) -> Result<R, String> {
+    ) -> Result<R, StateError> {
         optim.load_state(&self.optimizer)?;
-        serde_json::from_value(self.state.report.clone()).map_err(|e| format!("report: {e}"))
+        Ok(serde_json::from_value(self.state.report.clone())?)
     }
 }
 
 /// Stores the model, optimizer and loop state; `extra` holds other modules
 /// the loop keeps (RLHF's anchor).
 pub type SaveFn<'a, M> =
-    dyn FnMut(&M, &Optimizer<M>, &LoopState, &[(&str, &M)]) -> Result<(), String> + 'a;
+    dyn FnMut(&M, &Optimizer<M>, &LoopState, &[(&str, &M)]) -> Result<(), StateError> + 'a;
 
 /// Saves a loop's state every `every` steps (0: never), except after the last.
 pub struct Saver<'a, M> {
@@ -61,11 +71,11 @@ impl<M: Module> Saver<'_, M> {
         done: usize,
         total: usize,
         (epoch, next): (u64, usize),
-        report: &impl serde::Serialize,
+        report: serde_json::Value,
         model: &M,
         optim: &Optimizer<M>,
         extra: &[(&str, &M)],
-    ) -> Result<(), String> {
+    ) -> Result<(), StateError> {
         if !self.due(done, total) {
             return Ok(());
         }
@@ -73,7 +83,7 @@ impl<M: Module> Saver<'_, M> {
             step: done,
             epoch,
             next,
-            report: serde_json::to_value(report).map_err(|e| e.to_string())?,
+            report,
         };
         (self.save)(model, optim, &state, extra)
     }
