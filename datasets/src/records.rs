@@ -297,7 +297,10 @@ fn jsonl_text(path: &Path) -> Result<String, DataError> {
     String::from_utf8(bytes).map_err(|e| {
         let bytes = e.as_bytes();
         let at = e.utf8_error().valid_up_to();
-        let line_start = bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let line_start = bytes[..at]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
         DataError::Line {
             path: path.to_path_buf(),
             row: bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1,

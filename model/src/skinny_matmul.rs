@@ -305,7 +305,10 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn two_threads_give_the_bits_of_one() {
-        assert!(streaming_supported(), "the kernel under test needs AVX2/FMA");
+        assert!(
+            streaming_supported(),
+            "the kernel under test needs AVX2/FMA"
+        );
         let (m, k, n) = (8, 300, 1030);
         assert!(m * n * k >= PARALLEL_MIN);
         let (x, w) = (values(m * k, 5), values(n * k, 6));

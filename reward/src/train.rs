@@ -8,7 +8,7 @@ use posttrain_datasets::Epochs;
 use posttrain_model::{Gemma2ForSequenceClassification, Padding, TokenBatch};
 use posttrain_train::{
     Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
-    Schedule, Stage, StepLog, StepStats, train,
+    Schedule, Stage, StepLog, StepStats, train as train_loop,
 };
 use serde_json::json;
 
@@ -231,6 +231,6 @@ pub fn train_reward(
         optim: &cfg.optim,
         eval_every: cfg.eval_every,
     };
-    let model = train(&mut stage, model, schedule, log, resume, saver)?;
+    let model = train_loop(&mut stage, model, schedule, log, resume, saver)?;
     Ok((model, stage.report))
 }

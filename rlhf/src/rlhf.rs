@@ -20,8 +20,7 @@ use serde_json::json;
 
 use crate::rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
 use crate::rollout::{
-    PromptSet, Reward, Rollouts, batch_of, logprob_sums, mean_entropy, roll_out,
-    sequence_logprobs,
+    PromptSet, Reward, Rollouts, batch_of, logprob_sums, mean_entropy, roll_out, sequence_logprobs,
 };
 
 /// What the KL term pulls towards.

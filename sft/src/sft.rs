@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use posttrain_datasets::{ChatTokenizer, Epochs, Example};
+use posttrain_datasets::{Epochs, Example};
 use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, TokenBatch, generate};
 use posttrain_train::{
     Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
@@ -339,9 +339,12 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
                 .collect();
             let own = match self.on_policy {
                 Some(op) if self.coin.random::<f64>() < op.fraction => {
-                    let seed =
-                        cfg.seed ^ ((step * micro_batches + micro) as u64).wrapping_mul(0x9E37_79B9);
-                    Some((op, sample_completions(model, &examples, self.vocab, op, seed)))
+                    let seed = cfg.seed
+                        ^ ((step * micro_batches + micro) as u64).wrapping_mul(0x9E37_79B9);
+                    Some((
+                        op,
+                        sample_completions(model, &examples, self.vocab, op, seed),
+                    ))
                 }
                 _ => None,
             };
@@ -357,7 +360,14 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
                 None => {
                     let (batch, weights) = make_batch(&examples, pad, device);
                     tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-                    data_loss(model, self.teacher.as_ref(), &examples, &batch, weights, cfg)
+                    data_loss(
+                        model,
+                        self.teacher.as_ref(),
+                        &examples,
+                        &batch,
+                        weights,
+                        cfg,
+                    )
                 }
             };
             self.sums.add(&parts);
@@ -405,7 +415,12 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
         if eval.examples.is_empty() {
             return Ok(None);
         }
-        let e = eval_loss(model, &eval.examples, self.vocab.tokenizer.pad, cfg.batch_size);
+        let e = eval_loss(
+            model,
+            &eval.examples,
+            self.vocab.tokenizer.pad,
+            cfg.batch_size,
+        );
         row.insert("eval_loss".into(), e.into());
         self.report.eval_loss = Some(e);
         let s = task_score(
@@ -515,6 +530,7 @@ pub fn train_lm(
 mod tests {
     use super::*;
     use burn::tensor::activation::log_softmax;
+    use posttrain_datasets::ChatTokenizer;
     use posttrain_datasets::TopK;
     use posttrain_model::params::named_params;
     use posttrain_model::{Gemma2Config, RandomInit};

@@ -3,8 +3,8 @@ use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, LossOn};
 use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
 use posttrain_sft::{Distill, SftConfig};
-use posttrain_train::Vocab;
 use posttrain_train::OptimConfig;
+use posttrain_train::Vocab;
 use serde_json::json;
 
 use crate::cli::{AdamArgs, DistillArgs, LossOnArg, PretrainArgs, TrainArgs};

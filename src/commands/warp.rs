@@ -2,8 +2,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
-use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::provenance::PROVENANCE_FILE;
 use posttrain_model::{
     CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, SaveDtype, load_causal_lm,

@@ -39,22 +39,36 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Runs and expects failure with a single-line message containing every
-/// one of `needles`; returns that line.
-pub fn fails(args: &[&str], needles: &[&str]) -> String {
+/// Runs and expects failure with exactly one `error:` line holding every
+/// one of `needles` (a stage may have printed what it was about to do, and
+/// clap adds a hint after its error line); returns that line and stderr.
+fn failure(args: &[&str], needles: &[&str]) -> (String, String) {
     let out = posttrain(args);
     assert!(!out.status.success(), "posttrain {args:?} should fail");
     let err = stderr(&out);
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected, got: {err}");
     for n in needles {
         assert!(
-            lines[0].contains(n),
+            errors[0].contains(n),
             "{:?} does not mention {n:?}",
-            lines[0]
+            errors[0]
         );
     }
-    lines[0].to_string()
+    (errors[0].to_string(), err)
+}
+
+/// See [`failure`]; returns the error line.
+pub fn error_line(args: &[&str], needles: &[&str]) -> String {
+    failure(args, needles).0
+}
+
+/// Like [`error_line`], and stderr holds nothing else.
+pub fn fails(args: &[&str], needles: &[&str]) -> String {
+    let (line, err) = failure(args, needles);
+    let lines = err.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(lines, 1, "one line expected, got: {err}");
+    line
 }
 
 /// A copy of the fixture checkpoint to break.

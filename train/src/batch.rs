@@ -41,7 +41,7 @@ mod tests {
         let (a, b) = (e(vec![5, 6, 7, 8], 2), e(vec![5, 6, 7], 1));
         let (batch, w) = make_batch(&[&a, &b], 0, &Device::default());
         assert_eq!(batch.len, 4);
-        let w = w.into_data().to_vec::<f32>().unwrap();
+        let w = w.into_data().try_into_vec::<f32>().unwrap();
         // position t predicts token t + 1; padding is never a target
         assert_eq!(w, vec![0.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
     }

@@ -97,11 +97,10 @@ impl<M: Module> Optimizer<M> {
 
     /// Reads what [`Optimizer::save_state`] wrote.
     pub fn load_state(&mut self, path: &std::path::Path) -> Result<(), StateError> {
-        let record =
-            burn::optim::OptimizerRecord::load(path).map_err(|e| StateError::File {
-                path: path.to_path_buf(),
-                reason: format!("{e:?}"),
-            })?;
+        let record = burn::optim::OptimizerRecord::load(path).map_err(|e| StateError::File {
+            path: path.to_path_buf(),
+            reason: format!("{e:?}"),
+        })?;
         let fresh = adamw(&self.cfg);
         self.adamw = std::mem::replace(&mut self.adamw, fresh).load_record(record);
         Ok(())

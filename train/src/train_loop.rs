@@ -121,8 +121,12 @@ pub trait Stage<M: Module> {
 
     /// The step's metrics row, from its mean micro-batch loss and the
     /// optimizer's statistics.
-    fn metrics(&mut self, step: usize, loss: f64, stats: &StepStats)
-    -> Result<StepLog, Self::Error>;
+    fn metrics(
+        &mut self,
+        step: usize,
+        loss: f64,
+        stats: &StepStats,
+    ) -> Result<StepLog, Self::Error>;
 
     /// Evaluates into `row`; returns a line for the log.
     fn evaluate(
