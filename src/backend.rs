@@ -5,7 +5,32 @@ use burn::tensor::Device;
 
 use crate::cli::Backend;
 
-pub fn device(backend: Backend) -> Result<Device> {
+/// What every command gets from the global flags: the backend, turned into
+/// a device only by the commands that compute.
+pub struct Env {
+    backend: Backend,
+    name: String,
+}
+
+impl Env {
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            name: format!("{backend:?}").to_lowercase(),
+        }
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        device(self.backend)
+    }
+
+    /// The backend's name, as provenance records it.
+    pub fn backend(&self) -> &str {
+        &self.name
+    }
+}
+
+fn device(backend: Backend) -> Result<Device> {
     Ok(match backend {
         Backend::Flex => Device::flex(),
         #[cfg(feature = "ndarray")]

@@ -77,6 +77,17 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
+/// Where a stage writes its checkpoint.
+#[derive(Debug, Args)]
+pub struct CheckpointOut {
+    /// Output checkpoint directory (appears whole when done; an existing one is refused unless --overwrite).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Checkpoint directory (config.json + model.safetensors or shards).
@@ -221,9 +232,8 @@ pub struct ConvertArgs {
     /// Source checkpoint directory (single file or shards; f32, bf16 or f16).
     #[arg(long)]
     pub model: PathBuf,
-    /// Output checkpoint directory (written atomically).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: CheckpointOut,
     /// Stored precision of the output weights.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
@@ -232,10 +242,7 @@ pub struct ConvertArgs {
     pub shards: usize,
     /// Load the weights as a reward model (`score` head) instead of a causal LM.
     #[arg(long)]
-    pub reward: bool,
-    /// Replace an existing output directory.
-    #[arg(long)]
-    pub overwrite: bool,
+    pub reward_model: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -305,16 +312,13 @@ pub struct RewardArgs {
     /// Held-out preference pairs for pairwise accuracy.
     #[arg(long)]
     pub eval: Option<PathBuf>,
-    /// Output checkpoint directory.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: CheckpointOut,
     /// m in −log σ(r⁺ − r⁻ − m).
     #[arg(long, default_value_t = 0.0)]
     pub margin: f64,
     #[command(flatten)]
     pub train: TrainArgs,
-    #[arg(long)]
-    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]
@@ -389,7 +393,7 @@ pub struct TrainArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 600)]
     pub steps: usize,
-    /// Sequences per step.
+    /// Examples per micro-batch (reward: preference pairs); a step takes --grad-accum of them.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Peak learning rate.
@@ -457,9 +461,8 @@ pub struct PretrainArgs {
     /// Held-out rows (same kinds) for the eval loss.
     #[arg(long)]
     pub eval: Option<PathBuf>,
-    /// Output checkpoint directory.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: CheckpointOut,
     /// Distil from this checkpoint: (1-α)·CE + α·τ²·KL(teacher ‖ student).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
@@ -470,8 +473,6 @@ pub struct PretrainArgs {
     pub loss_on: LossOnArg,
     #[command(flatten)]
     pub train: TrainArgs,
-    #[arg(long)]
-    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]
@@ -494,11 +495,8 @@ pub struct InitArgs {
     pub tokenizer: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output checkpoint directory.
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub overwrite: bool,
+    #[command(flatten)]
+    pub output: CheckpointOut,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -524,9 +522,8 @@ pub struct SftArgs {
     /// Held-out pairs for the eval loss and (embedded task) the score of greedy samples.
     #[arg(long)]
     pub eval: Option<PathBuf>,
-    /// Output checkpoint directory.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: CheckpointOut,
     /// Teacher checkpoint for live and on-policy distillation (same tokenizer).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
@@ -552,8 +549,6 @@ pub struct SftArgs {
     pub on_policy_max_new_tokens: usize,
     #[command(flatten)]
     pub train: TrainArgs,
-    #[arg(long)]
-    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]
@@ -598,15 +593,14 @@ pub struct RlhfArgs {
     /// Prompts (JSONL or Parquet: `prompt` or `messages`).
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Output checkpoint directory (the policy).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: CheckpointOut,
     /// Also write the final anchor checkpoint here.
     #[arg(long)]
     pub anchor_out: Option<PathBuf>,
     /// Also keep the policy every N steps, as `OUT/snapshots/step-N` (the reward-KL trajectory; 0: off).
     #[arg(long, default_value_t = 0)]
-    pub save_every: usize,
+    pub snapshot_every: usize,
     /// Optimizer steps.
     #[arg(long, default_value_t = 200)]
     pub steps: usize,
@@ -646,17 +640,16 @@ pub struct RlhfArgs {
     pub max_kl: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Sequences per forward pass when scoring.
+    /// Sequences per forward pass of the reward model and of the anchor's and init's log-probs
+    /// (the training batch is --prompts-per-step × --samples).
     #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
+    pub score_batch_size: usize,
     /// Save resumable state (policy, anchor, optimizer, data position, metrics, snapshots) to OUT.state every N steps (0: never).
     #[arg(long, default_value_t = 50)]
     pub save_state_every: usize,
     /// Continue from OUT.state when it exists (same settings and inputs), else start afresh.
     #[arg(long)]
     pub resume: bool,
-    #[arg(long)]
-    pub overwrite: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -699,11 +692,8 @@ pub struct WarpEmaArgs {
     /// μ: the EMA rate.
     #[arg(long, default_value_t = 0.01)]
     pub mu: f64,
-    /// Output checkpoint directory.
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub overwrite: bool,
+    #[command(flatten)]
+    pub output: CheckpointOut,
 }
 
 #[derive(Debug, Args)]

@@ -35,47 +35,25 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let backend_name = format!("{:?}", cli.backend).to_lowercase();
+    let env = &backend::Env::new(cli.backend);
     match cli.command {
-        Command::Data(command) => {
-            commands::data::run(command, || backend::device(cli.backend), &backend_name)
-        }
-        Command::Pretrain(args) => {
-            commands::pretrain::run(args, backend::device(cli.backend)?, &backend_name)
-        }
-        Command::Init(args) => {
-            commands::init::run(args, backend::device(cli.backend)?, &backend_name)
-        }
-        Command::Sft(args) => {
-            commands::sft::run(args, backend::device(cli.backend)?, &backend_name)
-        }
-        Command::Reward(args) => {
-            commands::reward::run(args, backend::device(cli.backend)?, &backend_name)
-        }
-        Command::Rlhf(args) => {
-            commands::rlhf::run(args, backend::device(cli.backend)?, &backend_name)
-        }
-        Command::Warp(command) => {
-            commands::warp::run(command, backend::device(cli.backend)?, &backend_name)
-        }
+        Command::Data(command) => commands::data::run(command, env),
+        Command::Pretrain(args) => commands::pretrain::run(args, env),
+        Command::Init(args) => commands::init::run(args, env),
+        Command::Sft(args) => commands::sft::run(args, env),
+        Command::Reward(args) => commands::reward::run(args, env),
+        Command::Rlhf(args) => commands::rlhf::run(args, env),
+        Command::Warp(command) => commands::warp::run(command, env),
         Command::Report(args) => commands::report::run(args),
-        Command::Eval(args) => {
-            commands::eval::run(args, backend::device(cli.backend)?, &backend_name)
-        }
-        Command::Score(args) => commands::reward::score(args, backend::device(cli.backend)?),
-        Command::Generate(args) => {
-            commands::generate::run(args, backend::device(cli.backend)?, &backend_name)
-        }
+        Command::Eval(args) => commands::eval::run(args, env),
+        Command::Score(args) => commands::reward::score(args, env),
+        Command::Generate(args) => commands::generate::run(args, env),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Tokenizer(command) => commands::tokenizer::run(command),
-        Command::Sample(args) => commands::sample::run(args, backend::device(cli.backend)?),
-        Command::Convert(args) => {
-            commands::convert::run(args, backend::device(cli.backend)?, &backend_name)
-        }
-        Command::Logits(args) => commands::logits::run(args, backend::device(cli.backend)?),
-        Command::Bench(args) => {
-            commands::bench::run(args, backend::device(cli.backend)?, &backend_name)
-        }
+        Command::Sample(args) => commands::sample::run(args, env),
+        Command::Convert(args) => commands::convert::run(args, env),
+        Command::Logits(args) => commands::logits::run(args, env),
+        Command::Bench(args) => commands::bench::run(args, env),
     }
 }
 

@@ -26,7 +26,7 @@ SEEDS ?= 0 1
 ETAS ?= 0.1,0.3,0.5,0.7,1.0
 NEXT_ETA ?= 0.30
 REWARD_FLAGS ?= --reward $(REWARD_MODEL)
-RLHF_FLAGS ?= --steps 300 --lr 3e-4 --save-every 100
+RLHF_FLAGS ?= --steps 300 --lr 3e-4 --snapshot-every 100
 EVAL_FLAGS ?= --samples 4
 # more checkpoints for the eval table (e.g. the teacher)
 EXTRA_CHECKPOINTS ?=

@@ -55,7 +55,7 @@ pub struct RlhfConfig {
     /// Sequences per forward pass when scoring without gradients.
     pub batch_size: usize,
     /// Hand the policy to the snapshot callback every N steps (0: never).
-    pub save_every: usize,
+    pub snapshot_every: usize,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -361,7 +361,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
     }
 
     fn after_log(&mut self, done: usize, policy: &Gemma2ForCausalLM) -> Result<(), RlhfError> {
-        let every = self.cfg.save_every;
+        let every = self.cfg.snapshot_every;
         if every > 0 && done.is_multiple_of(every) && done < self.cfg.optim.steps {
             (self.snapshot)(done, policy).map_err(RlhfError::Snapshot)?;
         }
@@ -379,7 +379,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
 
 /// Trains `policy` (on an autodiff device) from `init` (the SFT policy);
 /// returns the policy and the final anchor. `snapshot(step, policy)` is
-/// called every `save_every` steps before the last. With `resume` (and the
+/// called every `snapshot_every` steps before the last. With `resume` (and the
 /// anchor saved with it) it continues a saved run; `saver` stores the state
 /// (the anchor as `anchor`) every N steps.
 #[allow(clippy::too_many_arguments)]

@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use crate::backend::Env;
 use crate::cli::{BenchArgs, BenchCase, BenchShape};
 
 fn shape_config(shape: BenchShape) -> Gemma2Config {
@@ -173,7 +174,8 @@ fn bench_sample(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serd
     }))
 }
 
-pub fn run(args: BenchArgs, device: Device, backend: &str) -> Result<()> {
+pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     const PEAK_N: usize = 2048;
     let wants_matmul = args.case.contains(&BenchCase::Matmul);
     let measured =

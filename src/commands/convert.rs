@@ -1,15 +1,16 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::params::named_params;
 use posttrain_model::provenance::PROVENANCE_FILE;
 use posttrain_model::{CheckpointWriter, Provenance, SaveDtype, load_causal_lm, load_reward_model};
 
+use crate::backend::Env;
 use crate::cli::{ConvertArgs, DtypeArg};
 
-pub fn run(args: ConvertArgs, device: Device, backend: &str) -> Result<()> {
+pub fn run(args: ConvertArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     if args.shards == 0 {
         bail!("--shards must be at least 1");
     }
@@ -19,8 +20,8 @@ pub fn run(args: ConvertArgs, device: Device, backend: &str) -> Result<()> {
         DtypeArg::F16 => SaveDtype::F16,
     };
     let t0 = Instant::now();
-    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
-    let (config, tensors) = if args.reward {
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
+    let (config, tensors) = if args.reward_model {
         let (c, m) = load_reward_model(&args.model, &device)?;
         (c, named_params(&m))
     } else {
@@ -34,7 +35,7 @@ pub fn run(args: ConvertArgs, device: Device, backend: &str) -> Result<()> {
         serde_json::json!({
             "dtype": format!("{:?}", args.dtype).to_lowercase(),
             "shards": args.shards,
-            "reward": args.reward,
+            "reward": args.reward_model,
         }),
     )
     .with_parent(&args.model)?;

@@ -5,17 +5,14 @@ use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::{CheckpointWriter, Gemma2Config};
 use serde_json::{Value, json};
 
+use crate::backend::Env;
 use crate::cli::{DataCommand, PrefsArgs, ScoreArgs, SynthArgs};
 
-pub fn run(
-    command: DataCommand,
-    device: impl FnOnce() -> Result<burn::tensor::Device>,
-    backend: &str,
-) -> Result<()> {
+pub fn run(command: DataCommand, env: &Env) -> Result<()> {
     match command {
         DataCommand::Synth(args) => synth_task(args),
         DataCommand::Score(args) => score_file(args),
-        DataCommand::Prefs(args) => prefs(args, device()?, backend),
+        DataCommand::Prefs(args) => prefs(args, env.device()?, env.backend()),
     }
 }
 

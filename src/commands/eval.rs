@@ -1,18 +1,19 @@
 use anyhow::Result;
-use burn::tensor::Device;
 use posttrain_datasets::{read_prompts, write_records};
 use posttrain_model::SamplingConfig;
 use posttrain_rlhf::{Judge, PromptSet, evaluate};
 use serde_json::{Value, json};
 
 use super::{ChatModel, JsonRow};
+use crate::backend::Env;
 use crate::cli::EvalArgs;
 
 fn cell(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.3}"))
 }
 
-pub fn run(args: EvalArgs, device: Device, backend: &str) -> Result<()> {
+pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     super::check_table_output(args.out.as_deref(), args.overwrite)?;
     if args.temperature.is_nan() || args.temperature <= 0.0 {
         anyhow::bail!("--temperature must be positive, got {}", args.temperature);

@@ -1,13 +1,14 @@
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use posttrain_datasets::{read_prompts, write_records};
 use posttrain_model::Provenance;
 use posttrain_sft::generate::generate_pairs;
 use serde_json::json;
 
+use crate::backend::Env;
 use crate::cli::GenerateArgs;
 
-pub fn run(args: GenerateArgs, device: Device, backend: &str) -> Result<()> {
+pub fn run(args: GenerateArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     super::check_table_output(Some(&args.out), args.overwrite)?;
     let prompts = read_prompts(&args.prompts)?;
     let lm = super::ChatModel::load(&args.model, &device)?;

@@ -1,13 +1,14 @@
 use anyhow::Result;
-use burn::tensor::Device;
 use posttrain_datasets::ChatTokenizer;
 use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
 use serde_json::json;
 
+use crate::backend::Env;
 use crate::cli::InitArgs;
 
-pub fn run(args: InitArgs, device: Device, backend: &str) -> Result<()> {
-    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+pub fn run(args: InitArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let config = Gemma2Config::from_file(&args.config)?;
     let tokenizer = ChatTokenizer::from_file(&args.tokenizer)?;
     super::check_tokenizer_fits(&tokenizer, &args.tokenizer, &config, &args.config)?;

@@ -1,12 +1,12 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use posttrain_datasets::write_atomic;
 use posttrain_model::safetensors_io::to_safetensors_bytes;
 use posttrain_model::{HostTensor, SaveDtype, TokenBatch, load_causal_lm};
 use safetensors::{Dtype, SafeTensors};
 
+use crate::backend::Env;
 use crate::cli::LogitsArgs;
 
 fn read_ids(path: &std::path::Path) -> Result<TokenBatch> {
@@ -51,7 +51,8 @@ fn read_ids(path: &std::path::Path) -> Result<TokenBatch> {
     Ok(TokenBatch::dense(ids, *batch, *len))
 }
 
-pub fn run(args: LogitsArgs, device: Device) -> Result<()> {
+pub fn run(args: LogitsArgs, env: &Env) -> Result<()> {
+    let device = env.device()?;
     super::refuse_existing(Some(&args.out), args.overwrite)?;
     let batch = read_ids(&args.ids)?;
     let (config, model) = load_causal_lm(&args.model, &device)?;

@@ -1,5 +1,4 @@
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, LossOn};
 use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
 use posttrain_sft::{Distill, SftConfig};
@@ -7,6 +6,7 @@ use posttrain_train::OptimConfig;
 use posttrain_train::Vocab;
 use serde_json::json;
 
+use crate::backend::Env;
 use crate::cli::{AdamArgs, DistillArgs, LossOnArg, PretrainArgs, TrainArgs};
 
 impl AdamArgs {
@@ -66,14 +66,15 @@ impl TrainArgs {
     }
 }
 
-pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
+pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     let distill = if args.teacher.is_some() {
         Distill::Live
     } else {
         Distill::None
     };
     let cfg = args.train.sft_config(distill, &args.distill)?;
-    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let config = Gemma2Config::from_file(&args.config)?;
     let tokenizer = ChatTokenizer::from_file(&args.tokenizer)?;
     super::check_tokenizer_fits(&tokenizer, &args.tokenizer, &config, &args.config)?;
@@ -125,7 +126,7 @@ pub fn run(args: PretrainArgs, device: Device, backend: &str) -> Result<()> {
         &vocab,
         &cfg,
         &args.train,
-        &args.out,
+        &args.output.out,
         writer.path(),
         &config,
         json!({"train": cfg, "config": args.config, "data": args.data, "eval": args.eval, "teacher": args.teacher, "tokenizer": args.tokenizer}),

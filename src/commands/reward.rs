@@ -1,5 +1,4 @@
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use posttrain_datasets::{ChatTokenizer, Preference, Record, SftPair, read_records, write_records};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::{
@@ -12,6 +11,7 @@ use posttrain_reward::{
 use serde_json::{Value, json};
 
 use super::JsonRow;
+use crate::backend::Env;
 use crate::cli::{RewardArgs, RewardScoreArgs};
 
 fn load_pairs(
@@ -55,12 +55,13 @@ fn load_pairs(
         .collect())
 }
 
-pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
+pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     if !(args.size_ratio > 0.0 && args.size_ratio.is_finite()) {
         bail!("--size-ratio must be positive, got {}", args.size_ratio);
     }
     let optim = args.train.optim()?;
-    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let policy = load_config(&args.policy)?;
     let tokenizer = ChatTokenizer::from_file(&args.policy.join(TOKENIZER_FILE))?;
     let train_device = device.clone().autodiff();
@@ -124,8 +125,8 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
         json!(["Gemma2ForSequenceClassification"]),
     );
     config.extra.insert("num_labels".into(), 1.into());
-    let state = super::StateDir::new(
-        &args.out,
+    let state = posttrain_train::StateDir::new(
+        &args.output.out,
         json!({
             "train": cfg,
             "policy": args.policy,
@@ -194,8 +195,9 @@ pub fn run(args: RewardArgs, device: Device, backend: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn score(args: RewardScoreArgs, device: Device) -> Result<()> {
+pub fn score(args: RewardScoreArgs, env: &Env) -> Result<()> {
     super::check_table_output(args.out.as_deref(), args.overwrite)?;
+    let device = env.device()?;
     let (config, model, tokenizer) = super::load_reward(&args.reward, &device)?;
     if let Some(pairs) = &args.pairs {
         let ids = load_pairs(&tokenizer, pairs, config.max_position_embeddings)?;

@@ -1,12 +1,12 @@
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::tensor::Device;
 use posttrain_datasets::read_prompts;
 use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
 use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, train_rlhf};
 use posttrain_train::Vocab;
 use serde_json::json;
 
+use crate::backend::Env;
 use crate::cli::{AnchorArg, RlhfArgs};
 
 fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
@@ -46,16 +46,17 @@ fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
         length_penalty: args.length_penalty,
         max_kl: args.max_kl,
         seed: args.seed,
-        batch_size: args.batch_size.max(1),
-        save_every: args.save_every,
+        batch_size: args.score_batch_size.max(1),
+        snapshot_every: args.snapshot_every,
     })
 }
 
-pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
+pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     let cfg = config(&args)?;
-    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let anchor_writer = match &args.anchor_out {
-        Some(dir) => Some(CheckpointWriter::create(dir, args.overwrite)?),
+        Some(dir) => Some(CheckpointWriter::create(dir, args.output.overwrite)?),
         None => None,
     };
     let super::ChatModel {
@@ -113,8 +114,8 @@ pub fn run(args: RlhfArgs, device: Device, backend: &str) -> Result<()> {
         cfg.samples,
         cfg.anchor
     );
-    let mut state = super::StateDir::new(
-        &args.out,
+    let mut state = posttrain_train::StateDir::new(
+        &args.output.out,
         json!({
             "rlhf": cfg,
             "policy": args.policy,

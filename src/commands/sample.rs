@@ -1,10 +1,10 @@
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use posttrain_datasets::write_atomic;
 use posttrain_datasets::{Prompt, read_prompts};
 use posttrain_model::{SamplingConfig, generate};
 use posttrain_train::Progress;
 
+use crate::backend::Env;
 use crate::cli::{SampleArgs, SamplingArgs};
 
 impl SamplingArgs {
@@ -29,7 +29,8 @@ impl SamplingArgs {
     }
 }
 
-pub fn run(args: SampleArgs, device: Device) -> Result<()> {
+pub fn run(args: SampleArgs, env: &Env) -> Result<()> {
+    let device = env.device()?;
     super::refuse_existing(args.out.as_deref(), args.overwrite)?;
     let prompts = match (&args.prompts, &args.prompt) {
         (Some(path), _) => read_prompts(path)?,

@@ -1,14 +1,15 @@
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use posttrain_datasets::LossOn;
 use posttrain_model::{CheckpointWriter, Provenance};
 use posttrain_sft::{Distill, OnPolicy};
 use posttrain_train::Vocab;
 use serde_json::json;
 
+use crate::backend::Env;
 use crate::cli::{KdArg, SftArgs};
 
-pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
+pub fn run(args: SftArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     let lambda = args.on_policy_fraction;
     if !(0.0..=1.0).contains(&lambda) {
         bail!("--on-policy-fraction must be in [0, 1], got {lambda}");
@@ -25,7 +26,7 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
     if args.kd == KdArg::Live && args.teacher.is_none() {
         bail!("--kd live needs --teacher");
     }
-    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let super::ChatModel {
         config,
         model: student,
@@ -100,7 +101,7 @@ pub fn run(args: SftArgs, device: Device, backend: &str) -> Result<()> {
         &vocab,
         &cfg,
         &args.train,
-        &args.out,
+        &args.output.out,
         writer.path(),
         config,
         json!({"train": cfg, "model": args.model, "data": args.data, "eval": args.eval, "teacher": args.teacher}),

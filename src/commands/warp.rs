@@ -27,9 +27,11 @@ fn write_merged(
     writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
     Ok(writer.commit()?)
 }
+use crate::backend::Env;
 use crate::cli::{WarpCommand, WarpEmaArgs, WarpMergeArgs};
 
-pub fn run(command: WarpCommand, device: Device, backend: &str) -> Result<()> {
+pub fn run(command: WarpCommand, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
     match command {
         WarpCommand::Merge(args) => merge(args, &device, backend),
         WarpCommand::Ema(args) => ema_step(args, &device, backend),
@@ -164,7 +166,7 @@ fn ema_step(args: WarpEmaArgs, device: &Device, backend: &str) -> Result<()> {
     if !(0.0..=1.0).contains(&args.mu) {
         bail!("--mu must be in [0, 1], got {}", args.mu);
     }
-    let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let (config, anchor) = load_causal_lm(&args.anchor, device)?;
     let base = (args.anchor.clone(), config, param_map(&anchor));
     let policy = load_like(&args.policy, &base, device)?;

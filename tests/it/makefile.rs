@@ -35,7 +35,7 @@ fn micro_flags() -> Vec<String> {
         "SFT_FLAGS=--steps 8 --batch-size 16 --kd topk --alpha 0.5 --eval-every 0",
         "PREFS_FLAGS=--samples 2 --max-new-tokens 12",
         "RM_FLAGS=--size-ratio 3 --steps 6 --batch-size 8",
-        "RLHF_FLAGS=--steps 4 --prompts-per-step 4 --max-new-tokens 12 --save-every 2",
+        "RLHF_FLAGS=--steps 4 --prompts-per-step 4 --max-new-tokens 12 --snapshot-every 2",
         "EVAL_FLAGS=--samples 1 --max-new-tokens 12",
     ]
     .iter()

@@ -101,7 +101,7 @@ fn killed_and_resumed_rlhf_equals_the_uninterrupted_run() {
             "3e-3",
             "--save-state-every",
             "3",
-            "--save-every",
+            "--snapshot-every",
             "10",
         ]
         .map(String::from)

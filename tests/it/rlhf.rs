@@ -97,7 +97,7 @@ fn rlhf_warp_and_eval() {
             &policy,
             &rm,
             out,
-            &["--seed", &seed.to_string(), "--save-every", "10"],
+            &["--seed", &seed.to_string(), "--snapshot-every", "10"],
         );
     }
     let snapshots: Vec<String> = std::fs::read_dir(rl[0].join("snapshots"))

@@ -17,5 +17,5 @@ pub use metrics::MetricsLog;
 pub use optimizer::{OptimConfig, Optimizer, StepStats};
 pub use progress::Progress;
 pub use schedule::warmup_cosine;
-pub use state::{LoopState, Resume, SaveFn, Saver, StateError};
+pub use state::{LoopState, Resume, SaveFn, Saver, StateDir, StateError};
 pub use train_loop::{Backward, LoopError, LossSummary, Report, Schedule, Stage, StepLog, train};

@@ -2,20 +2,25 @@
 //! data position and its report so far. The command stores it with the
 //! weights and the optimizer state every N steps; `--resume` hands it back.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::module::Module;
+use posttrain_model::{
+    CheckpointWriter, Gemma2Config, ModelError, SaveDtype, Weights, params, safetensors_io,
+};
 
-use crate::Optimizer;
+use crate::{MetricsLog, Optimizer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
-    #[error("report: {0}")]
+    #[error("the report")]
     Report(#[from] serde_json::Error),
-    #[error("{0}")]
-    Save(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -86,5 +91,214 @@ impl<M: Module> Saver<'_, M> {
             report,
         };
         (self.save)(model, optim, &state, extra)
+    }
+}
+
+/// `OUT.state/`: what a training run needs to continue after a crash —
+/// weights (f32, with their parameter ids), optimizer state, data position,
+/// the report and metrics so far, and modules the loop keeps besides the
+/// model (RLHF's anchor, as `NAME.safetensors`) — replaced atomically every
+/// N steps and removed once the output is complete.
+pub struct StateDir {
+    pub path: std::path::PathBuf,
+    fingerprint: serde_json::Value,
+    config: Gemma2Config,
+    metrics: std::path::PathBuf,
+    /// A directory of the output in progress to keep with the state (RLHF's
+    /// snapshots), as `carried/`.
+    pub carry: Option<std::path::PathBuf>,
+}
+
+/// Hard-links (or copies) every file under `from` to the same place under `to`.
+fn link_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs_err::create_dir_all(to)?;
+    for entry in fs_err::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if src.is_dir() {
+            link_tree(&src, &dst)?;
+        } else if std::fs::hard_link(&src, &dst).is_err() {
+            fs_err::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+const OPTIMIZER_STATE: &str = "optimizer.bpk";
+const LOOP_STATE: &str = "state.json";
+
+impl StateDir {
+    /// `fingerprint`: the settings and inputs a resumed run must share.
+    pub fn new(
+        out: &Path,
+        fingerprint: serde_json::Value,
+        config: &Gemma2Config,
+        metrics: &Path,
+    ) -> Self {
+        let mut path = out.as_os_str().to_owned();
+        path.push(".state");
+        Self {
+            path: path.into(),
+            fingerprint,
+            config: config.clone(),
+            metrics: metrics.to_path_buf(),
+            carry: None,
+        }
+    }
+
+    /// Puts what was carried back where the run keeps it.
+    pub fn restore_carried(&self) -> Result<(), StateError> {
+        let (Some(to), from) = (&self.carry, self.path.join("carried")) else {
+            return Ok(());
+        };
+        if from.is_dir() {
+            link_tree(&from, to)?;
+        }
+        Ok(())
+    }
+
+    pub fn save<M: burn::module::Module>(
+        &self,
+        model: &M,
+        optim: &Optimizer<M>,
+        state: &LoopState,
+        extra: &[(&str, &M)],
+    ) -> Result<(), StateError> {
+        use SaveDtype::F32;
+        let w = CheckpointWriter::create(&self.path, true)?;
+        w.write_model(model, &self.config, F32)?;
+        for (name, m) in extra {
+            let tensors = params::named_params(*m);
+            let bytes = safetensors_io::to_safetensors_bytes(&tensors, F32);
+            w.write(&format!("{name}.safetensors"), &bytes)?;
+        }
+        optim.save_state(&w.path().join(OPTIMIZER_STATE))?;
+        let loop_state = serde_json::json!({
+            "loop": state,
+            "ids": params::param_ids(model),
+            "fingerprint": self.fingerprint,
+        });
+        w.write(LOOP_STATE, loop_state.to_string().as_bytes())?;
+        w.write("metrics.jsonl", &fs_err::read(&self.metrics)?)?;
+        if let Some(dir) = self.carry.as_ref().filter(|d| d.is_dir()) {
+            link_tree(dir, &w.path().join("carried"))?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    /// The saved run, when there is one: its model (read by `load` from the
+    /// state directory, then given the saved parameter ids), where to
+    /// continue, and its metrics so far.
+    pub fn load<M: burn::module::Module>(
+        &self,
+        load: impl FnOnce(&Path) -> Result<M, ModelError>,
+    ) -> Result<Option<(M, Resume, Vec<u8>)>, StateError> {
+        if !self.path.is_dir() {
+            return Ok(None);
+        }
+        let file = self.path.join(LOOP_STATE);
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs_err::read(&file)?).map_err(|e| StateError::File {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
+        if v["fingerprint"] != self.fingerprint {
+            return Err(StateError::File {
+                path: self.path.clone(),
+                reason:
+                    "written by a run with other settings or inputs (delete it to start afresh)"
+                        .into(),
+            });
+        }
+        let parse = |key: &str| StateError::File {
+            path: file.clone(),
+            reason: format!("`{key}` is malformed"),
+        };
+        let ids: std::collections::BTreeMap<String, u64> =
+            serde_json::from_value(v["ids"].clone()).map_err(|_| parse("ids"))?;
+        let state: LoopState =
+            serde_json::from_value(v["loop"].clone()).map_err(|_| parse("loop"))?;
+        let model = params::with_param_ids(load(&self.path)?, &ids);
+        let metrics = fs_err::read(self.path.join("metrics.jsonl"))?;
+        let resume = Resume {
+            state,
+            optimizer: self.path.join(OPTIMIZER_STATE),
+        };
+        Ok(Some((model, resume, metrics)))
+    }
+
+    /// With `resume`, the saved run when there is one (see [`StateDir::load`]),
+    /// else `fresh`; says which on stderr.
+    #[allow(clippy::type_complexity)]
+    pub fn resume_or<M: burn::module::Module>(
+        &self,
+        stage: &str,
+        resume: bool,
+        fresh: M,
+        load: impl FnOnce(&Path) -> Result<M, ModelError>,
+    ) -> Result<(M, Option<Resume>, Option<Vec<u8>>), StateError> {
+        let saved = if resume { self.load(load)? } else { None };
+        Ok(match saved {
+            Some((model, r, rows)) => {
+                eprintln!(
+                    "{stage}: resuming from {} at step {}",
+                    self.path.display(),
+                    r.state.step
+                );
+                (model, Some(r), Some(rows))
+            }
+            None => {
+                if resume {
+                    eprintln!(
+                        "{stage}: no {} yet: starting at step 0",
+                        self.path.display()
+                    );
+                }
+                (fresh, None, None)
+            }
+        })
+    }
+
+    /// Tensors saved beside the model as `NAME.safetensors`.
+    pub fn extra(
+        &self,
+        name: &str,
+        device: &burn::tensor::Device,
+    ) -> Result<params::ParamMap, StateError> {
+        let weights = Weights::open_file(&self.path.join(format!("{name}.safetensors")))?;
+        weights
+            .names()
+            .map(|n| {
+                let t = weights.read(n)?;
+                Ok((n.to_string(), params::ParamTensor::from_host(&t, device)))
+            })
+            .collect()
+    }
+
+    /// Saves this state every `every` steps of a loop.
+    pub fn saver<M: burn::module::Module>(&self, every: usize) -> Saver<'_, M> {
+        Saver {
+            every,
+            save: Box::new(move |m, o, st, extra| self.save(m, o, st, extra)),
+        }
+    }
+
+    /// Where a (possibly resumed) run's metrics go.
+    pub fn metrics_log(&self, resumed: Option<&[u8]>) -> Result<MetricsLog, StateError> {
+        Ok(match resumed {
+            Some(rows) => {
+                fs_err::write(&self.metrics, rows)?;
+                MetricsLog::append(&self.metrics)?
+            }
+            None => MetricsLog::create(&self.metrics)?,
+        })
+    }
+
+    pub fn remove(&self) -> Result<(), StateError> {
+        if self.path.exists() {
+            fs_err::remove_dir_all(&self.path)?;
+        }
+        Ok(())
     }
 }

@@ -23,9 +23,9 @@ pub enum LoopError {
         loss: f64,
         blame: &'static str,
     },
-    #[error("writing metrics: {0}")]
+    #[error("writing metrics")]
     Io(#[from] std::io::Error),
-    #[error("resumable state: {0}")]
+    #[error("resumable state")]
     State(#[from] StateError),
 }
 
