@@ -277,10 +277,9 @@ pub fn train_resumable(
     let device = model.model.embed_tokens.weight.device();
     let state =
         posttrain_train::StateDir::new(out, fingerprint, config, &writer.join("metrics.jsonl"));
-    let (model, resume, rows) = state.resume_or(stage, args.resume, model, |p| {
+    let (model, resume, mut log) = state.start(stage, args.resume, model, |p| {
         Ok(posttrain_model::load_causal_lm(p, &device)?.1)
     })?;
-    let mut log = state.metrics_log(rows.as_deref())?;
     let saver = state.saver(args.save_state_every);
     let (model, report) = posttrain_sft::train_lm(
         stage,

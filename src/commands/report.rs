@@ -260,6 +260,67 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The per-step charts of training stages: (file name, stages, metrics
+/// key, moving-average window, title, y label).
+fn stage_charts(runs: &[Run], s: usize) -> Vec<(String, Chart)> {
+    let table: [(&str, &[&str], &str, usize, String, &str); 6] = [
+        (
+            "loss",
+            &["pretrain", "sft"],
+            "loss",
+            s,
+            format!("Training loss (pretrain, sft; moving average of {s})"),
+            "loss",
+        ),
+        (
+            "eval_loss",
+            &["pretrain", "sft"],
+            "eval_loss",
+            1,
+            "Held-out loss (pretrain, sft)".into(),
+            "eval loss",
+        ),
+        (
+            "reward_model",
+            &["reward"],
+            "loss",
+            s,
+            format!("Reward model: Bradley-Terry loss (moving average of {s})"),
+            "loss",
+        ),
+        (
+            "reward_model_accuracy",
+            &["reward"],
+            "eval_accuracy",
+            1,
+            "Reward model: held-out pairwise accuracy".into(),
+            "accuracy",
+        ),
+        (
+            "rlhf_reward",
+            &["rlhf"],
+            "reward",
+            s,
+            format!("RLHF: mean reward per step (moving average of {s})"),
+            "reward",
+        ),
+        (
+            "rlhf_kl",
+            &["rlhf"],
+            "kl_init",
+            s,
+            format!("RLHF: KL to the initial policy (moving average of {s})"),
+            "KL (nats)",
+        ),
+    ];
+    table
+        .into_iter()
+        .filter_map(|(name, stages, key, window, title, y)| {
+            stage_chart(runs, stages, key, window, &title, y).map(|c| (name.to_string(), c))
+        })
+        .collect()
+}
+
 pub fn run(args: ReportArgs) -> Result<()> {
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
     let (mut runs, mut tables) = (Vec::new(), Vec::new());
@@ -279,78 +340,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
                 .join(", ")
         );
     }
-    let s = args.smooth.max(1);
-    let mut charts: Vec<(String, Chart)> = [
-        (
-            "loss",
-            stage_chart(
-                &runs,
-                &["pretrain", "sft"],
-                "loss",
-                s,
-                &format!("Training loss (pretrain, sft; moving average of {s})"),
-                "loss",
-            ),
-        ),
-        (
-            "eval_loss",
-            stage_chart(
-                &runs,
-                &["pretrain", "sft"],
-                "eval_loss",
-                1,
-                "Held-out loss (pretrain, sft)",
-                "eval loss",
-            ),
-        ),
-        (
-            "reward_model",
-            stage_chart(
-                &runs,
-                &["reward"],
-                "loss",
-                s,
-                &format!("Reward model: Bradley-Terry loss (moving average of {s})"),
-                "loss",
-            ),
-        ),
-        (
-            "reward_model_accuracy",
-            stage_chart(
-                &runs,
-                &["reward"],
-                "eval_accuracy",
-                1,
-                "Reward model: held-out pairwise accuracy",
-                "accuracy",
-            ),
-        ),
-        (
-            "rlhf_reward",
-            stage_chart(
-                &runs,
-                &["rlhf"],
-                "reward",
-                s,
-                &format!("RLHF: mean reward per step (moving average of {s})"),
-                "reward",
-            ),
-        ),
-        (
-            "rlhf_kl",
-            stage_chart(
-                &runs,
-                &["rlhf"],
-                "kl_init",
-                s,
-                &format!("RLHF: KL to the initial policy (moving average of {s})"),
-                "KL (nats)",
-            ),
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(n, c)| c.map(|c| (n.to_string(), c)))
-    .collect();
+    let mut charts = stage_charts(&runs, args.smooth.max(1));
     for (i, t) in tables.iter().enumerate() {
         if let Some(c) = pareto(t, "reward", "reward-model score") {
             charts.push((format!("pareto_reward_{}", i + 1), c));

@@ -11,6 +11,9 @@ use posttrain_reward::{
 use serde_json::{Value, json};
 
 use super::JsonRow;
+use burn::tensor::Device;
+use posttrain_model::Gemma2Config;
+
 use crate::backend::Env;
 use crate::cli::{RewardArgs, RewardScoreArgs};
 
@@ -55,19 +58,16 @@ fn load_pairs(
         .collect())
 }
 
-pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
-    let (device, backend) = (env.device()?, env.backend());
-    if !(args.size_ratio > 0.0 && args.size_ratio.is_finite()) {
-        bail!("--size-ratio must be positive, got {}", args.size_ratio);
-    }
-    let optim = args.train.optim()?;
-    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
-    let policy = load_config(&args.policy)?;
-    let tokenizer = ChatTokenizer::from_file(&args.policy.join(TOKENIZER_FILE))?;
-    let train_device = device.clone().autodiff();
-    let (mut config, model, origin) = match &args.init {
+/// The reward model to train: a checkpoint's trunk (`--init`) or new
+/// weights scaled from the policy's config; with a line saying which.
+fn initial_model(
+    args: &RewardArgs,
+    policy: &Gemma2Config,
+    device: &Device,
+) -> Result<(Gemma2Config, Gemma2ForSequenceClassification, String)> {
+    Ok(match &args.init {
         Some(dir) => {
-            let (config, model, fresh) = load_reward_trunk(dir, args.train.seed, &train_device)?;
+            let (config, model, fresh) = load_reward_trunk(dir, args.train.seed, device)?;
             if config.vocab_size != policy.vocab_size {
                 bail!(
                     "{}: vocab_size {} differs from the policy's {}",
@@ -88,7 +88,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
             let model = Gemma2ForSequenceClassification::new(
                 &config,
                 &mut RandomInit::new(args.train.seed),
-                &train_device,
+                device,
             )?;
             (
                 config,
@@ -96,7 +96,19 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
                 format!("new weights for --size-ratio {}", args.size_ratio),
             )
         }
-    };
+    })
+}
+
+pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
+    if !(args.size_ratio > 0.0 && args.size_ratio.is_finite()) {
+        bail!("--size-ratio must be positive, got {}", args.size_ratio);
+    }
+    let optim = args.train.optim()?;
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
+    let policy = load_config(&args.policy)?;
+    let tokenizer = ChatTokenizer::from_file(&args.policy.join(TOKENIZER_FILE))?;
+    let (mut config, model, origin) = initial_model(&args, &policy, &device.clone().autodiff())?;
     let ratio = config.num_params() as f64 / policy.num_params() as f64;
     let max_len = config.max_position_embeddings;
     let train = load_pairs(&tokenizer, &args.data, max_len)?;
@@ -139,10 +151,9 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         &writer.path().join("metrics.jsonl"),
     );
     let device_ad = model.model.embed_tokens.weight.device();
-    let (model, resume, rows) = state.resume_or("reward", args.train.resume, model, |p| {
+    let (model, resume, mut log) = state.start("reward", args.train.resume, model, |p| {
         Ok(posttrain_model::load_reward_model(p, &device_ad)?.1)
     })?;
-    let mut log = state.metrics_log(rows.as_deref())?;
     let saver = state.saver(args.train.save_state_every);
     let (model, report) = train_reward(
         model,
@@ -186,10 +197,9 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
             s.accuracy, s.mean_gap, s.std_gap
         )
     });
+    let (first, last) = (report.loss.first_loss, report.loss.last_loss);
     eprintln!(
-        "reward: loss {:.4} -> {:.4}{eval}, size ratio {ratio:.2}x -> {}",
-        report.loss.first_loss,
-        report.loss.last_loss,
+        "reward: loss {first:.4} -> {last:.4}{eval}, size ratio {ratio:.2}x -> {}",
         out.display()
     );
     Ok(())

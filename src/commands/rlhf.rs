@@ -1,8 +1,11 @@
 use anyhow::{Result, bail};
 use burn::module::Module;
+use posttrain_datasets::ChatTokenizer;
 use posttrain_datasets::read_prompts;
-use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
-use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, train_rlhf};
+use posttrain_model::{
+    CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification, Provenance,
+};
+use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, RlhfReport, train_rlhf};
 use posttrain_train::Vocab;
 use serde_json::json;
 
@@ -77,31 +80,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         max_len,
         &args.prompts,
     )?;
-    let (reward, judged_by) = match &rm {
-        Some((config, model, tokenizer)) => (
-            Reward::Model(Judge {
-                model,
-                tokenizer,
-                max_len: config.max_position_embeddings,
-                batch_size: cfg.batch_size,
-            }),
-            format!(
-                "reward model {} params ({:.1}x)",
-                config.num_params(),
-                config.num_params() as f64 / policy_params as f64
-            ),
-        ),
-        None => {
-            if let Some(row) = prompts.first_non_task() {
-                bail!(
-                    "{}: row {}: not a question of the embedded task (--task-reward scores only those)",
-                    args.prompts.display(),
-                    row + 1
-                );
-            }
-            (Reward::Task, "the task scorer as reward".to_string())
-        }
-    };
+    let (reward, judged_by) = reward_source(rm.as_ref(), &prompts, &args, &cfg, policy_params)?;
     let vocab = Vocab {
         tokenizer: &tokenizer,
         stop_ids: super::stop_ids(&config, &tokenizer),
@@ -128,7 +107,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     );
     state.carry = Some(writer.path().join("snapshots"));
     let device_ad = policy.model.embed_tokens.weight.device();
-    let (policy, resume, rows) = state.resume_or("rlhf", args.resume, policy, |p| {
+    let (policy, resume, mut log) = state.start("rlhf", args.resume, policy, |p| {
         Ok(posttrain_model::load_causal_lm(p, &device_ad)?.1)
     })?;
     let resume = match resume {
@@ -138,39 +117,19 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         }
         None => None,
     };
-    let mut log = state.metrics_log(rows.as_deref())?;
-    let provenance = |stage: &str| -> Result<Provenance> {
-        let mut p = Provenance::new(
-            stage,
-            backend,
-            json!({ "rlhf": cfg, "task_reward": args.task_reward }),
-        )
-        .with_parent(&args.policy)?;
-        if let Some(rm) = &args.reward {
-            p = p.with_parent(rm)?;
-        }
-        Ok(p.with_parent(&args.prompts)?)
+    // the policy, its snapshots and the anchor are written the same way
+    let save = |w: CheckpointWriter, model: &Gemma2ForCausalLM, stage: &str, metrics| {
+        let p = provenance(stage, backend, &args, &cfg)?;
+        let seed = Some(args.seed);
+        super::finish_checkpoint(w, model, &config, &tokenizer, p, &[], seed, metrics)
     };
     let snapshots = writer.path().join("snapshots");
-    let mut snapshot = |step: usize,
-                        model: &Gemma2ForCausalLM|
-     -> std::result::Result<(), String> {
-        let save = || -> Result<()> {
-            let w = CheckpointWriter::create(&snapshots.join(format!("step-{step:06}")), false)?;
-            let provenance = provenance("rlhf")?;
-            super::finish_checkpoint(
-                w,
-                model,
-                &config,
-                &tokenizer,
-                provenance,
-                &[],
-                Some(args.seed),
-                json!({ "step": step }),
-            )?;
-            Ok(())
-        };
-        save().map_err(|e| format!("{e:#}"))
+    let mut snapshot = |step: usize, model: &Gemma2ForCausalLM| {
+        CheckpointWriter::create(&snapshots.join(format!("step-{step:06}")), false)
+            .map_err(anyhow::Error::from)
+            .and_then(|w| save(w, model, "rlhf", json!({ "step": step })))
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
     };
     let saver = state.saver(args.save_state_every);
     let (policy, anchor, report) = train_rlhf(
@@ -186,29 +145,65 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         Some(saver),
     )?;
     let metrics = serde_json::to_value(&report)?;
-    let out = super::finish_checkpoint(
-        writer,
-        &policy,
-        &config,
-        &tokenizer,
-        provenance("rlhf")?,
-        &[],
-        Some(args.seed),
-        metrics.clone(),
-    )?;
+    let out = save(writer, &policy, "rlhf", metrics.clone())?;
     if let Some(w) = anchor_writer {
-        super::finish_checkpoint(
-            w,
-            &anchor,
-            &config,
-            &tokenizer,
-            provenance("rlhf-anchor")?,
-            &[],
-            Some(args.seed),
-            metrics,
-        )?;
+        save(w, &anchor, "rlhf-anchor", metrics)?;
     }
     state.remove()?;
+    print_summary(&report, &out);
+    Ok(())
+}
+
+/// The reward model, or the task scorer (which scores only the task's
+/// questions), and how the first line names it.
+fn reward_source<'a>(
+    rm: Option<&'a (Gemma2Config, Gemma2ForSequenceClassification, ChatTokenizer)>,
+    prompts: &PromptSet,
+    args: &RlhfArgs,
+    cfg: &RlhfConfig,
+    policy_params: usize,
+) -> Result<(Reward<'a>, String)> {
+    Ok(match rm {
+        Some((config, model, tokenizer)) => (
+            Reward::Model(Judge {
+                model,
+                tokenizer,
+                max_len: config.max_position_embeddings,
+                batch_size: cfg.batch_size,
+            }),
+            format!(
+                "reward model {} params ({:.1}x)",
+                config.num_params(),
+                config.num_params() as f64 / policy_params as f64
+            ),
+        ),
+        None => {
+            if let Some(row) = prompts.first_non_task() {
+                bail!(
+                    "{}: row {}: not a question of the embedded task (--task-reward scores only those)",
+                    args.prompts.display(),
+                    row + 1
+                );
+            }
+            (Reward::Task, "the task scorer as reward".to_string())
+        }
+    })
+}
+
+fn provenance(stage: &str, backend: &str, args: &RlhfArgs, cfg: &RlhfConfig) -> Result<Provenance> {
+    let mut p = Provenance::new(
+        stage,
+        backend,
+        json!({ "rlhf": cfg, "task_reward": args.task_reward }),
+    )
+    .with_parent(&args.policy)?;
+    if let Some(rm) = &args.reward {
+        p = p.with_parent(rm)?;
+    }
+    Ok(p.with_parent(&args.prompts)?)
+}
+
+fn print_summary(report: &RlhfReport, out: &std::path::Path) {
     let score = match (report.first_score, report.last_score) {
         (Some(a), Some(b)) => format!(", true score {a:.3} -> {b:.3}"),
         _ => String::new(),
@@ -225,5 +220,4 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         report.update_s,
         out.display()
     );
-    Ok(())
 }

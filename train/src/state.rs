@@ -260,6 +260,21 @@ impl StateDir {
         })
     }
 
+    /// [`StateDir::resume_or`], and the metrics log the run continues
+    /// (the saved rows, or a new file).
+    #[allow(clippy::type_complexity)]
+    pub fn start<M: Module>(
+        &self,
+        stage: &str,
+        resume: bool,
+        fresh: M,
+        load: impl FnOnce(&Path) -> Result<M, ModelError>,
+    ) -> Result<(M, Option<Resume>, MetricsLog), StateError> {
+        let (model, resume, rows) = self.resume_or(stage, resume, fresh, load)?;
+        let log = self.metrics_log(rows.as_deref())?;
+        Ok((model, resume, log))
+    }
+
     /// Tensors saved beside the model as `NAME.safetensors`.
     pub fn extra(
         &self,
