@@ -333,7 +333,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         report.logprob_s += p.logprob_s;
         report.update_s += p.update_s;
         let steps = self.cfg.optim.steps;
-        let line = ((step + 1) % (steps / 10).max(1) == 0 || step + 1 == steps).then(|| {
+        let line = ((step + 1).is_multiple_of((steps / 10).max(1)) || step + 1 == steps).then(|| {
             let score = true_score.map_or(String::new(), |s| format!(", score {s:.3}"));
             format!(
                 "rlhf: step {}: reward {reward:.3}{score}, kl to init {:.3}, to anchor {:.3}, length {:.1}",

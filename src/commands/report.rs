@@ -260,10 +260,13 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// The per-step charts of training stages: (file name, stages, metrics
-/// key, moving-average window, title, y label).
+/// A per-step chart of training stages: file name, stages, metrics key,
+/// moving-average window, title, y label.
+type StageChart<'a> = (&'a str, &'a [&'a str], &'a str, usize, String, &'a str);
+
+/// The per-step charts of training stages.
 fn stage_charts(runs: &[Run], s: usize) -> Vec<(String, Chart)> {
-    let table: [(&str, &[&str], &str, usize, String, &str); 6] = [
+    let table: [StageChart; 6] = [
         (
             "loss",
             &["pretrain", "sft"],

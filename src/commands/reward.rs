@@ -84,7 +84,7 @@ fn initial_model(
             (config, model, format!("from {} ({head})", dir.display()))
         }
         None => {
-            let (config, _) = scale_config(&policy, args.size_ratio);
+            let (config, _) = scale_config(policy, args.size_ratio);
             let model = Gemma2ForSequenceClassification::new(
                 &config,
                 &mut RandomInit::new(args.train.seed),
