@@ -89,13 +89,20 @@ fn eval_rows(path: &Path) -> Vec<serde_json::Value> {
 fn rlhf_warp_and_eval() {
     let m = Micro::new("200", "24", "200");
     let (policy, rm) = policy_and_reward(&m);
+    let rl = rl_runs(&m, &policy, &rm);
+    let points = merges(&m, &policy, &rl);
+    eval_table(&m, &policy, &rm, &rl, &points);
+    lineage(&m, &points);
+}
 
+/// Two EMA-anchored runs with snapshots and one with the fixed SFT anchor.
+fn rl_runs(m: &Micro, policy: &Path, rm: &Path) -> [PathBuf; 2] {
     let rl = [m.path("rl0"), m.path("rl1")];
     for (seed, out) in rl.iter().enumerate() {
         rlhf(
-            &m,
-            &policy,
-            &rm,
+            m,
+            policy,
+            rm,
             out,
             &["--seed", &seed.to_string(), "--snapshot-every", "10"],
         );
@@ -109,9 +116,9 @@ fn rlhf_warp_and_eval() {
     assert_eq!(snapshots, ["step-000010", "step-000020"]);
     let anchor = m.path("rl_sft_anchor");
     rlhf(
-        &m,
-        &policy,
-        &rm,
+        m,
+        policy,
+        rm,
         &anchor,
         &["--anchor", "sft", "--anchor-out", s(&m.path("anchor_copy"))],
     );
@@ -140,16 +147,20 @@ fn rlhf_warp_and_eval() {
     assert!(fixed.iter().all(|r| r["kl_anchor"] == r["kl_init"]));
     assert!(log.iter().any(|r| r["kl_anchor"] != r["kl_init"]));
     // the saved SFT anchor is the policy it started from
-    assert_eq!(weights(&m.path("anchor_copy")), weights(&policy));
+    assert_eq!(weights(&m.path("anchor_copy")), weights(policy));
     assert_ne!(weights(&rl[0]), weights(&rl[1]), "seeds differ");
+    rl
+}
 
+/// An η sweep, one policy at η = 1, and an EMA step on checkpoints.
+fn merges(m: &Micro, policy: &Path, rl: &[PathBuf; 2]) -> Vec<PathBuf> {
     // merge: an η sweep, one checkpoint each
     let warp = m.path("warp");
     ok(&[
         "warp",
         "merge",
         "--init",
-        s(&policy),
+        s(policy),
         "--policies",
         s(&rl[0]),
         s(&rl[1]),
@@ -162,7 +173,7 @@ fn rlhf_warp_and_eval() {
         .iter()
         .map(|n| warp.join(n))
         .collect();
-    assert_eq!(weights(&points[0]), weights(&policy), "η = 0 is the init");
+    assert_eq!(weights(&points[0]), weights(policy), "η = 0 is the init");
     assert_ne!(weights(&points[1]), weights(&points[2]));
     let provenance: serde_json::Value =
         serde_json::from_slice(&std::fs::read(points[1].join("posttrain.json")).unwrap()).unwrap();
@@ -180,7 +191,7 @@ fn rlhf_warp_and_eval() {
         "warp",
         "merge",
         "--init",
-        s(&policy),
+        s(policy),
         "--policies",
         s(&rl[0]),
         "--eta",
@@ -195,7 +206,7 @@ fn rlhf_warp_and_eval() {
         "warp",
         "ema",
         "--anchor",
-        s(&policy),
+        s(policy),
         "--policy",
         s(&rl[1]),
         "--mu",
@@ -204,30 +215,54 @@ fn rlhf_warp_and_eval() {
         s(&ema),
     ]);
     assert_eq!(weights(&ema), weights(&rl[1]));
+    points
+}
 
+/// `eval` over the init, a run, a merge point and a snapshot.
+fn eval_table(m: &Micro, policy: &Path, rm: &Path, rl: &[PathBuf; 2], points: &[PathBuf]) {
     // eval: one row per checkpoint; the reference has KL 0 to itself
     let table = m.path("eval.jsonl");
-    let stdout = ok(&[
-        "eval",
-        "--checkpoints",
-        s(&policy),
-        s(&rl[0]),
-        s(&points[1]),
-        s(&rl[0].join("snapshots/step-000010")),
-        "--prompts",
-        s(&m.task.join("eval_prompts.jsonl")),
-        "--reward",
-        s(&rm),
-        "--reference",
-        s(&policy),
-        "--samples",
-        "2",
-        "--max-new-tokens",
-        "12",
-        "--out",
-        s(&table),
-    ]);
+    let snapshot = rl[0].join("snapshots/step-000010");
+    let prompts = m.task.join("eval_prompts.jsonl");
+    let args = |out: &Path| {
+        let checkpoints = [policy, &rl[0], &points[1], &snapshot].map(|p| s(p).to_string());
+        let mut a = vec!["eval".to_string(), "--checkpoints".into()];
+        a.extend(checkpoints);
+        for (k, v) in [
+            ("--prompts", s(&prompts)),
+            ("--reward", s(rm)),
+            ("--reference", s(policy)),
+        ] {
+            a.extend([k.to_string(), v.to_string()]);
+        }
+        a.extend(["--samples", "2", "--max-new-tokens", "12", "--out", s(out)].map(String::from));
+        a
+    };
+    let stdout = ok(&args(&table).iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    // a reader that closes the pipe after the first line (`| head -1`)
+    // neither fails the command nor loses the table
+    let piped = m.path("eval_piped.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_posttrain"))
+        .args(args(&piped))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.starts_with("checkpoint"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
+    assert_eq!(
+        std::fs::read(&piped).unwrap(),
+        std::fs::read(&table).unwrap()
+    );
     let rows = eval_rows(&table);
     assert_eq!(rows.len(), 4);
     assert_eq!(rows[0]["kl"].as_f64().unwrap(), 0.0);
@@ -238,10 +273,16 @@ fn rlhf_warp_and_eval() {
         }
     }
     assert!(rows[1]["kl"].as_f64().unwrap() > 0.0);
-    report(&m);
+    assert!(
+        rows[1]["reward"].as_f64().unwrap() > rows[0]["reward"].as_f64().unwrap(),
+        "RL raises the held-out reward: {rows:?}"
+    );
+    report(m);
+}
 
-    // lineage: the merge point back through the RL runs, the reward model and
-    // its preference data to the pretrained policy and the task files
+/// The merge point's lineage back through the RL runs, the reward model and
+/// its preference data to the pretrained policy and the task files.
+fn lineage(m: &Micro, points: &[PathBuf]) {
     let lineage = |dir: &Path| {
         let text = ok(&["inspect", s(dir)]);
         let start = text.find("  lineage").expect("a lineage section");
@@ -270,10 +311,6 @@ fn rlhf_warp_and_eval() {
     std::fs::write(m.path("prefs.jsonl"), prefs).unwrap();
     let chain = lineage(&points[1]);
     assert!(chain.contains("prefs.jsonl  [changed]"), "{chain}");
-    assert!(
-        rows[1]["reward"].as_f64().unwrap() > rows[0]["reward"].as_f64().unwrap(),
-        "RL raises the held-out reward: {rows:?}"
-    );
 }
 
 #[test]
@@ -370,6 +407,21 @@ fn warp_refuses_models_that_differ() {
         &["merged", "already exists"],
     );
     assert_eq!(weights(&out), before);
+}
+
+#[test]
+fn rlhf_refuses_one_sample_and_non_task_prompts_for_the_task_scorer() {
+    let m = Micro::new("40", "4", "200");
+    let a = m.path("a");
+    ok(&[
+        "init",
+        "--config",
+        s(&m.path("micro.json")),
+        "--tokenizer",
+        s(&m.task.join("tokenizer.json")),
+        "--out",
+        s(&a),
+    ]);
     fails(
         &[
             "rlhf",
@@ -406,6 +458,78 @@ fn warp_refuses_models_that_differ() {
         &["story.jsonl: row 2: not a question of the embedded task"],
     );
     assert!(!m.path("rl").exists());
+}
+
+#[test]
+fn warp_merges_checkpoints_without_tokenizer_files_and_copies_them_when_present() {
+    let m = Micro::new("40", "4", "200");
+    let (a, b) = (m.path("a"), m.path("b"));
+    for (out, seed) in [(&a, "1"), (&b, "2")] {
+        ok(&[
+            "init",
+            "--config",
+            s(&m.path("micro.json")),
+            "--tokenizer",
+            s(&m.task.join("tokenizer.json")),
+            "--seed",
+            seed,
+            "--out",
+            s(out),
+        ]);
+        std::fs::remove_file(out.join("tokenizer.json")).unwrap();
+    }
+    let (merged, moved) = (m.path("merged"), m.path("moved"));
+    ok(&[
+        "warp",
+        "merge",
+        "--init",
+        s(&a),
+        "--policies",
+        s(&b),
+        "--eta",
+        "0.5",
+        "--out",
+        s(&merged),
+    ]);
+    ok(&[
+        "warp",
+        "ema",
+        "--anchor",
+        s(&a),
+        "--policy",
+        s(&b),
+        "--out",
+        s(&moved),
+    ]);
+    for out in [&merged, &moved] {
+        assert!(out.join("model.safetensors").is_file());
+        assert!(!out.join("tokenizer.json").exists());
+    }
+    assert_ne!(weights(&merged), weights(&a));
+    // with tokenizer files beside the init, the merge carries them unchanged
+    let tokenizer = std::fs::read(m.task.join("tokenizer.json")).unwrap();
+    std::fs::write(a.join("tokenizer.json"), &tokenizer).unwrap();
+    std::fs::write(
+        a.join("tokenizer_config.json"),
+        "{\"padding_side\": \"left\"}",
+    )
+    .unwrap();
+    ok(&[
+        "warp",
+        "merge",
+        "--init",
+        s(&a),
+        "--policies",
+        s(&b),
+        "--out",
+        s(&merged),
+        "--overwrite",
+    ]);
+    assert_eq!(
+        std::fs::read(merged.join("tokenizer.json")).unwrap(),
+        tokenizer
+    );
+    assert!(merged.join("tokenizer_config.json").is_file());
 }
 
 #[test]
