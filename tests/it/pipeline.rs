@@ -322,11 +322,10 @@ fn pretrain_on_plain_text() {
     );
 }
 
-#[test]
-fn sft_with_every_distillation_source() {
-    let m = Micro::new("200", "16", "200");
+/// A pretrained teacher, its greedy completions of the train prompts with
+/// their top-4 log-probs, and a fresh student.
+fn teacher_pairs_and_student(m: &Micro) -> (PathBuf, PathBuf, PathBuf) {
     let train = m.task.join("train.jsonl");
-    let eval = m.task.join("eval.jsonl");
     let teacher = m.path("teacher");
     ok(&m.pretrain_args(
         &train,
@@ -372,6 +371,14 @@ fn sft_with_every_distillation_source() {
         "--out",
         s(&init),
     ]);
+    (teacher, pairs, init)
+}
+
+#[test]
+fn sft_with_every_distillation_source() {
+    let m = Micro::new("200", "16", "200");
+    let eval = m.task.join("eval.jsonl");
+    let (teacher, pairs, init) = teacher_pairs_and_student(&m);
     let sft = |out: &Path, extra: &[&str]| {
         let mut args = vec![
             "sft",
@@ -515,8 +522,16 @@ fn sft_refuses_bad_inputs() {
 fn prefs_reward_and_score() {
     let m = Micro::new("200", "24", "200");
     let policy = m.policy();
+    let (train_prefs, eval_prefs) = preference_data(&m, &policy);
+    let (rm, log) = reward_model(&m, &policy, &train_prefs, &eval_prefs);
+    scores(&m, &rm, &eval_prefs, &log);
+    reward_from_a_trunk_and_refusals(&m, &policy, &train_prefs);
+}
+
+/// Preference pairs labelled by the task scorer, reproducible by seed.
+fn preference_data(m: &Micro, policy: &Path) -> (PathBuf, PathBuf) {
     let prefs = |prompts: &str, out: &Path, seed: &str| {
-        m.prefs_into(&policy, prompts, out, seed);
+        m.prefs_into(policy, prompts, out, seed);
         datasets_rows(out)
     };
     let train_prefs = m.path("prefs.jsonl");
@@ -551,18 +566,27 @@ fn prefs_reward_and_score() {
         std::fs::read(&eval_prefs).unwrap(),
         std::fs::read(&again).unwrap()
     );
+    (train_prefs, eval_prefs)
+}
 
+/// A 3x reward model whose Bradley-Terry loss falls; its metrics.
+fn reward_model(
+    m: &Micro,
+    policy: &Path,
+    train_prefs: &Path,
+    eval_prefs: &Path,
+) -> (PathBuf, Vec<serde_json::Value>) {
     let rm = m.path("rm");
     ok(&[
         "reward",
         "--policy",
-        s(&policy),
+        s(policy),
         "--size-ratio",
         "3",
         "--data",
-        s(&train_prefs),
+        s(train_prefs),
         "--eval",
-        s(&eval_prefs),
+        s(eval_prefs),
         "--out",
         s(&rm),
         "--steps",
@@ -593,20 +617,24 @@ fn prefs_reward_and_score() {
         config["architectures"][0],
         "Gemma2ForSequenceClassification"
     );
+    (rm, log)
+}
 
+/// `score` of rows and of pairs, as the reward stage's own eval.
+fn scores(m: &Micro, rm: &Path, eval_prefs: &Path, log: &[serde_json::Value]) {
     // score: one reward per row, deterministic, Parquet out
     let scored = m.path("scored.parquet");
     let pairs = m.task.join("eval.jsonl");
     ok(&[
         "score",
         "--reward",
-        s(&rm),
+        s(rm),
         "--input",
         s(&pairs),
         "--out",
         s(&scored),
     ]);
-    let stdout = ok(&["score", "--reward", s(&rm), "--input", s(&pairs)]);
+    let stdout = ok(&["score", "--reward", s(rm), "--input", s(&pairs)]);
     let rewards: Vec<f64> = stdout
         .lines()
         .map(|l| {
@@ -618,21 +646,15 @@ fn prefs_reward_and_score() {
     assert_eq!(rewards.len(), 24);
     assert!(rewards.iter().any(|r| (r - rewards[0]).abs() > 1e-6));
     // score --pairs: the final held-out eval of the reward stage, from the checkpoint
-    let stats: serde_json::Value = serde_json::from_str(&ok(&[
-        "score",
-        "--reward",
-        s(&rm),
-        "--pairs",
-        s(&eval_prefs),
-    ]))
-    .unwrap();
-    assert_eq!(stats["pairs"], datasets_rows(&eval_prefs).len());
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(&["score", "--reward", s(rm), "--pairs", s(eval_prefs)])).unwrap();
+    assert_eq!(stats["pairs"], datasets_rows(eval_prefs).len());
     assert_eq!(stats["accuracy"], log[39]["eval_accuracy"]);
     fails(
         &[
             "score",
             "--reward",
-            s(&rm),
+            s(rm),
             "--input",
             s(&pairs),
             "--out",
@@ -640,17 +662,19 @@ fn prefs_reward_and_score() {
         ],
         &["scored.parquet", "already exists"],
     );
+}
 
+fn reward_from_a_trunk_and_refusals(m: &Micro, policy: &Path, train_prefs: &Path) {
     // from a larger checkpoint's trunk, with a new head
     let rm2 = m.path("rm2");
     ok(&[
         "reward",
         "--policy",
-        s(&policy),
+        s(policy),
         "--init",
-        s(&policy),
+        s(policy),
         "--data",
-        s(&train_prefs),
+        s(train_prefs),
         "--out",
         s(&rm2),
         "--steps",
@@ -670,7 +694,7 @@ fn prefs_reward_and_score() {
             "data",
             "prefs",
             "--policy",
-            s(&policy),
+            s(policy),
             "--prompts",
             s(&story),
             "--out",
