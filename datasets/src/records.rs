@@ -11,8 +11,8 @@ use polars::prelude::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::fsutil::write_atomic;
 use crate::tokenizer::{Message, Role};
+use posttrain_files::write_atomic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

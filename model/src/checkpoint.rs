@@ -4,7 +4,6 @@
 //! directory under the final name is always complete.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -79,14 +78,6 @@ pub fn load_reward_trunk(
     Ok((config, model, fresh))
 }
 
-/// Writes `bytes` to `path` and flushes it to disk.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs_err::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
-
 /// A checkpoint directory being written. Nothing appears under the final
 /// name until [`CheckpointWriter::commit`].
 pub struct CheckpointWriter {
@@ -97,12 +88,7 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     /// Refuses an existing `target` unless `overwrite`.
     pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
-        if target.exists() && !overwrite {
-            return Err(ModelError::Output {
-                path: target.to_path_buf(),
-                reason: "already exists (pass --overwrite to replace it)".into(),
-            });
-        }
+        posttrain_files::refuse_existing(target, overwrite)?;
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -131,7 +117,10 @@ impl CheckpointWriter {
     }
 
     pub fn write(&self, file: &str, bytes: &[u8]) -> Result<()> {
-        write_synced(&self.path().join(file), bytes)
+        Ok(posttrain_files::write_synced(
+            &self.path().join(file),
+            bytes,
+        )?)
     }
 
     pub fn write_model<M: Module>(

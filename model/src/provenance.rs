@@ -64,11 +64,12 @@ impl Provenance {
     /// Writes the provenance of a data file beside it, as
     /// `FILE.posttrain.json` (temp file + rename).
     pub fn write_beside(&self, data: &Path) -> Result<()> {
-        let target = beside(data);
-        let tmp = target.with_extension("json.tmp");
-        crate::checkpoint::write_synced(&tmp, self.to_json().as_bytes())?;
-        fs_err::rename(&tmp, &target)?;
-        Ok(())
+        let json = self.to_json();
+        Ok(posttrain_files::write_atomic(
+            &beside(data),
+            json.as_bytes(),
+            true,
+        )?)
     }
 }
 

@@ -306,7 +306,7 @@ pub fn write_shards(
             .collect();
         let bytes = to_safetensors_bytes(&part, dtype);
         total += bytes.len();
-        crate::checkpoint::write_synced(&dir.join(&file), &bytes)?;
+        posttrain_files::write_synced(&dir.join(&file), &bytes)?;
         for name in chunk {
             weight_map.insert((*name).clone(), file.clone());
         }
@@ -315,7 +315,7 @@ pub fn write_shards(
         "metadata": {"total_size": total},
         "weight_map": weight_map,
     });
-    crate::checkpoint::write_synced(
+    posttrain_files::write_synced(
         &dir.join(INDEX_FILE),
         serde_json::to_string_pretty(&index)
             .expect("json")

@@ -101,6 +101,41 @@ pub enum RlhfError {
     Snapshot(String),
 }
 
+impl RlhfConfig {
+    /// Refuses settings that cannot run (named by their flags).
+    pub fn check(&self) -> Result<(), RlhfError> {
+        let refuse = |m: String| Err(RlhfError::Config(m));
+        if self.prompts_per_step == 0 {
+            return refuse("--prompts-per-step must be positive".into());
+        }
+        if self.samples < 2 {
+            return refuse(format!(
+                "--samples must be at least 2 (the baseline leaves one sample out), got {}",
+                self.samples
+            ));
+        }
+        if !(self.beta >= 0.0 && self.beta.is_finite()) {
+            return refuse(format!(
+                "--beta must be a non-negative number, got {}",
+                self.beta
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.mu) {
+            return refuse(format!("--mu must be in [0, 1], got {}", self.mu));
+        }
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
+            return refuse(format!(
+                "--temperature must be positive, got {}",
+                self.temperature
+            ));
+        }
+        if self.max_kl.is_some_and(|k| k.is_nan() || k <= 0.0) {
+            return refuse("--max-kl must be positive".into());
+        }
+        Ok(())
+    }
+}
+
 /// The seed of step `step`'s rollouts.
 fn step_seed(seed: u64, step: usize) -> u64 {
     seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -398,12 +433,7 @@ pub fn train_rlhf(
     if prompts.is_empty() {
         return Err(RlhfError::NoPrompts);
     }
-    if cfg.samples < 2 {
-        return Err(RlhfError::Config(format!(
-            "--samples must be at least 2 for the leave-one-out baseline, got {}",
-            cfg.samples
-        )));
-    }
+    cfg.check()?;
     let init = init.valid();
     let anchor = match &resume {
         Some((_, saved)) => with_params(init.clone(), saved),

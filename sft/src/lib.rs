@@ -14,5 +14,5 @@ pub use ce::cross_entropy;
 pub use distill::forward_kl;
 pub use eval::{EvalSet, TaskScore, eval_loss};
 pub use gkd::generalized_jsd;
-pub use sft::{Distill, OnPolicy, SftConfig, SftError, SftReport, train_lm};
+pub use sft::{Distill, OnPolicy, SftConfig, SftError, SftReport, check_topk, train_lm};
 pub use topk_kd::topk_kl;

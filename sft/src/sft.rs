@@ -85,10 +85,61 @@ pub enum SftError {
     Loop(#[from] LoopError),
     #[error("no training examples")]
     NoData,
-    #[error("{0} needs a teacher")]
+    #[error("{0} needs --teacher")]
     NeedsTeacher(&'static str),
-    #[error("stored top-k distillation needs teacher top-k on every row; row {0} has none")]
-    MissingTopK(usize),
+    #[error("row {row}: {reason}")]
+    TopK { row: usize, reason: String },
+}
+
+impl SftConfig {
+    /// Refuses settings that cannot run: live or on-policy distillation
+    /// without a teacher.
+    pub fn check(&self, has_teacher: bool) -> Result<(), SftError> {
+        if self.distill == Distill::Live && !has_teacher {
+            return Err(SftError::NeedsTeacher("--kd live"));
+        }
+        if self.on_policy.as_ref().is_some_and(|op| op.fraction > 0.0) && !has_teacher {
+            return Err(SftError::NeedsTeacher(
+                "--on-policy-fraction (the teacher scores the student's samples)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Every row has stored top-k with one k throughout, ids inside the
+/// vocabulary and finite log-probabilities ≤ 0.
+pub fn check_topk(examples: &[Example], vocab: usize) -> Result<(), SftError> {
+    let mut k = None;
+    for (i, e) in examples.iter().enumerate() {
+        let refuse = |reason: String| Err(SftError::TopK { row: i + 1, reason });
+        let Some(top) = &e.topk else {
+            return refuse(
+                "no teacher_topk_ids / teacher_topk_logprobs (needed by --kd topk)".into(),
+            );
+        };
+        for (ids, lps) in top.ids.iter().zip(&top.logprobs) {
+            let here = ids.len();
+            if *k.get_or_insert(here) != here || lps.len() != here || here == 0 {
+                let first = k.unwrap_or(0);
+                let other = here.max(lps.len());
+                return refuse(format!(
+                    "teacher top-k rows of different lengths ({first} and {other})"
+                ));
+            }
+            if let Some(id) = ids.iter().find(|&&i| i as usize >= vocab) {
+                return refuse(format!(
+                    "teacher top-k id {id} is outside the vocabulary of {vocab}"
+                ));
+            }
+            if let Some(lp) = lps.iter().find(|lp| !lp.is_finite() || **lp > 1e-4) {
+                return refuse(format!(
+                    "teacher top-k log-prob {lp} is not a finite log-probability"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loss parts of one micro-batch.
@@ -478,18 +529,11 @@ pub fn train_lm(
     if train.is_empty() {
         return Err(SftError::NoData);
     }
-    if cfg.distill == Distill::Live && teacher.is_none() {
-        return Err(SftError::NeedsTeacher("live distillation"));
+    cfg.check(teacher.is_some())?;
+    if let Distill::TopK { .. } = cfg.distill {
+        check_topk(train, model.model.embed_tokens.weight.dims()[0])?;
     }
     let on_policy = cfg.on_policy.as_ref().filter(|op| op.fraction > 0.0);
-    if on_policy.is_some() && teacher.is_none() {
-        return Err(SftError::NeedsTeacher("on-policy distillation"));
-    }
-    if let Distill::TopK { .. } = cfg.distill
-        && let Some(row) = train.iter().position(|e| e.topk.is_none())
-    {
-        return Err(SftError::MissingTopK(row + 1));
-    }
     let mut lm = LmStage {
         name: stage,
         teacher: teacher.map(Module::valid),

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};
-use posttrain_datasets::write_atomic;
+use posttrain_files::write_atomic;
 use posttrain_model::safetensors_io::to_safetensors_bytes;
 use posttrain_model::{HostTensor, SaveDtype, TokenBatch, load_causal_lm};
 use safetensors::{Dtype, SafeTensors};

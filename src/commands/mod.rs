@@ -20,11 +20,8 @@ pub mod warp;
 /// Checks, before any work, that an output will not silently replace a file.
 pub fn refuse_existing(out: Option<&std::path::Path>, overwrite: bool) -> anyhow::Result<()> {
     match out {
-        Some(path) if path.exists() && !overwrite => anyhow::bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            path.display()
-        ),
-        _ => Ok(()),
+        Some(path) => Ok(posttrain_files::refuse_existing(path, overwrite)?),
+        None => Ok(()),
     }
 }
 
@@ -50,14 +47,7 @@ impl ChatModel {
         let (config, model) = posttrain_model::load_causal_lm(dir, device)?;
         let path = dir.join(posttrain_model::checkpoint::TOKENIZER_FILE);
         let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
-        if tokenizer.vocab_size() > config.vocab_size {
-            anyhow::bail!(
-                "{}: tokenizer has {} tokens but the model's vocab_size is {}",
-                path.display(),
-                tokenizer.vocab_size(),
-                config.vocab_size
-            );
-        }
+        check_tokenizer_fits(&tokenizer, &path, &config, &dir.join("config.json"))?;
         Ok(Self {
             config,
             model,
@@ -250,6 +240,7 @@ pub fn load_reward(
     let (config, model) = posttrain_model::load_reward_model(dir, device)?;
     let path = dir.join(posttrain_model::checkpoint::TOKENIZER_FILE);
     let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
+    check_tokenizer_fits(&tokenizer, &path, &config, &dir.join("config.json"))?;
     Ok((config, model, tokenizer))
 }
 

@@ -13,28 +13,7 @@ use crate::backend::Env;
 use crate::cli::{AnchorArg, RlhfArgs};
 
 fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
-    if args.prompts_per_step == 0 {
-        bail!("--prompts-per-step must be positive");
-    }
-    if args.samples < 2 {
-        bail!(
-            "--samples must be at least 2 (the baseline leaves one sample out), got {}",
-            args.samples
-        );
-    }
-    if !(args.beta >= 0.0 && args.beta.is_finite()) {
-        bail!("--beta must be a non-negative number, got {}", args.beta);
-    }
-    if !(0.0..=1.0).contains(&args.mu) {
-        bail!("--mu must be in [0, 1], got {}", args.mu);
-    }
-    if args.temperature.is_nan() || args.temperature <= 0.0 {
-        bail!("--temperature must be positive, got {}", args.temperature);
-    }
-    if args.max_kl.is_some_and(|k| k.is_nan() || k <= 0.0) {
-        bail!("--max-kl must be positive");
-    }
-    Ok(RlhfConfig {
+    let cfg = RlhfConfig {
         optim: args.adam.optim(args.steps, args.lr, args.warmup)?,
         prompts_per_step: args.prompts_per_step,
         samples: args.samples,
@@ -51,7 +30,9 @@ fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
         seed: args.seed,
         batch_size: args.score_batch_size.max(1),
         snapshot_every: args.snapshot_every,
-    })
+    };
+    cfg.check()?;
+    Ok(cfg)
 }
 
 pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {

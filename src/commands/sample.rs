@@ -1,6 +1,6 @@
 use anyhow::{Result, bail};
-use posttrain_datasets::write_atomic;
 use posttrain_datasets::{Prompt, read_prompts};
+use posttrain_files::write_atomic;
 use posttrain_model::{SamplingConfig, generate};
 use posttrain_train::Progress;
 

@@ -1,7 +1,7 @@
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use posttrain_datasets::LossOn;
 use posttrain_model::{CheckpointWriter, Provenance};
-use posttrain_sft::{Distill, OnPolicy};
+use posttrain_sft::{Distill, OnPolicy, check_topk};
 use posttrain_train::Vocab;
 use serde_json::json;
 
@@ -20,12 +20,15 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     if args.on_policy_temperature.is_nan() || args.on_policy_temperature <= 0.0 {
         bail!("--on-policy-temperature must be positive");
     }
-    if lambda > 0.0 && args.teacher.is_none() {
-        bail!("--on-policy-fraction needs --teacher (the teacher scores the student's samples)");
-    }
-    if args.kd == KdArg::Live && args.teacher.is_none() {
-        bail!("--kd live needs --teacher");
-    }
+    // the settings' own check, before anything is loaded
+    let kd = if args.kd == KdArg::Live {
+        Distill::Live
+    } else {
+        Distill::None
+    };
+    let mut settings = args.train.sft_config(kd, &args.distill)?;
+    settings.on_policy = Some(on_policy(&args));
+    settings.check(args.teacher.is_some())?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let super::ChatModel {
         config,
@@ -55,15 +58,11 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         (KdArg::Auto, None) => Distill::None,
     };
     if let Distill::TopK { .. } = distill {
-        check_topk(&data.train, config.vocab_size, &args.data)?;
+        check_topk(&data.train, config.vocab_size)
+            .with_context(|| args.data.display().to_string())?;
     }
     let mut cfg = args.train.sft_config(distill, &args.distill)?;
-    cfg.on_policy = Some(OnPolicy {
-        fraction: lambda,
-        beta: args.gkd_beta,
-        temperature: args.on_policy_temperature,
-        max_new_tokens: args.on_policy_max_new_tokens,
-    });
+    cfg.on_policy = Some(on_policy(&args));
     let teacher = match &args.teacher {
         Some(dir) => Some(super::load_teacher(dir, config, tokenizer, &device)?),
         None => None,
@@ -124,48 +123,11 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     Ok(())
 }
 
-/// Every row's top-k has the same k, ids inside the vocabulary and finite
-/// log-probabilities ≤ 0.
-fn check_topk(
-    examples: &[posttrain_datasets::Example],
-    vocab: usize,
-    path: &std::path::Path,
-) -> Result<()> {
-    let mut k = None;
-    for (row, e) in examples.iter().enumerate() {
-        let Some(top) = &e.topk else {
-            bail!(
-                "{}: row {}: no teacher_topk_ids / teacher_topk_logprobs (needed by --kd topk)",
-                path.display(),
-                row + 1
-            );
-        };
-        for (ids, lps) in top.ids.iter().zip(&top.logprobs) {
-            let here = ids.len();
-            if *k.get_or_insert(here) != here || lps.len() != here || here == 0 {
-                bail!(
-                    "{}: row {}: teacher top-k rows of different lengths ({} and {})",
-                    path.display(),
-                    row + 1,
-                    k.unwrap_or(0),
-                    here.max(lps.len())
-                );
-            }
-            if let Some(id) = ids.iter().find(|&&i| i as usize >= vocab) {
-                bail!(
-                    "{}: row {}: teacher top-k id {id} is outside the vocabulary of {vocab}",
-                    path.display(),
-                    row + 1
-                );
-            }
-            if let Some(lp) = lps.iter().find(|lp| !lp.is_finite() || **lp > 1e-4) {
-                bail!(
-                    "{}: row {}: teacher top-k log-prob {lp} is not a finite log-probability",
-                    path.display(),
-                    row + 1
-                );
-            }
-        }
+fn on_policy(args: &SftArgs) -> OnPolicy {
+    OnPolicy {
+        fraction: args.on_policy_fraction,
+        beta: args.gkd_beta,
+        temperature: args.on_policy_temperature,
+        max_new_tokens: args.on_policy_max_new_tokens,
     }
-    Ok(())
 }

@@ -1,6 +1,6 @@
 use anyhow::{Result, bail};
 use posttrain_datasets::ChatTokenizer;
-use posttrain_datasets::write_atomic;
+use posttrain_files::write_atomic;
 
 use crate::cli::{TokenizerCommand, TokenizerTrainArgs};
 

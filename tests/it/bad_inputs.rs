@@ -213,6 +213,28 @@ impl Bed {
     }
 }
 
+/// Replaces the checkpoint's tokenizer.json by one of 300 tokens (the
+/// fixture's vocabulary has 256).
+fn big_tokenizer(dir: &Path) {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        include_str!("../fixtures/gemma2-tiny/tokenizer-corpus.txt"),
+    )
+    .unwrap();
+    ok(&[
+        "tokenizer",
+        "train",
+        "--input",
+        s(&corpus),
+        "--vocab-size",
+        "300",
+        "--out",
+        s(&dir.join("tokenizer.json")),
+        "--overwrite",
+    ]);
+}
+
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|x| x.to_string()).collect()
 }
@@ -285,15 +307,16 @@ bad_inputs! {
         a
     } => ["bad_topk.jsonl", "row 1", "top-k"];
 
-    tokenizer_larger_than_the_model: |b| b.sft_model(&b.broken("big_vocab", |c| {
-        let corpus = c.join("corpus.txt");
-        std::fs::write(&corpus, include_str!("../fixtures/gemma2-tiny/tokenizer-corpus.txt"))
-            .unwrap();
-        ok(&[
-            "tokenizer", "train", "--input", s(&corpus), "--vocab-size", "300",
-            "--out", s(&c.join("tokenizer.json")), "--overwrite",
-        ]);
-    })) => ["tokenizer.json", "vocab_size"];
+    tokenizer_larger_than_the_model: |b| b.sft_model(&b.broken("big_vocab", big_tokenizer))
+        => ["big_vocab/tokenizer.json", "vocab_size"];
+
+    reward_model_tokenizer_larger_than_the_model: |b| {
+        let rm = b.rm();
+        big_tokenizer(Path::new(&rm));
+        args(&[
+            "score", "--reward", &rm, "--input", &b.pairs(), "--out", &b.out_file, "--overwrite",
+        ])
+    } => ["rm/tokenizer.json", "vocab_size"];
 
     truncated_safetensors: |b| b.sft_model(&b.truncated()) => ["truncated/model.safetensors"];
 

@@ -143,7 +143,10 @@ fn tokenizer_larger_than_the_model_is_refused() {
     ]);
     fails(
         &["sample", "--model", s(&ckpt), "--prompt", "Hi"],
-        &["tokenizer.json", "vocab_size is 256"],
+        &[
+            "tokenizer.json: tokenizer has 300 tokens",
+            "sets vocab_size 256",
+        ],
     );
 }
 

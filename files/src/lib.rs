@@ -1,0 +1,71 @@
+//! Output files that appear whole or not at all: written to a temporary
+//! file in the same directory, flushed to disk, then renamed over the final
+//! name; and the one check that refuses to replace an output silently.
+
+use std::io::{Error, ErrorKind, Write};
+use std::path::Path;
+
+/// Refuses an existing `path` unless `overwrite`.
+pub fn refuse_existing(path: &Path, overwrite: bool) -> std::io::Result<()> {
+    if path.exists() && !overwrite {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{}: already exists (pass --overwrite to replace it)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` and flushes them to disk (for files inside a
+/// directory that is itself renamed into place when complete).
+pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = fs_err::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Writes `bytes` to `path` atomically: a reader sees the old file or the
+/// whole new one, and a killed process leaves at most a hidden
+/// `.posttrain-*` temporary file beside it.
+pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> std::io::Result<()> {
+    refuse_existing(path, overwrite)?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".posttrain-")
+        .tempfile_in(parent)
+        .map_err(|e| Error::new(e.kind(), format!("{}: cannot write: {e}", parent.display())))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .map_err(|e| Error::new(e.error.kind(), format!("{}: {}", path.display(), e.error)))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_file_is_kept_unless_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        write_atomic(&path, b"one", false).unwrap();
+        let err = write_atomic(&path, b"two", false).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        assert!(
+            err.to_string().contains("out.jsonl: already exists"),
+            "{err}"
+        );
+        assert_eq!(fs_err::read(&path).unwrap(), b"one");
+        write_atomic(&path, b"two", true).unwrap();
+        assert_eq!(fs_err::read(&path).unwrap(), b"two");
+        // nothing but the output is left in the directory
+        assert_eq!(fs_err::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
