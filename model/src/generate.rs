@@ -67,6 +67,25 @@ fn row_seed(seed: u64, row: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// [`generate`] over `prompts` in batches of `batch_size`, prompt `i` on
+/// stream `i` whatever the batching; `each(first, completions)` receives a
+/// batch's first prompt index and its completions as soon as it is done.
+pub fn generate_batches<E>(
+    model: &Gemma2ForCausalLM,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    config: &SamplingConfig,
+    batch_size: usize,
+    mut each: impl FnMut(usize, Vec<Completion>) -> Result<(), E>,
+) -> Result<(), E> {
+    let batch_size = batch_size.max(1);
+    for (b, chunk) in prompts.chunks(batch_size).enumerate() {
+        let first = b * batch_size;
+        each(first, generate(model, chunk, pad_id, config, first as u64))?;
+    }
+    Ok(())
+}
+
 /// `first_row` numbers the prompts globally, so that splitting a dataset
 /// into batches does not change which stream a prompt gets.
 pub fn generate(

@@ -24,7 +24,7 @@ pub use checkpoint::{
 pub use config::Gemma2Config;
 pub use error::ModelError;
 pub use gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2Model, KvCache, Trace};
-pub use generate::{Completion, FinishReason, SamplingConfig, generate};
+pub use generate::{Completion, FinishReason, SamplingConfig, generate, generate_batches};
 pub use init::{CheckpointSource, RandomInit};
 pub use provenance::Provenance;
 pub use safetensors_io::{HostTensor, SaveDtype, Weights};

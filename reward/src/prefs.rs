@@ -1,5 +1,5 @@
 //! Preference pairs for the embedded task: every policy samples completions
-//! for every prompt, the task's ground-truth scorer stands in for human
+//! for every prompt, a scorer (the embedded task's ground truth) stands in for human
 //! raters. Of a prompt's distinct completions, every two with different
 //! scores make a candidate pair (higher score `chosen`); the
 //! `pairs_per_prompt` with the largest score gaps are kept (ties in order by
@@ -7,10 +7,10 @@
 //! whose completions all score the same give none. With `label_noise` p a
 //! pair is swapped with probability p, as a rater's mistake would.
 
-use posttrain_datasets::task::{expected, score};
 use posttrain_datasets::{ChatTokenizer, Preference, Prompt};
-use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate};
+use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate_batches};
 use posttrain_train::Progress;
+use posttrain_train::rollout::Scorer;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -58,9 +58,13 @@ pub enum PrefsError {
 pub fn make_preferences(
     policies: &[Policy],
     prompts: &[Prompt],
+    scorer: Scorer,
     cfg: &PrefsConfig,
 ) -> Result<PrefsReport, PrefsError> {
-    if let Some(i) = prompts.iter().position(|p| expected(p.display()).is_none()) {
+    if let Some(i) = prompts
+        .iter()
+        .position(|p| scorer(p.display(), "").is_none())
+    {
         return Err(PrefsError::NotTaskPrompt(i + 1));
     }
     let samples = cfg.samples.max(1);
@@ -79,27 +83,33 @@ pub fn make_preferences(
             stop_ids: policy.stop_ids.clone(),
             ..SamplingConfig::default()
         };
-        for (b, chunk) in rows.chunks(cfg.batch_size.max(1)).enumerate() {
-            let ids = chunk
-                .iter()
-                .map(|&i| policy.tokenizer.render_prompt(&prompts[i].messages()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let first = (b * cfg.batch_size.max(1)) as u64;
-            let out = generate(policy.model, &ids, policy.tokenizer.pad, &sampling, first);
-            let mut tokens = 0;
-            for (&i, c) in chunk.iter().zip(out) {
-                tokens += c.tokens.len() as u64;
-                let text = policy.tokenizer.decode(c.answer())?.trim().to_string();
-                if text.is_empty() {
-                    continue;
+        let rendered = prompts
+            .iter()
+            .map(|p| policy.tokenizer.render_prompt(&p.messages()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<Vec<u32>> = rows.iter().map(|&i| rendered[i].clone()).collect();
+        let pad = policy.tokenizer.pad;
+        generate_batches(
+            policy.model,
+            &ids,
+            pad,
+            &sampling,
+            cfg.batch_size,
+            |first, out| {
+                let mut tokens = 0;
+                for (&i, c) in rows[first..].iter().zip(&out) {
+                    tokens += c.tokens.len() as u64;
+                    let text = policy.tokenizer.decode(c.answer())?.trim().to_string();
+                    if text.is_empty() {
+                        continue;
+                    }
+                    let (s, _) = scorer(prompts[i].display(), &text).expect("checked above");
+                    candidates[i].push((text, s));
                 }
-                let s = score(prompts[i].display(), &text)
-                    .expect("checked above")
-                    .score;
-                candidates[i].push((text, s));
-            }
-            progress.advance(chunk.len() as u64, tokens);
-        }
+                progress.advance(out.len() as u64, tokens);
+                Ok::<_, PrefsError>(())
+            },
+        )?;
     }
     progress.finish();
 

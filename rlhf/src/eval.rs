@@ -4,10 +4,11 @@
 //! temperature 1 by default, so the KL estimate is unbiased.
 
 use burn::module::Module;
-use posttrain_datasets::ChatTokenizer;
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
+use posttrain_train::Vocab;
+use posttrain_train::rollout::{PromptSet, roll_out};
 
-use crate::rollout::{Judge, PromptSet, logprob_sums, roll_out};
+use crate::rollout::{Judge, logprob_sums};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PolicyEval {
@@ -28,10 +29,10 @@ pub fn evaluate(
     set: &PromptSet,
     samples_per_prompt: usize,
     sampling: &SamplingConfig,
-    tokenizer: &ChatTokenizer,
-    max_len: usize,
+    vocab: &Vocab,
     batch_size: usize,
 ) -> Result<PolicyEval, posttrain_datasets::DataError> {
+    let pad = vocab.tokenizer.pad;
     let model = model.valid();
     let reference = reference.map(Module::valid);
     let k = samples_per_prompt.max(1);
@@ -44,13 +45,13 @@ pub fn evaluate(
             seed: sampling.seed ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             ..sampling.clone()
         };
-        let r = roll_out(&model, set, chunk, k, &cfg, tokenizer, max_len);
+        let r = roll_out(&model, set, chunk, k, &cfg, vocab);
         if let Some(judge) = judge {
             rewards.extend(judge.rewards(set, &r)?);
         }
         if let Some(reference) = &reference {
-            let own = logprob_sums(&model, &r.examples, tokenizer.pad, batch_size);
-            let other = logprob_sums(reference, &r.examples, tokenizer.pad, batch_size);
+            let own = logprob_sums(&model, &r.examples, pad, batch_size);
+            let other = logprob_sums(reference, &r.examples, pad, batch_size);
             kls.extend(own.iter().zip(other).map(|(a, b)| a - b));
         }
         scores = match (scores, r.true_scores(set)) {

@@ -8,6 +8,7 @@ pub mod rloo;
 pub mod rollout;
 
 pub use eval::{PolicyEval, evaluate};
+pub use posttrain_train::rollout::{PromptSet, Rollouts, Scorer, roll_out};
 pub use rlhf::{Anchor, RlhfConfig, RlhfError, RlhfReport, train_rlhf};
 pub use rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
-pub use rollout::{Judge, PromptSet, Reward, Rollouts, logprob_sums, roll_out};
+pub use rollout::{Judge, Reward, logprob_sums};

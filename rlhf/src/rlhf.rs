@@ -19,9 +19,8 @@ use posttrain_warp::{WarpError, ema};
 use serde_json::json;
 
 use crate::rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
-use crate::rollout::{
-    PromptSet, Reward, Rollouts, batch_of, logprob_sums, mean_entropy, roll_out, sequence_logprobs,
-};
+use crate::rollout::{Reward, batch_of, logprob_sums, mean_entropy, sequence_logprobs};
+use posttrain_train::rollout::{PromptSet, Rollouts, roll_out};
 
 /// What the KL term pulls towards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -235,8 +234,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             &indices,
             cfg.samples,
             &sampling,
-            vocab.tokenizer,
-            vocab.max_len,
+            vocab,
         );
         let rollout_s = t.elapsed().as_secs_f64();
 

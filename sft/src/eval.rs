@@ -1,21 +1,22 @@
 //! Held-out evaluation of a causal LM during training: cross-entropy on the
-//! eval targets and, when the prompts are questions of the embedded task,
-//! the ground-truth score of greedy completions.
+//! eval targets and, when a scorer knows the prompts (the embedded task's
+//! ground truth), the score of greedy completions.
 
 use burn::module::Module;
-use posttrain_datasets::task::{expected, score};
 use posttrain_datasets::{ChatTokenizer, Example};
-use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate};
+use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate_batches};
 use posttrain_train::make_batch;
+use posttrain_train::rollout::Scorer;
 
 use crate::ce::cross_entropy;
 
-/// Eval rows and, per row, the prompt text the task scorer reads (`None`
-/// for text rows).
+/// Eval rows and, per row, the prompt text a scorer reads (`None` for text
+/// rows), and the scorer when the task has one.
 #[derive(Debug, Clone, Default)]
 pub struct EvalSet {
     pub examples: Vec<Example>,
     pub prompts: Vec<Option<String>>,
+    pub scorer: Option<Scorer>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -47,7 +48,7 @@ pub fn eval_loss(
 }
 
 /// Greedy completions of the first `samples` eval prompts, scored by the
-/// embedded task's scorer; `None` when a prompt is not one of its questions.
+/// set's scorer; `None` without one or when it cannot score a prompt.
 pub fn task_score(
     model: &Gemma2ForCausalLM,
     set: &EvalSet,
@@ -58,12 +59,13 @@ pub fn task_score(
     batch_size: usize,
 ) -> Option<TaskScore> {
     let n = samples.min(set.examples.len());
+    let scorer = set.scorer?;
     if n == 0 {
         return None;
     }
     let prompts: Vec<&str> = set.prompts[..n]
         .iter()
-        .map(|p| p.as_deref().filter(|p| expected(p).is_some()))
+        .map(|p| p.as_deref().filter(|p| scorer(p, "").is_some()))
         .collect::<Option<_>>()?;
     let model = model.valid();
     let sampling = SamplingConfig {
@@ -72,23 +74,28 @@ pub fn task_score(
         stop_ids: stop_ids.to_vec(),
         ..SamplingConfig::default()
     };
+    let ids: Vec<Vec<u32>> = set.examples[..n]
+        .iter()
+        .map(|e| e.ids[..e.prompt_len()].to_vec())
+        .collect();
     let (mut total, mut correct) = (0.0, 0usize);
-    for (b, chunk) in set.examples[..n].chunks(batch_size.max(1)).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|e| e.ids[..e.prompt_len()].to_vec())
-            .collect();
-        let first = (b * batch_size) as u64;
-        for (i, c) in generate(&model, &ids, tokenizer.pad, &sampling, first)
-            .iter()
-            .enumerate()
-        {
-            let text = tokenizer.decode(c.answer()).unwrap_or_default();
-            let s = score(prompts[b * batch_size + i], text.trim())?;
-            total += s.score;
-            correct += usize::from(s.correct);
-        }
-    }
+    generate_batches(
+        &model,
+        &ids,
+        tokenizer.pad,
+        &sampling,
+        batch_size,
+        |first, out| {
+            for (i, c) in out.iter().enumerate() {
+                let text = tokenizer.decode(c.answer()).unwrap_or_default();
+                let (score, right) = scorer(prompts[first + i], text.trim()).ok_or(())?;
+                total += score;
+                correct += usize::from(right);
+            }
+            Ok::<(), ()>(())
+        },
+    )
+    .ok()?;
     Some(TaskScore {
         score: total / n as f64,
         accuracy: correct as f64 / n as f64,

@@ -8,7 +8,7 @@
 
 use burn::tensor::activation::log_softmax;
 use posttrain_datasets::{ChatTokenizer, Prompt, SftPair, TokenizerError, TopK};
-use posttrain_model::{Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate};
+use posttrain_model::{Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate_batches};
 use posttrain_train::Progress;
 
 pub struct GenerateReport {
@@ -66,50 +66,58 @@ pub fn generate_pairs(
         new_tokens: 0,
     };
     let mut progress = Progress::new("generate", prompts.len() as u64, "prompts");
-    for (b, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
-        let encoded = chunk
-            .iter()
-            .map(|p| tokenizer.render_prompt(&p.messages()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let first = (b * batch_size) as u64;
-        let out = generate(model, &encoded, tokenizer.pad, sampling, first);
-        let mut kept = Vec::new();
-        let mut prompt_lens = Vec::new();
-        let mut tokens = 0;
-        for ((prompt, ids), completion) in chunk.iter().zip(&encoded).zip(&out) {
-            tokens += completion.tokens.len() as u64;
-            let text = tokenizer.decode(completion.answer())?.trim().to_string();
-            if text.is_empty() {
-                report.empty += 1;
-                continue;
+    let encoded = prompts
+        .iter()
+        .map(|p| tokenizer.render_prompt(&p.messages()))
+        .collect::<Result<Vec<_>, _>>()?;
+    generate_batches(
+        model,
+        &encoded,
+        tokenizer.pad,
+        sampling,
+        batch_size,
+        |first, out| {
+            let chunk = &prompts[first..first + out.len()];
+            let mut kept = Vec::new();
+            let mut prompt_lens = Vec::new();
+            let mut tokens = 0;
+            for ((prompt, ids), completion) in chunk.iter().zip(&encoded[first..]).zip(&out) {
+                tokens += completion.tokens.len() as u64;
+                let text = tokenizer.decode(completion.answer())?.trim().to_string();
+                if text.is_empty() {
+                    report.empty += 1;
+                    continue;
+                }
+                prompt_lens.push(ids.len());
+                kept.push(SftPair {
+                    prompt: prompt.clone(),
+                    completion: text,
+                    teacher_topk: None,
+                });
             }
-            prompt_lens.push(ids.len());
-            kept.push(SftPair {
-                prompt: prompt.clone(),
-                completion: text,
-                teacher_topk: None,
-            });
-        }
-        if topk > 0 && !kept.is_empty() {
-            let rows = kept
-                .iter()
-                .zip(&prompt_lens)
-                .map(|(pair, &prompt_len)| {
-                    let ex = tokenizer.render_example(&pair.prompt.messages(), &pair.completion)?;
-                    Ok((ex.ids, prompt_len))
-                })
-                .collect::<Result<Vec<_>, TokenizerError>>()?;
-            for (pair, top) in kept
-                .iter_mut()
-                .zip(teacher_topk(model, &rows, tokenizer.pad, topk))
-            {
-                pair.teacher_topk = Some(top);
+            if topk > 0 && !kept.is_empty() {
+                let rows = kept
+                    .iter()
+                    .zip(&prompt_lens)
+                    .map(|(pair, &prompt_len)| {
+                        let ex =
+                            tokenizer.render_example(&pair.prompt.messages(), &pair.completion)?;
+                        Ok((ex.ids, prompt_len))
+                    })
+                    .collect::<Result<Vec<_>, TokenizerError>>()?;
+                for (pair, top) in
+                    kept.iter_mut()
+                        .zip(teacher_topk(model, &rows, tokenizer.pad, topk))
+                {
+                    pair.teacher_topk = Some(top);
+                }
             }
-        }
-        report.new_tokens += tokens;
-        report.pairs.extend(kept);
-        progress.advance(chunk.len() as u64, tokens);
-    }
+            report.new_tokens += tokens;
+            report.pairs.extend(kept);
+            progress.advance(chunk.len() as u64, tokens);
+            Ok(())
+        },
+    )?;
     progress.finish();
     Ok(report)
 }

@@ -12,7 +12,8 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use posttrain_datasets::{Epochs, Example};
-use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, TokenBatch, generate};
+use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, TokenBatch};
+use posttrain_train::rollout::complete;
 use posttrain_train::{
     Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
     Schedule, Stage, StepLog, StepStats, Vocab, make_batch, train as train_loop,
@@ -235,35 +236,14 @@ fn sample_completions(
         .iter()
         .map(|e| e.ids[..e.prompt_len()].to_vec())
         .collect();
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let sampling = SamplingConfig {
-        max_new_tokens: op
-            .max_new_tokens
-            .min(vocab.max_len.saturating_sub(longest))
-            .max(1),
+        max_new_tokens: op.max_new_tokens.max(1),
         temperature: op.temperature,
         seed,
         stop_ids: vocab.stop_ids.clone(),
         ..SamplingConfig::default()
     };
-    let out = generate(&model.valid(), &prompts, vocab.tokenizer.pad, &sampling, 0);
-    prompts
-        .into_iter()
-        .zip(out)
-        .map(|(mut ids, c)| {
-            let prompt_len = ids.len();
-            ids.extend(&c.tokens);
-            if c.finish == FinishReason::Length && ids.len() < vocab.max_len {
-                ids.push(vocab.tokenizer.end_of_turn);
-            }
-            let target = (0..ids.len()).map(|i| i >= prompt_len).collect();
-            Example {
-                ids,
-                target,
-                topk: None,
-            }
-        })
-        .collect()
+    complete(&model.valid(), prompts, &sampling, vocab, true).examples
 }
 
 /// GKD on the student's own completions.

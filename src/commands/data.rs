@@ -57,7 +57,7 @@ fn prefs(args: PrefsArgs, device: burn::tensor::Device, backend: &str) -> Result
         batch_size: args.batch_size,
         pairs_per_prompt: args.pairs_per_prompt,
     };
-    let report = make_preferences(&policies, &prompts, &cfg)
+    let report = make_preferences(&policies, &prompts, super::task_scorer, &cfg)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.prompts.display()))?;
     write_records(&args.out, &report.pairs, args.overwrite)?;
     let mut provenance = posttrain_model::Provenance::new(

@@ -56,7 +56,13 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
     for dir in &args.checkpoints {
         let m = ChatModel::load(dir, &device)?;
         let max_len = m.config.max_position_embeddings;
-        let set = PromptSet::new(&prompts, &m.tokenizer, max_len, &args.prompts)?;
+        let set = PromptSet::new(&prompts, &m.tokenizer, max_len, &args.prompts)?
+            .with_scorer(super::task_scorer);
+        let vocab = posttrain_train::Vocab {
+            tokenizer: &m.tokenizer,
+            stop_ids: m.stop_ids(),
+            max_len,
+        };
         let sampling = SamplingConfig {
             max_new_tokens: args.max_new_tokens,
             temperature: args.temperature,
@@ -71,8 +77,7 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
             &set,
             args.samples,
             &sampling,
-            &m.tokenizer,
-            max_len,
+            &vocab,
             args.batch_size,
         )?;
         print(format!(

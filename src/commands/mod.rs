@@ -17,6 +17,11 @@ pub mod sft;
 pub mod tokenizer;
 pub mod warp;
 
+/// The embedded task's ground-truth scorer, as the stages take scorers.
+pub fn task_scorer(prompt: &str, answer: &str) -> Option<(f64, bool)> {
+    posttrain_datasets::task::score(prompt, answer).map(|s| (s.score, s.correct))
+}
+
 /// Checks, before any work, that an output will not silently replace a file.
 pub fn refuse_existing(out: Option<&std::path::Path>, overwrite: bool) -> anyhow::Result<()> {
     match out {
@@ -142,7 +147,11 @@ impl TrainData {
         let eval = match eval {
             Some(path) => {
                 let (examples, prompts) = load(path)?;
-                posttrain_sft::EvalSet { examples, prompts }
+                posttrain_sft::EvalSet {
+                    examples,
+                    prompts,
+                    scorer: Some(task_scorer),
+                }
             }
             None => posttrain_sft::EvalSet::default(),
         };

@@ -60,7 +60,8 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         &tokenizer,
         max_len,
         &args.prompts,
-    )?;
+    )?
+    .with_scorer(super::task_scorer);
     let (reward, judged_by) = reward_source(rm.as_ref(), &prompts, &args, &cfg, policy_params)?;
     let vocab = Vocab {
         tokenizer: &tokenizer,
@@ -159,14 +160,14 @@ fn reward_source<'a>(
             ),
         ),
         None => {
-            if let Some(row) = prompts.first_non_task() {
+            if let Some(row) = prompts.first_unscored() {
                 bail!(
                     "{}: row {}: not a question of the embedded task (--task-reward scores only those)",
                     args.prompts.display(),
                     row + 1
                 );
             }
-            (Reward::Task, "the task scorer as reward".to_string())
+            (Reward::Scorer, "the task scorer as reward".to_string())
         }
     })
 }

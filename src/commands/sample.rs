@@ -1,7 +1,7 @@
 use anyhow::{Result, bail};
 use posttrain_datasets::{Prompt, read_prompts};
 use posttrain_files::write_atomic;
-use posttrain_model::{SamplingConfig, generate};
+use posttrain_model::{SamplingConfig, generate_batches};
 use posttrain_train::Progress;
 
 use crate::backend::Env;
@@ -64,24 +64,30 @@ pub fn run(args: SampleArgs, env: &Env) -> Result<()> {
 
     let mut lines = Vec::new();
     let mut progress = Progress::new("sample", prompts.len() as u64, "prompts");
-    for (b, chunk) in encoded.chunks(args.sampling.batch_size).enumerate() {
-        let first = (b * args.sampling.batch_size) as u64;
-        let out = generate(model, chunk, config.pad_id(), &sampling, first);
-        let mut new_tokens = 0;
-        for (k, completion) in out.iter().enumerate() {
-            let p = &prompts[first as usize + k];
-            let tokens = completion.answer();
-            new_tokens += completion.tokens.len() as u64;
-            let row = serde_json::json!({
-                "prompt": p.display(),
-                "completion": tokenizer.decode(tokens)?,
-                "finish_reason": completion.finish,
-                "completion_tokens": completion.tokens.len(),
-            });
-            lines.push(row.to_string());
-        }
-        progress.advance(chunk.len() as u64, new_tokens);
-    }
+    let batch_size = args.sampling.batch_size;
+    generate_batches(
+        model,
+        &encoded,
+        config.pad_id(),
+        &sampling,
+        batch_size,
+        |first, out| {
+            let mut new_tokens = 0;
+            for (k, completion) in out.iter().enumerate() {
+                let p = &prompts[first + k];
+                new_tokens += completion.tokens.len() as u64;
+                let row = serde_json::json!({
+                    "prompt": p.display(),
+                    "completion": tokenizer.decode(completion.answer())?,
+                    "finish_reason": completion.finish,
+                    "completion_tokens": completion.tokens.len(),
+                });
+                lines.push(row.to_string());
+            }
+            progress.advance(out.len() as u64, new_tokens);
+            anyhow::Ok(())
+        },
+    )?;
     progress.finish();
     let mut text = lines.join("\n");
     text.push('\n');

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;
+pub mod rollout;
 pub mod schedule;
 pub mod state;
 pub mod train_loop;

@@ -1,0 +1,190 @@
+//! Rollouts: sampled completions of rendered prompts as training examples
+//! (the sampled tokens are the targets), for RLHF, policy evaluation and
+//! on-policy distillation; and the scorer that judges answers when the task
+//! has one (the embedded task's ground truth), passed in by the caller.
+
+use std::path::Path;
+
+use posttrain_datasets::{ChatTokenizer, DataError, Example, Message, Prompt};
+use posttrain_model::{FinishReason, Gemma2ForCausalLM, SamplingConfig, generate};
+
+use crate::Vocab;
+
+/// Scores an answer to a prompt: `(score in [0, 1], correct)`, or `None`
+/// when the prompt is not one the scorer knows.
+pub type Scorer = fn(prompt: &str, answer: &str) -> Option<(f64, bool)>;
+
+/// Prompts rendered for the policy, with what the reward model and the task
+/// scorer read.
+#[derive(Debug, Clone)]
+pub struct PromptSet {
+    pub ids: Vec<Vec<u32>>,
+    pub messages: Vec<Vec<Message>>,
+    /// The text a scorer reads (last user message).
+    pub text: Vec<String>,
+    /// What scores an answer to these prompts, when something can.
+    pub scorer: Option<Scorer>,
+}
+
+impl PromptSet {
+    /// Renders `prompts` (read from `path`), refusing any that leave no room
+    /// for a completion in `max_len` tokens.
+    pub fn new(
+        prompts: &[Prompt],
+        tokenizer: &ChatTokenizer,
+        max_len: usize,
+        path: &Path,
+    ) -> Result<Self, DataError> {
+        let mut set = Self {
+            ids: Vec::with_capacity(prompts.len()),
+            messages: Vec::with_capacity(prompts.len()),
+            text: Vec::with_capacity(prompts.len()),
+            scorer: None,
+        };
+        for (i, p) in prompts.iter().enumerate() {
+            let err = |reason: String| DataError::Row {
+                path: path.to_path_buf(),
+                row: i + 1,
+                reason,
+            };
+            let messages = p.messages();
+            let ids = tokenizer
+                .render_prompt(&messages)
+                .map_err(|e| err(e.to_string()))?;
+            if ids.len() >= max_len {
+                return Err(err(format!(
+                    "prompt of {} tokens leaves no room for a completion in the context of {max_len}",
+                    ids.len()
+                )));
+            }
+            set.ids.push(ids);
+            set.messages.push(messages);
+            set.text.push(p.display().to_string());
+        }
+        Ok(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Answers to these prompts are scored by `scorer`.
+    pub fn with_scorer(mut self, scorer: Scorer) -> Self {
+        self.scorer = Some(scorer);
+        self
+    }
+
+    /// The first prompt (0-based) the scorer cannot score (every one without a scorer).
+    pub fn first_unscored(&self) -> Option<usize> {
+        let scorer = self.scorer?;
+        self.text.iter().position(|t| scorer(t, "").is_none())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Sampled completions; sample `i` answers prompt `prompt[i]`.
+#[derive(Debug, Clone, Default)]
+pub struct Rollouts {
+    pub prompt: Vec<usize>,
+    /// Prompt + sampled tokens; the sampled tokens are the targets.
+    pub examples: Vec<Example>,
+    /// Decoded completions without the stop token.
+    pub answers: Vec<String>,
+    pub finish: Vec<FinishReason>,
+}
+
+impl Rollouts {
+    pub fn len(&self) -> usize {
+        self.prompt.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.prompt.is_empty()
+    }
+
+    /// Sampled tokens of each completion (with the stop token).
+    pub fn lengths(&self) -> Vec<usize> {
+        self.examples.iter().map(Example::targets).collect()
+    }
+
+    /// The set's scorer's score and correctness of every answer, or `None`
+    /// without a scorer or when it cannot score a prompt.
+    pub fn true_scores(&self, set: &PromptSet) -> Option<Vec<(f64, bool)>> {
+        let scorer = set.scorer?;
+        self.prompt
+            .iter()
+            .zip(&self.answers)
+            .map(|(&p, a)| scorer(&set.text[p], a))
+            .collect()
+    }
+}
+
+/// `k` samples of each prompt in `indices` (consecutive per prompt). The
+/// sampling budget is cut so that every sequence fits the context.
+pub fn roll_out(
+    model: &Gemma2ForCausalLM,
+    set: &PromptSet,
+    indices: &[usize],
+    k: usize,
+    sampling: &SamplingConfig,
+    vocab: &Vocab,
+) -> Rollouts {
+    let prompt: Vec<usize> = indices
+        .iter()
+        .flat_map(|&i| std::iter::repeat_n(i, k))
+        .collect();
+    let ids: Vec<Vec<u32>> = prompt.iter().map(|&i| set.ids[i].clone()).collect();
+    Rollouts {
+        prompt,
+        ..complete(model, ids, sampling, vocab, false)
+    }
+}
+
+/// One sampled completion of each prompt, as examples whose targets are the
+/// sampled tokens (the sampling budget cut to fit the context). With
+/// `close_cut`, a completion cut by the budget gets a closing
+/// `<end_of_turn>` target when there is room, so that stopping is learnt too.
+pub fn complete(
+    model: &Gemma2ForCausalLM,
+    prompts: Vec<Vec<u32>>,
+    sampling: &SamplingConfig,
+    vocab: &Vocab,
+    close_cut: bool,
+) -> Rollouts {
+    let tokenizer = vocab.tokenizer;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let sampling = SamplingConfig {
+        max_new_tokens: sampling.max_new_tokens.min(vocab.max_len - longest),
+        ..sampling.clone()
+    };
+    let completions = generate(model, &prompts, tokenizer.pad, &sampling, 0);
+    let mut out = Rollouts {
+        prompt: (0..prompts.len()).collect(),
+        ..Rollouts::default()
+    };
+    for (mut ids, c) in prompts.into_iter().zip(completions) {
+        let prompt_len = ids.len();
+        ids.extend(&c.tokens);
+        if close_cut && c.finish == FinishReason::Length && ids.len() < vocab.max_len {
+            ids.push(tokenizer.end_of_turn);
+        }
+        let target = (0..ids.len()).map(|i| i >= prompt_len).collect();
+        out.answers.push(
+            tokenizer
+                .decode(c.answer())
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        );
+        out.finish.push(c.finish);
+        out.examples.push(Example {
+            ids,
+            target,
+            topk: None,
+        });
+    }
+    out
+}
