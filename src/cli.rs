@@ -579,6 +579,32 @@ pub enum AnchorArg {
     Sft,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AdvantageArg {
+    /// Leave-one-out: r_i − mean_{j≠i} r_j (RLOO, WARP).
+    Rloo,
+    /// Group-normalised: (r_i − mean_j r_j) / (std_j r_j + 1e-4) (GRPO).
+    Grpo,
+    /// Group-centred: r_i − mean_j r_j (Dr. GRPO).
+    DrGrpo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KlEstimatorArg {
+    /// −log ρ (its sum is the sequence log-ratio).
+    K1,
+    /// ρ − 1 − log ρ (non-negative, lower variance).
+    K3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KlInArg {
+    /// r − β·Σ_t k_t, a constant for the gradient (WARP).
+    Reward,
+    /// + β·mean_i Σ_t k_t in the loss, differentiated (GRPO).
+    Loss,
+}
+
 #[derive(Debug, Args)]
 pub struct RlhfArgs {
     /// SFT policy to start from (and the KL reference of --anchor sft).
@@ -623,9 +649,18 @@ pub struct RlhfArgs {
     pub temperature: f32,
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
-    /// β: weight of the KL to the anchor in the shaped reward.
+    /// β: weight of the KL to the anchor (in the shaped reward, or in the loss with --kl-in loss).
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
+    /// Baseline of the policy gradient over a prompt's K samples.
+    #[arg(long, value_enum, default_value_t = AdvantageArg::Rloo)]
+    pub advantage: AdvantageArg,
+    /// Per-token KL estimator, with ρ = π_anchor/π_θ.
+    #[arg(long, value_enum, default_value_t = KlEstimatorArg::K1)]
+    pub kl_estimator: KlEstimatorArg,
+    /// Where the KL term enters.
+    #[arg(long, value_enum, default_value_t = KlInArg::Reward)]
+    pub kl_in: KlInArg,
     /// μ: EMA rate of the anchor.
     #[arg(long, default_value_t = 0.01)]
     pub mu: f64,
@@ -658,6 +693,20 @@ pub enum WarpCommand {
     Merge(WarpMergeArgs),
     /// One EMA step on checkpoints: θ_ema ← (1−μ)θ_ema + μθ.
     Ema(WarpEmaArgs),
+    /// WARM: the weight average Σ w_m·θ_m of models fine-tuned from one initialisation (e.g. reward models).
+    Average(WarpAverageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WarpAverageArgs {
+    /// The checkpoints to average (M ≥ 2, one config and tensor set; causal LMs or reward models).
+    #[arg(long, required = true, num_args = 1..)]
+    pub models: Vec<PathBuf>,
+    /// w_m per model, comma-separated, normalised to sum 1 (default: uniform 1/M).
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Option<Vec<f64>>,
+    #[command(flatten)]
+    pub output: CheckpointOut,
 }
 
 #[derive(Debug, Args)]

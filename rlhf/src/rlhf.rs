@@ -7,8 +7,9 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use posttrain_datasets::Epochs;
+use posttrain_datasets::Example;
 use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::{
@@ -18,8 +19,12 @@ use posttrain_train::{
 use posttrain_warp::{WarpError, ema};
 use serde_json::json;
 
-use crate::rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
-use crate::rollout::{Reward, batch_of, logprob_sums, mean_entropy, sequence_logprobs};
+use crate::grpo::Advantage;
+use crate::kl_estimators::{KlEstimator, KlIn};
+use crate::rloo::{policy_gradient_loss, shaped_reward};
+use crate::rollout::{
+    Reward, batch_of, logprob_sums, mean_entropy, per_example, sequence_logprobs, token_logprobs,
+};
 use posttrain_train::rollout::{PromptSet, Rollouts, roll_out};
 
 /// What the KL term pulls towards.
@@ -41,8 +46,13 @@ pub struct RlhfConfig {
     pub samples: usize,
     pub temperature: f32,
     pub max_new_tokens: usize,
-    /// β: weight of the KL to the anchor in the shaped reward.
+    /// β: weight of the KL to the anchor.
     pub beta: f64,
+    /// The baseline of the policy gradient.
+    pub advantage: Advantage,
+    /// How the KL to the anchor is estimated per token, and where it enters.
+    pub kl_estimator: KlEstimator,
+    pub kl_in: KlIn,
     /// μ: EMA update rate of the anchor.
     pub mu: f64,
     pub anchor: Anchor,
@@ -133,6 +143,19 @@ impl RlhfConfig {
         }
         Ok(())
     }
+}
+
+/// Per-example values placed at their sampled tokens' positions in a batch
+/// of `examples` padded to `t`, `[n, t − 1]` (0 elsewhere).
+fn positioned(examples: &[Example], values: &[Vec<f64>], t: usize, device: &Device) -> Tensor<2> {
+    let mut out = vec![0f32; examples.len() * (t - 1)];
+    for (r, (e, v)) in examples.iter().zip(values).enumerate() {
+        let at = (0..e.ids.len() - 1).filter(|&p| e.target[p + 1]);
+        for (p, x) in at.zip(v) {
+            out[r * (t - 1) + p] = *x as f32;
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [examples.len(), t - 1]), device)
 }
 
 /// The seed of step `step`'s rollouts.
@@ -253,8 +276,18 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         };
         let logprob_s = t.elapsed().as_secs_f64();
 
-        // shaped rewards, leave-one-out advantages and the policy gradient,
-        // whole prompt groups per micro-batch
+        // per-token anchor log-probs, when the estimator or the loss needs them
+        let per_token = cfg.kl_estimator != KlEstimator::K1 || cfg.kl_in == KlIn::Loss;
+        let anchor_tokens = per_token
+            .then(|| token_logprobs(&self.anchor, &rollouts.examples, pad, cfg.batch_size));
+        let reward_beta = if cfg.kl_in == KlIn::Reward {
+            cfg.beta
+        } else {
+            0.0
+        };
+
+        // shaped rewards, advantages and the policy gradient, whole prompt
+        // groups per micro-batch
         let update_start = Instant::now();
         let (mut kl_anchor, mut kl_init, mut shaped) = (Vec::new(), Vec::new(), Vec::new());
         let mut entropy_sum = 0.0;
@@ -262,31 +295,52 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         for (c, chunk) in rollouts.examples.chunks(per_chunk).enumerate() {
             let at = c * per_chunk;
             let (batch, weights) = batch_of(chunk, pad, &self.device);
-            let (sums, logits) = sequence_logprobs(policy, &batch, weights.clone());
-            entropy_sum += mean_entropy(logits, weights);
+            let (sums, logits, tokens) = sequence_logprobs(policy, &batch, weights.clone());
+            entropy_sum += mean_entropy(logits, weights.clone());
             let lp = sums
                 .clone()
                 .inner()
                 .into_data()
                 .try_into_vec_as::<f64>()
                 .expect("float sums");
+            // the KL that shapes the reward: k1 from the sums, else per token
+            let estimated: Option<Vec<f64>> = anchor_tokens.as_ref().map(|anchor| {
+                let values = tokens.clone().inner().into_data().try_into_vec_as::<f64>();
+                let own = per_example(chunk, &values.expect("float"), batch.len);
+                own.iter()
+                    .zip(&anchor[at..])
+                    .map(|(o, a)| {
+                        o.iter()
+                            .zip(a)
+                            .map(|(x, y)| cfg.kl_estimator.at(*x, *y))
+                            .sum()
+                    })
+                    .collect()
+            });
             let mut chunk_shaped = Vec::with_capacity(chunk.len());
             for (j, lp) in lp.iter().enumerate() {
                 let i = at + j;
                 let kl = lp - anchor_lp[i];
                 kl_anchor.push(kl);
                 kl_init.push(lp - init_lp[i]);
+                let penalty = estimated.as_ref().map_or(kl, |e| e[j]);
                 chunk_shaped.push(shaped_reward(
                     rewards[i],
-                    kl,
-                    cfg.beta,
+                    penalty,
+                    reward_beta,
                     cfg.length_penalty,
                     lengths[i],
                 ));
             }
-            let advantages = rloo_advantages(&chunk_shaped, cfg.samples);
+            let advantages = cfg.advantage.of(&chunk_shaped, cfg.samples);
             shaped.extend(chunk_shaped);
-            let loss: Tensor<1> = policy_gradient_loss(sums, &advantages);
+            let mut loss: Tensor<1> = policy_gradient_loss(sums, &advantages);
+            if cfg.kl_in == KlIn::Loss {
+                let anchor = anchor_tokens.as_ref().expect("computed for the loss");
+                let reference = positioned(chunk, &anchor[at..], batch.len, &self.device);
+                let k = cfg.kl_estimator.on(tokens, reference).mul(weights);
+                loss = loss.add(k.sum_dim(1).mean().reshape([1]).mul_scalar(cfg.beta));
+            }
             backward.backward(policy, loss)?;
         }
         let tokens = lengths.iter().sum::<usize>() as u64;

@@ -169,6 +169,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         backend,
         json!({
             "train": cfg,
+            "init": args.init,
             "size_ratio_requested": args.init.is_none().then_some(args.size_ratio),
             "size_ratio": ratio,
             "policy_params": policy.num_params(),

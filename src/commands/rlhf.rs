@@ -5,12 +5,15 @@ use posttrain_datasets::read_prompts;
 use posttrain_model::{
     CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification, Provenance,
 };
-use posttrain_rlhf::{Anchor, Judge, PromptSet, Reward, RlhfConfig, RlhfReport, train_rlhf};
+use posttrain_rlhf::{
+    Advantage, Anchor, Judge, KlEstimator, KlIn, PromptSet, Reward, RlhfConfig, RlhfReport,
+    train_rlhf,
+};
 use posttrain_train::Vocab;
 use serde_json::json;
 
 use crate::backend::Env;
-use crate::cli::{AnchorArg, RlhfArgs};
+use crate::cli::{AdvantageArg, AnchorArg, KlEstimatorArg, KlInArg, RlhfArgs};
 
 fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
     let cfg = RlhfConfig {
@@ -20,6 +23,19 @@ fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
         temperature: args.temperature,
         max_new_tokens: args.max_new_tokens,
         beta: args.beta,
+        advantage: match args.advantage {
+            AdvantageArg::Rloo => Advantage::Rloo,
+            AdvantageArg::Grpo => Advantage::Grpo,
+            AdvantageArg::DrGrpo => Advantage::DrGrpo,
+        },
+        kl_estimator: match args.kl_estimator {
+            KlEstimatorArg::K1 => KlEstimator::K1,
+            KlEstimatorArg::K3 => KlEstimator::K3,
+        },
+        kl_in: match args.kl_in {
+            KlInArg::Reward => KlIn::Reward,
+            KlInArg::Loss => KlIn::Loss,
+        },
         mu: args.mu,
         anchor: match args.anchor {
             AnchorArg::Ema => Anchor::Ema,

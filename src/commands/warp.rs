@@ -8,7 +8,7 @@ use posttrain_model::provenance::PROVENANCE_FILE;
 use posttrain_model::{
     CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, SaveDtype, load_causal_lm,
 };
-use posttrain_warp::{GroupAngle, check_same, ema, liti, slerp_all};
+use posttrain_warp::{GroupAngle, check_same, ema, liti, normalised_weights, slerp_all, warm};
 use serde_json::{Value, json};
 
 /// Writes a merged model beside the tokenizer files of `parent` (when it
@@ -28,14 +28,102 @@ fn write_merged(
     Ok(writer.commit()?)
 }
 use crate::backend::Env;
-use crate::cli::{WarpCommand, WarpEmaArgs, WarpMergeArgs};
+use crate::cli::{WarpAverageArgs, WarpCommand, WarpEmaArgs, WarpMergeArgs};
 
 pub fn run(command: WarpCommand, env: &Env) -> Result<()> {
     let (device, backend) = (env.device()?, env.backend());
     match command {
         WarpCommand::Merge(args) => merge(args, &device, backend),
         WarpCommand::Ema(args) => ema_step(args, &device, backend),
+        WarpCommand::Average(args) => average(args, &device, backend),
     }
+}
+
+/// A checkpoint's config and parameters: a reward model when it has a
+/// `score` head, else a causal LM (each checked against its config).
+fn load_params(dir: &Path, device: &Device) -> Result<(Gemma2Config, ParamMap)> {
+    let has_head = posttrain_model::Weights::open(dir)?
+        .info("score.weight")
+        .is_some();
+    Ok(if has_head {
+        let (config, model) = posttrain_model::load_reward_model(dir, device)?;
+        (config, param_map(&model))
+    } else {
+        let (config, model) = load_causal_lm(dir, device)?;
+        (config, param_map(&model))
+    })
+}
+
+/// What a reward model was fine-tuned from, as its `posttrain.json` says:
+/// the `--init` checkpoint's hash, or new weights of a seed.
+fn initialisation(dir: &Path) -> Option<String> {
+    let text = fs_err::read_to_string(dir.join(PROVENANCE_FILE)).ok()?;
+    let p: Provenance = serde_json::from_str(&text).ok()?;
+    if p.stage != "reward" {
+        return None;
+    }
+    match p.params["init"].as_str() {
+        Some(init) => p
+            .parents
+            .iter()
+            .find(|parent| parent.path == init)
+            .map(|parent| format!("{init} (sha256 {})", parent.sha256)),
+        None => Some(format!("new weights of seed {}", p.params["train"]["seed"])),
+    }
+}
+
+fn average(args: WarpAverageArgs, device: &Device, backend: &str) -> Result<()> {
+    let n = args.models.len();
+    if n < 2 {
+        bail!("--models: averaging needs at least two models, got {n}");
+    }
+    let weights = normalised_weights(n, args.weights.as_deref()).context("--weights")?;
+    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
+    let (config, first) = load_params(&args.models[0], device)?;
+    let base = (args.models[0].clone(), config, first);
+    let mut models = vec![base.2.clone()];
+    for dir in &args.models[1..] {
+        let (config, params) = load_params(dir, device)?;
+        check_config(dir, &base, &config)?;
+        check_same(&base.2, &params).with_context(|| dir.display().to_string())?;
+        models.push(params);
+    }
+    let inits: Vec<Option<String>> = args.models.iter().map(|d| initialisation(d)).collect();
+    if let [Some(a), rest @ ..] = &inits[..]
+        && let Some((i, Some(b))) = rest.iter().enumerate().find(|(_, b)| b.as_ref() != Some(a))
+    {
+        eprintln!(
+            "warning: {} was fine-tuned from {b}, {} from {a}: WARM assumes one shared initialisation",
+            args.models[i + 1].display(),
+            args.models[0].display()
+        );
+    }
+    let averaged = warm(&models, Some(&weights))?;
+    let mut provenance = Provenance::new(
+        "warp-average",
+        backend,
+        json!({ "weights": weights, "models": n }),
+    );
+    for dir in &args.models {
+        provenance = provenance.with_parent(dir)?;
+    }
+    let tensors = averaged
+        .iter()
+        .map(|(name, p)| (name.clone(), p.to_host()))
+        .collect();
+    writer.write_weights(&base.1, &tensors, SaveDtype::F32, 1)?;
+    for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] {
+        writer.copy_from(&args.models[0], file)?;
+    }
+    writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
+    let out = writer.commit()?;
+    let shown: Vec<String> = weights.iter().map(|w| format!("{w:.3}")).collect();
+    eprintln!(
+        "warp average: {n} models, weights {} -> {}",
+        shown.join(", "),
+        out.display()
+    );
+    Ok(())
 }
 
 /// The config without what does not change the tensors (dtype, versions).
@@ -54,14 +142,13 @@ fn shape_keys(c: &Gemma2Config) -> serde_json::Map<String, Value> {
     m
 }
 
-/// Loads `dir` and checks it has `base`'s config and tensor set.
-fn load_like(
+/// Refuses a config that differs from `base`'s in anything but dtype and versions.
+fn check_config(
     dir: &Path,
     base: &(PathBuf, Gemma2Config, ParamMap),
-    device: &Device,
-) -> Result<ParamMap> {
-    let (config, model) = load_causal_lm(dir, device)?;
-    let (a, b) = (shape_keys(&base.1), shape_keys(&config));
+    c: &Gemma2Config,
+) -> Result<()> {
+    let (a, b) = (shape_keys(&base.1), shape_keys(c));
     if let Some((k, v)) = a.iter().find(|(k, v)| b.get(*k) != Some(*v)) {
         bail!(
             "{}: config differs from {}'s: {k} is {} there and {} here",
@@ -71,6 +158,17 @@ fn load_like(
             b.get(k).unwrap_or(&Value::Null)
         );
     }
+    Ok(())
+}
+
+/// Loads `dir` and checks it has `base`'s config and tensor set.
+fn load_like(
+    dir: &Path,
+    base: &(PathBuf, Gemma2Config, ParamMap),
+    device: &Device,
+) -> Result<ParamMap> {
+    let (config, model) = load_causal_lm(dir, device)?;
+    check_config(dir, base, &config)?;
     let params = param_map(&model);
     check_same(&base.2, &params).with_context(|| dir.display().to_string())?;
     Ok(params)

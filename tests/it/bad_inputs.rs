@@ -373,6 +373,19 @@ bad_inputs! {
         "warp", "ema", "--anchor", &b.fx, "--policy", &b.wider(), "--out", &b.out, "--overwrite",
     ]) => ["wider", "intermediate_size"];
 
+    averaging_one_model: |b| args(&[
+        "warp", "average", "--models", &b.fx, "--out", &b.out, "--overwrite",
+    ]) => ["--models", "at least two models"];
+
+    averaging_models_of_different_shapes: |b| args(&[
+        "warp", "average", "--models", &b.fx, &b.wider(), "--out", &b.out, "--overwrite",
+    ]) => ["wider", "intermediate_size"];
+
+    averaging_with_negative_weights: |b| args(&[
+        "warp", "average", "--models", &b.fx, &b.fx, "--weights", "1,-1",
+        "--out", &b.out, "--overwrite",
+    ]) => ["--weights", "non-negative"];
+
     eta_that_is_not_a_number: |b| args(&[
         "warp", "merge", "--init", &b.fx, "--policies", &b.fx, "--eta", "0.3,x",
         "--out", &b.out, "--overwrite",
@@ -387,6 +400,11 @@ bad_inputs! {
         "rlhf", "--policy", &b.fx, "--task-reward", "--prompts", &b.prompts(),
         "--out", &b.out, "--overwrite", "--anchor", "bogus",
     ]) => ["bogus", "--anchor"];
+
+    unknown_advantage: |b| args(&[
+        "rlhf", "--policy", &b.fx, "--task-reward", "--prompts", &b.prompts(),
+        "--out", &b.out, "--overwrite", "--advantage", "ppo",
+    ]) => ["ppo", "--advantage"];
 
     one_sample_per_prompt: |b| args(&[
         "rlhf", "--policy", &b.fx, "--reward", &b.rm(), "--prompts", &b.prompts(),

@@ -639,3 +639,175 @@ fn report(m: &Micro) {
         &["no run found under"],
     );
 }
+
+/// The named f32 tensors of a checkpoint's `model.safetensors`.
+fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, v)
+        })
+        .collect()
+}
+
+#[test]
+fn warm_averages_reward_models_from_one_initialisation() {
+    let m = Micro::new("200", "24", "200");
+    let policy = m.policy();
+    let prefs = m.prefs(&policy);
+    // two reward models from the policy's trunk (one shared initialisation), other data orders
+    let rms: Vec<PathBuf> = ["rm_a", "rm_b"].iter().map(|n| m.path(n)).collect();
+    for (seed, rm) in rms.iter().enumerate() {
+        ok(&[
+            "reward",
+            "--policy",
+            s(&policy),
+            "--init",
+            s(&policy),
+            "--data",
+            s(&prefs),
+            "--out",
+            s(rm),
+            "--steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--seed",
+            &seed.to_string(),
+        ]);
+    }
+    let warm = m.path("warm");
+    let out = crate::posttrain(&[
+        "warp",
+        "average",
+        "--models",
+        s(&rms[0]),
+        s(&rms[1]),
+        "--weights",
+        "3,1",
+        "--out",
+        s(&warm),
+    ]);
+    assert!(out.status.success(), "{}", crate::stderr(&out));
+    assert!(
+        !crate::stderr(&out).contains("warning"),
+        "{}",
+        crate::stderr(&out)
+    );
+    // every tensor is 0.75·a + 0.25·b, the score head included
+    let (a, b, w) = (tensors(&rms[0]), tensors(&rms[1]), tensors(&warm));
+    assert!(w.contains_key("score.weight"));
+    assert_eq!(a.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
+    for (name, got) in &w {
+        for ((x, y), z) in a[name].iter().zip(&b[name]).zip(got) {
+            assert!((0.75 * x + 0.25 * y - z).abs() <= 1e-6, "{name}: {z}");
+        }
+    }
+    assert_ne!(a, b, "the members differ");
+    // the average is a reward model the scoring path reads
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(&["score", "--reward", s(&warm), "--pairs", s(&prefs)])).unwrap();
+    assert!(stats["accuracy"].as_f64().unwrap() > 0.5, "{stats}");
+    // members from new weights of different seeds were not one initialisation: warned
+    let fresh: Vec<PathBuf> = ["rm_c", "rm_d"].iter().map(|n| m.path(n)).collect();
+    for (seed, rm) in fresh.iter().enumerate() {
+        ok(&[
+            "reward",
+            "--policy",
+            s(&policy),
+            "--size-ratio",
+            "1",
+            "--data",
+            s(&prefs),
+            "--out",
+            s(rm),
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--seed",
+            &seed.to_string(),
+        ]);
+    }
+    let out = crate::posttrain(&[
+        "warp",
+        "average",
+        "--models",
+        s(&fresh[0]),
+        s(&fresh[1]),
+        "--out",
+        s(&m.path("w2")),
+    ]);
+    let err = crate::stderr(&out);
+    assert!(
+        out.status.success() && err.contains("shared initialisation"),
+        "{err}"
+    );
+}
+
+#[test]
+fn advantage_and_kl_options_train_and_differ() {
+    let m = Micro::new("200", "24", "200");
+    let (policy, rm) = policy_and_reward(&m);
+    let run = |name: &str, extra: &[&str]| {
+        let out = m.path(name);
+        rlhf(&m, &policy, &rm, &out, extra);
+        out
+    };
+    let rloo = run("rloo", &[]);
+    let grpo = run(
+        "grpo",
+        &[
+            "--advantage",
+            "grpo",
+            "--kl-estimator",
+            "k3",
+            "--kl-in",
+            "loss",
+        ],
+    );
+    let dr = run("dr", &["--advantage", "dr-grpo", "--kl-estimator", "k3"]);
+    for dir in [&rloo, &grpo, &dr] {
+        for row in untimed(dir) {
+            for key in ["loss", "reward", "kl_anchor", "shaped_reward"] {
+                assert!(row[key].as_f64().unwrap().is_finite(), "{key}: {row}");
+            }
+        }
+    }
+    assert_ne!(weights(&rloo), weights(&grpo));
+    assert_ne!(weights(&rloo), weights(&dr));
+    assert_ne!(weights(&grpo), weights(&dr));
+    // with the KL in the loss the reward is not shaped: with β = 0 both placements are one run
+    let in_reward = run("b0_reward", &["--beta", "0", "--kl-estimator", "k3"]);
+    let in_loss = run(
+        "b0_loss",
+        &["--beta", "0", "--kl-estimator", "k3", "--kl-in", "loss"],
+    );
+    assert_eq!(weights(&in_reward), weights(&in_loss));
+    let shaped = |dir: &Path| -> Vec<serde_json::Value> {
+        untimed(dir)
+            .iter()
+            .map(|r| r["shaped_reward"].clone())
+            .collect()
+    };
+    // in the loss, the shaped reward is the reward itself
+    assert!(
+        untimed(&grpo)
+            .iter()
+            .all(|r| r["shaped_reward"] == r["reward"])
+    );
+    assert_ne!(
+        shaped(&rloo),
+        untimed(&rloo)
+            .iter()
+            .map(|r| r["reward"].clone())
+            .collect::<Vec<_>>()
+    );
+}

@@ -1,10 +1,11 @@
 //! The training loop every stage runs: one flat `for step` loop. A stage
-//! supplies what differs through [`Stage`]: how it draws its micro-batches and
-//! computes their losses, what it does after the optimizer step (RLHF's EMA
-//! anchor), its metrics row and evaluation, and modules it keeps besides the
-//! model. The loop owns the rest: the optimizer and its schedule, resume, the
-//! stop on a non-finite loss, the first/last loss, metrics, progress and the
-//! resumable state.
+//! supplies what differs through [`Stage`]: how it draws its micro-batches
+//! and computes their losses, what it does after the optimizer step (RLHF's
+//! EMA anchor), its metrics row and evaluation, and modules it keeps besides
+//! the model. The loop owns the rest: the optimizer and its schedule, resume,
+//! the stop on a non-finite loss, the first/last loss, metrics, progress and
+//! the resumable state. The parameters it trains are gathered in one place,
+//! [`Optimizer::backward`].
 
 use std::time::Instant;
 
@@ -160,7 +161,8 @@ pub struct StepLog {
     pub stop: Option<String>,
 }
 
-/// How often the loop evaluates; 0: never. The last step always evaluates.
+/// The optimizer and its schedule, and how often the loop evaluates
+/// (`eval_every` steps and after the last one; 0: never).
 pub struct Schedule<'a> {
     pub optim: &'a OptimConfig,
     pub eval_every: usize,

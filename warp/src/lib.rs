@@ -1,17 +1,20 @@
 //! Weight-space algebra of WARP (arXiv 2406.16768) on parameter maps: the
 //! EMA anchor, per-layer spherical interpolation of task vectors (M-way by
-//! recursion) and linear interpolation towards the initialisation (LITI).
+//! recursion) and linear interpolation towards the initialisation (LITI);
+//! and WARM's weight average of reward models (arXiv 2401.12187).
 //! Every operation checks that its inputs hold the same tensor set.
 
 pub mod ema;
 pub mod liti;
 pub mod slerp;
+pub mod warm;
 
 use posttrain_model::params::ParamMap;
 
 pub use ema::ema;
 pub use liti::liti;
 pub use slerp::{GroupAngle, slerp, slerp_all};
+pub use warm::{normalised_weights, warm};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum WarpError {
