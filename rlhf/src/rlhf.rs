@@ -158,6 +158,23 @@ fn positioned(examples: &[Example], values: &[Vec<f64>], t: usize, device: &Devi
     Tensor::from_data(TensorData::new(out, [examples.len(), t - 1]), device)
 }
 
+/// Each sequence's KL estimate `Σ_t k(t)` from the policy's per-position
+/// log-probs `tokens` `[n, t − 1]` and the anchor's per-example ones.
+fn estimate_kl(
+    estimator: KlEstimator,
+    examples: &[Example],
+    tokens: &Tensor<2>,
+    anchor: &[Vec<f64>],
+    t: usize,
+) -> Vec<f64> {
+    let values = tokens.clone().inner().into_data().try_into_vec_as::<f64>();
+    let own = per_example(examples, &values.expect("float"), t);
+    own.iter()
+        .zip(anchor)
+        .map(|(o, a)| o.iter().zip(a).map(|(x, y)| estimator.at(*x, *y)).sum())
+        .collect()
+}
+
 /// The seed of step `step`'s rollouts.
 fn step_seed(seed: u64, step: usize) -> u64 {
     seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -304,19 +321,9 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
                 .try_into_vec_as::<f64>()
                 .expect("float sums");
             // the KL that shapes the reward: k1 from the sums, else per token
-            let estimated: Option<Vec<f64>> = anchor_tokens.as_ref().map(|anchor| {
-                let values = tokens.clone().inner().into_data().try_into_vec_as::<f64>();
-                let own = per_example(chunk, &values.expect("float"), batch.len);
-                own.iter()
-                    .zip(&anchor[at..])
-                    .map(|(o, a)| {
-                        o.iter()
-                            .zip(a)
-                            .map(|(x, y)| cfg.kl_estimator.at(*x, *y))
-                            .sum()
-                    })
-                    .collect()
-            });
+            let estimated = anchor_tokens
+                .as_ref()
+                .map(|a| estimate_kl(cfg.kl_estimator, chunk, &tokens, &a[at..], batch.len));
             let mut chunk_shaped = Vec::with_capacity(chunk.len());
             for (j, lp) in lp.iter().enumerate() {
                 let i = at + j;
@@ -336,8 +343,8 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             shaped.extend(chunk_shaped);
             let mut loss: Tensor<1> = policy_gradient_loss(sums, &advantages);
             if cfg.kl_in == KlIn::Loss {
-                let anchor = anchor_tokens.as_ref().expect("computed for the loss");
-                let reference = positioned(chunk, &anchor[at..], batch.len, &self.device);
+                let anchor = &anchor_tokens.as_ref().expect("computed for the loss")[at..];
+                let reference = positioned(chunk, anchor, batch.len, &self.device);
                 let k = cfg.kl_estimator.on(tokens, reference).mul(weights);
                 loss = loss.add(k.sum_dim(1).mean().reshape([1]).mul_scalar(cfg.beta));
             }
