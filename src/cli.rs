@@ -49,6 +49,8 @@ pub enum Command {
     Sft(SftArgs),
     /// Train a reward model (Bradley-Terry) on preference pairs; ~10x the policy by default.
     Reward(RewardArgs),
+    /// Direct preference optimisation (DPO, or IPO) of a policy on preference pairs against a frozen reference.
+    Dpo(DpoArgs),
     /// Score prompt/completion rows with a reward model (JSONL or Parquet out).
     Score(RewardScoreArgs),
     /// Write SFT pairs with a teacher's completions (and top-k log-probs).
@@ -317,6 +319,43 @@ pub struct RewardArgs {
     /// m in −log σ(r⁺ − r⁻ − m).
     #[arg(long, default_value_t = 0.0)]
     pub margin: f64,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DpoLossArg {
+    /// −(1−ε)·log σ(h) − ε·log σ(−h) (DPO).
+    Sigmoid,
+    /// (h/β − 1/(2β))² (IPO).
+    Ipo,
+}
+
+#[derive(Debug, Args)]
+pub struct DpoArgs {
+    /// The policy to train (with tokenizer.json), e.g. the SFT checkpoint.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// Preference pairs (JSONL or Parquet: `prompt` or `messages`, `chosen`, `rejected`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out preference pairs for the implicit reward's accuracy and margin.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// The frozen reference (default: the policy as it starts).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// β: scale of the implicit reward β·(log π − log π_ref).
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// The preference loss on the margin h.
+    #[arg(long, value_enum, default_value_t = DpoLossArg::Sigmoid)]
+    pub loss: DpoLossArg,
+    /// ε: the share of pairs taken as mislabelled by the sigmoid loss.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    #[command(flatten)]
+    pub output: CheckpointOut,
     #[command(flatten)]
     pub train: TrainArgs,
 }

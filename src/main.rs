@@ -42,6 +42,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init(args) => commands::init::run(args, env),
         Command::Sft(args) => commands::sft::run(args, env),
         Command::Reward(args) => commands::reward::run(args, env),
+        Command::Dpo(args) => commands::dpo::run(args, env),
         Command::Rlhf(args) => commands::rlhf::run(args, env),
         Command::Warp(command) => commands::warp::run(command, env),
         Command::Report(args) => commands::report::run(args),

@@ -6,9 +6,10 @@
 use burn::module::Module;
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::Vocab;
+use posttrain_train::logprobs::logprob_sums;
 use posttrain_train::rollout::{PromptSet, roll_out};
 
-use crate::rollout::{Judge, logprob_sums};
+use crate::rollout::Judge;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PolicyEval {

@@ -8,10 +8,13 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use posttrain_datasets::Epochs;
-use posttrain_datasets::Example;
+use posttrain_datasets::{Epochs, Example};
 use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
+use posttrain_train::logprobs::{
+    batch_of, logprob_sums, per_example, sequence_logprobs, token_logprobs,
+};
+use posttrain_train::rollout::{PromptSet, Rollouts, roll_out};
 use posttrain_train::{
     Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
     Schedule, Stage, StepLog, StepStats, Vocab, train,
@@ -22,10 +25,7 @@ use serde_json::json;
 use crate::grpo::Advantage;
 use crate::kl_estimators::{KlEstimator, KlIn};
 use crate::rloo::{policy_gradient_loss, shaped_reward};
-use crate::rollout::{
-    Reward, batch_of, logprob_sums, mean_entropy, per_example, sequence_logprobs, token_logprobs,
-};
-use posttrain_train::rollout::{PromptSet, Rollouts, roll_out};
+use crate::rollout::{Reward, mean_entropy};
 
 /// What the KL term pulls towards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

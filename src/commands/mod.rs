@@ -3,6 +3,7 @@ use std::path::Path;
 pub mod bench;
 pub mod convert;
 pub mod data;
+pub mod dpo;
 pub mod eval;
 pub mod generate;
 pub mod init;

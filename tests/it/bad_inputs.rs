@@ -434,6 +434,17 @@ bad_inputs! {
         "--out", &b.out, "--overwrite", "--size-ratio", "1",
     ]) => ["ties.jsonl", "`chosen` equals its `rejected`"];
 
+    dpo_row_without_rejected: |b| args(&[
+        "dpo", "--policy", &b.fx,
+        "--data", &b.file("no_rejected.jsonl", "{\"prompt\": \"Hi.\", \"chosen\": \"Hello.\"}\n"),
+        "--out", &b.out, "--overwrite",
+    ]) => ["no_rejected.jsonl:1", "rejected"];
+
+    dpo_with_beta_zero: |b| args(&[
+        "dpo", "--policy", &b.fx, "--data", &b.prefs(), "--out", &b.out, "--overwrite",
+        "--beta", "0",
+    ]) => ["--beta must be positive"];
+
     negative_size_ratio: |b| args(&[
         "reward", "--policy", &b.fx, "--data", &b.prefs(), "--out", &b.out, "--overwrite",
         "--size-ratio=-1",

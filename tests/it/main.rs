@@ -4,6 +4,7 @@ mod bad_inputs;
 mod checkpoints;
 mod cli;
 mod determinism;
+mod dpo;
 mod makefile;
 mod pipeline;
 mod resume;

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod clip;
+pub mod logprobs;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;
