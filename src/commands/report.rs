@@ -132,7 +132,10 @@ fn stage_chart(
     title: &str,
     y: &str,
 ) -> Option<Chart> {
-    let rising = matches!(key, "kl_init" | "reward" | "eval_accuracy");
+    let rising = matches!(
+        key,
+        "kl_init" | "reward" | "eval_accuracy" | "eval_reward_accuracy"
+    );
     let series: Vec<Series> = runs
         .iter()
         .filter(|r| stages.contains(&r.stage.as_str()))
@@ -266,7 +269,7 @@ type StageChart<'a> = (&'a str, &'a [&'a str], &'a str, usize, String, &'a str);
 
 /// The per-step charts of training stages.
 fn stage_charts(runs: &[Run], s: usize) -> Vec<(String, Chart)> {
-    let table: [StageChart; 6] = [
+    let table: [StageChart; 8] = [
         (
             "loss",
             &["pretrain", "sft"],
@@ -314,6 +317,22 @@ fn stage_charts(runs: &[Run], s: usize) -> Vec<(String, Chart)> {
             s,
             format!("RLHF: KL to the initial policy (moving average of {s})"),
             "KL (nats)",
+        ),
+        (
+            "dpo_loss",
+            &["dpo"],
+            "loss",
+            s,
+            format!("DPO: preference loss (moving average of {s})"),
+            "loss",
+        ),
+        (
+            "dpo_reward_accuracy",
+            &["dpo"],
+            "eval_reward_accuracy",
+            1,
+            "DPO: held-out implicit-reward accuracy".into(),
+            "accuracy",
         ),
     ];
     table
