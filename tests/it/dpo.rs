@@ -66,6 +66,15 @@ fn dpo_and_ipo_train_from_the_reference_and_are_reproducible() {
     );
     // the same run twice: the same weights
     assert_eq!(weights(&run("dpo_again", &[])), weights(&dpo));
+    // as β grows the optimum approaches the reference: the held-out log-ratio
+    // margin (h/β) after the same steps shrinks
+    let ratio = |dir: &Path, beta: f64| {
+        let log = metrics(dir);
+        log[29]["eval_reward_margin"].as_f64().unwrap() / beta
+    };
+    let large = run("dpo_beta_1e3", &["--beta", "1000"]);
+    let (near, far) = (ratio(&large, 1000.0), ratio(&dpo, 0.1));
+    assert!(near.abs() * 3.0 < far.abs(), "β 1000: {near}, β 0.1: {far}");
     // IPO from the reference: (0 − 1/(2β))² = 25 at β = 0.1
     let ipo = run("ipo", &["--loss", "ipo"]);
     let first = metrics(&ipo)[0]["loss"].as_f64().unwrap();
