@@ -269,13 +269,7 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
             "pairs": self.report.pairs_seen,
             "epoch": self.data.epoch,
         });
-        let serde_json::Value::Object(row) = row else {
-            unreachable!("a json! object")
-        };
-        Ok(StepLog {
-            row,
-            ..StepLog::default()
-        })
+        Ok(StepLog::of(row))
     }
 
     fn evaluate(

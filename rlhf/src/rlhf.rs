@@ -448,10 +448,11 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             }
             _ => None,
         };
-        let serde_json::Value::Object(row) = row else {
-            unreachable!("a json! object")
-        };
-        Ok(StepLog { row, line, stop })
+        Ok(StepLog {
+            line,
+            stop,
+            ..StepLog::of(row)
+        })
     }
 
     fn after_log(&mut self, done: usize, policy: &Gemma2ForCausalLM) -> Result<(), RlhfError> {

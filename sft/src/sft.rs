@@ -430,10 +430,7 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
         if self.on_policy.is_some() {
             row["on_policy_batches"] = self.sampled.into();
         }
-        Ok(StepLog {
-            row: into_map(row),
-            ..StepLog::default()
-        })
+        Ok(StepLog::of(row))
     }
 
     fn evaluate(
@@ -481,13 +478,6 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
 
     fn position(&self) -> (u64, usize) {
         (self.data.epoch, self.data.next)
-    }
-}
-
-fn into_map(row: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
-    match row {
-        serde_json::Value::Object(map) => map,
-        _ => unreachable!("a json! object"),
     }
 }
 

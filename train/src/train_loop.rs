@@ -161,6 +161,22 @@ pub struct StepLog {
     pub stop: Option<String>,
 }
 
+impl StepLog {
+    /// A row from a `json!` object, with no line and no stop.
+    ///
+    /// # Panics
+    /// When `row` is not an object.
+    pub fn of(row: Value) -> Self {
+        let Value::Object(row) = row else {
+            panic!("a metrics row is a JSON object, got {row}")
+        };
+        Self {
+            row,
+            ..Self::default()
+        }
+    }
+}
+
 /// The optimizer and its schedule, and how often the loop evaluates
 /// (`eval_every` steps and after the last one; 0: never).
 pub struct Schedule<'a> {
