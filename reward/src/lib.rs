@@ -1,15 +1,12 @@
 //! The reward model stage: sizing an RM about ten times the policy,
-//! Bradley-Terry training on preference pairs, batched scoring, and
-//! preference data for the embedded task.
+//! Bradley-Terry training on preference pairs and batched scoring.
 
 pub mod bradley_terry;
-pub mod prefs;
 pub mod score;
 pub mod sizing;
 pub mod train;
 
 pub use bradley_terry::{PairStats, bradley_terry_loss};
-pub use prefs::{Policy, PrefsConfig, PrefsError, PrefsReport, make_preferences};
 pub use score::{encode_pairs, score_examples};
 pub use sizing::scale_config;
 pub use train::{PairIds, RewardConfig, RewardError, RewardReport, evaluate, train_reward};

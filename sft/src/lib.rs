@@ -1,11 +1,10 @@
 //! Supervised fine-tuning with distillation (completion cross-entropy, KD
-//! from stored top-k or a live teacher, on-policy GKD), the same loop for
-//! pretraining, and the `generate` stage that writes teacher completions.
+//! from stored top-k or a live teacher, on-policy GKD) and the same loop for
+//! pretraining.
 
 pub mod ce;
 pub mod distill;
 pub mod eval;
-pub mod generate;
 pub mod gkd;
 pub mod sft;
 pub mod topk_kd;

@@ -17,7 +17,7 @@ pub fn run(command: DataCommand, env: &Env) -> Result<()> {
 }
 
 fn prefs(args: PrefsArgs, device: burn::tensor::Device, backend: &str) -> Result<()> {
-    use posttrain_reward::{Policy, PrefsConfig, make_preferences};
+    use posttrain_generate::{Policy, PrefsConfig, make_preferences};
     super::check_table_output(Some(&args.out), args.overwrite)?;
     if !(0.0..=1.0).contains(&args.label_noise) {
         bail!("--label-noise must be in [0, 1], got {}", args.label_noise);

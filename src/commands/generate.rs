@@ -1,7 +1,7 @@
 use anyhow::{Result, bail};
 use posttrain_datasets::{read_prompts, write_records};
+use posttrain_generate::generate_pairs;
 use posttrain_model::Provenance;
-use posttrain_sft::generate::generate_pairs;
 use serde_json::json;
 
 use crate::backend::Env;
