@@ -446,23 +446,28 @@ pub struct TrainArgs {
     /// Eval loss (and task score) every N steps and at the end; 0: off.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
-    /// Eval prompts completed greedily and scored at each eval (embedded task only; 0: off).
-    #[arg(long, default_value_t = 64)]
-    pub eval_samples: usize,
-    /// Longest greedy eval completion.
-    #[arg(long, default_value_t = 32)]
-    pub eval_max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Cut sequences longer than the context instead of failing.
-    #[arg(long)]
-    pub truncate: bool,
     /// Save resumable state (weights, optimizer, data position, metrics) to OUT.state every N steps (0: never).
     #[arg(long, default_value_t = 200)]
     pub save_state_every: usize,
     /// Continue from OUT.state when it exists (same settings and inputs), else start afresh.
     #[arg(long)]
     pub resume: bool,
+}
+
+/// What the causal-LM stages (`pretrain`, `sft`) add to the training flags.
+#[derive(Debug, Args)]
+pub struct LmArgs {
+    /// Eval prompts completed greedily and scored at each eval (embedded task only; 0: off).
+    #[arg(long, default_value_t = 64)]
+    pub eval_samples: usize,
+    /// Longest greedy eval completion.
+    #[arg(long, default_value_t = 32)]
+    pub eval_max_new_tokens: usize,
+    /// Cut sequences longer than the context instead of failing.
+    #[arg(long)]
+    pub truncate: bool,
 }
 
 /// AdamW and the schedule's tail, shared by every training stage.
@@ -512,6 +517,8 @@ pub struct PretrainArgs {
     pub loss_on: LossOnArg,
     #[command(flatten)]
     pub train: TrainArgs,
+    #[command(flatten)]
+    pub lm: LmArgs,
 }
 
 #[derive(Debug, Args)]
@@ -588,6 +595,8 @@ pub struct SftArgs {
     pub on_policy_max_new_tokens: usize,
     #[command(flatten)]
     pub train: TrainArgs,
+    #[command(flatten)]
+    pub lm: LmArgs,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use posttrain_train::Vocab;
 use serde_json::json;
 
 use crate::backend::Env;
-use crate::cli::{AdamArgs, DistillArgs, LossOnArg, PretrainArgs, TrainArgs};
+use crate::cli::{AdamArgs, DistillArgs, LmArgs, LossOnArg, PretrainArgs, TrainArgs};
 
 impl AdamArgs {
     pub fn optim(&self, steps: usize, lr: f64, warmup: usize) -> Result<OptimConfig> {
@@ -40,7 +40,7 @@ impl TrainArgs {
     }
 
     /// The loop's configuration without on-policy batches.
-    pub fn sft_config(&self, distill: Distill, kd: &DistillArgs) -> Result<SftConfig> {
+    pub fn sft_config(&self, distill: Distill, kd: &DistillArgs, lm: &LmArgs) -> Result<SftConfig> {
         if !(0.0..=1.0).contains(&kd.alpha) {
             bail!("--alpha must be in [0, 1], got {}", kd.alpha);
         }
@@ -60,8 +60,8 @@ impl TrainArgs {
             },
             temperature: kd.temperature,
             on_policy: None,
-            eval_samples: self.eval_samples,
-            eval_max_new_tokens: self.eval_max_new_tokens,
+            eval_samples: lm.eval_samples,
+            eval_max_new_tokens: lm.eval_max_new_tokens,
         })
     }
 }
@@ -73,7 +73,7 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     } else {
         Distill::None
     };
-    let cfg = args.train.sft_config(distill, &args.distill)?;
+    let cfg = args.train.sft_config(distill, &args.distill, &args.lm)?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let config = Gemma2Config::from_file(&args.config)?;
     let tokenizer = ChatTokenizer::from_file(&args.tokenizer)?;
@@ -87,7 +87,7 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
         &args.data,
         args.eval.as_deref(),
         config.max_position_embeddings,
-        args.train.truncate,
+        args.lm.truncate,
         loss_on,
         false,
     )?;

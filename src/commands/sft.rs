@@ -26,7 +26,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     } else {
         Distill::None
     };
-    let mut settings = args.train.sft_config(kd, &args.distill)?;
+    let mut settings = args.train.sft_config(kd, &args.distill, &args.lm)?;
     settings.on_policy = Some(on_policy(&args));
     settings.check(args.teacher.is_some())?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
@@ -41,7 +41,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         &args.data,
         args.eval.as_deref(),
         config.max_position_embeddings,
-        args.train.truncate,
+        args.lm.truncate,
         LossOn::Completion,
         true,
     )?;
@@ -61,7 +61,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         check_topk(&data.train, config.vocab_size)
             .with_context(|| args.data.display().to_string())?;
     }
-    let mut cfg = args.train.sft_config(distill, &args.distill)?;
+    let mut cfg = args.train.sft_config(distill, &args.distill, &args.lm)?;
     cfg.on_policy = Some(on_policy(&args));
     let teacher = match &args.teacher {
         Some(dir) => Some(super::load_teacher(dir, config, tokenizer, &device)?),
