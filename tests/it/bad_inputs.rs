@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoints::{edit_config, rewrite};
-use crate::{error_line, fixture, ok, s};
+use crate::{big_tokenizer, error_line, fixture, ok, s};
 
 /// Every file under `dir` (or the file itself) with its bytes.
 fn snapshot(path: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
@@ -211,28 +211,6 @@ impl Bed {
             "{args:?} changed the existing outputs"
         );
     }
-}
-
-/// Replaces the checkpoint's tokenizer.json by one of 300 tokens (the
-/// fixture's vocabulary has 256).
-fn big_tokenizer(dir: &Path) {
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(
-        &corpus,
-        include_str!("../fixtures/gemma2-tiny/tokenizer-corpus.txt"),
-    )
-    .unwrap();
-    ok(&[
-        "tokenizer",
-        "train",
-        "--input",
-        s(&corpus),
-        "--vocab-size",
-        "300",
-        "--out",
-        s(&dir.join("tokenizer.json")),
-        "--overwrite",
-    ]);
 }
 
 fn args(a: &[&str]) -> Vec<String> {

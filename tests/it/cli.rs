@@ -124,23 +124,7 @@ fn prompt_longer_than_the_context_is_refused() {
 fn tokenizer_larger_than_the_model_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = crate::fixture_copy(dir.path());
-    let corpus = dir.path().join("corpus.txt");
-    std::fs::write(
-        &corpus,
-        include_str!("../fixtures/gemma2-tiny/tokenizer-corpus.txt"),
-    )
-    .unwrap();
-    ok(&[
-        "tokenizer",
-        "train",
-        "--input",
-        s(&corpus),
-        "--vocab-size",
-        "300",
-        "--out",
-        s(&ckpt.join("tokenizer.json")),
-        "--overwrite",
-    ]);
+    crate::big_tokenizer(&ckpt);
     fails(
         &["sample", "--model", s(&ckpt), "--prompt", "Hi"],
         &[

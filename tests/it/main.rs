@@ -85,3 +85,25 @@ pub fn fixture_copy(dir: &Path) -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Replaces the checkpoint's tokenizer.json by one of 300 tokens (the
+/// fixture's vocabulary has 256).
+pub fn big_tokenizer(dir: &Path) {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        include_str!("../fixtures/gemma2-tiny/tokenizer-corpus.txt"),
+    )
+    .unwrap();
+    ok(&[
+        "tokenizer",
+        "train",
+        "--input",
+        s(&corpus),
+        "--vocab-size",
+        "300",
+        "--out",
+        s(&dir.join("tokenizer.json")),
+        "--overwrite",
+    ]);
+}
