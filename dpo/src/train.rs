@@ -148,8 +148,9 @@ pub fn pair_logprobs(
 }
 
 fn tensor(v: &[f64], device: &Device) -> Tensor<1> {
+    let n = v.len();
     let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    Tensor::from_data(TensorData::new(v.clone(), [v.len()]), device)
+    Tensor::from_data(TensorData::new(v, [n]), device)
 }
 
 /// The preference loss, accuracy and mean margin of `pairs` under `model`
