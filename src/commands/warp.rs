@@ -83,10 +83,7 @@ fn average(args: WarpAverageArgs, device: &Device, backend: &str) -> Result<()> 
     let base = (args.models[0].clone(), config, first);
     let mut models = vec![base.2.clone()];
     for dir in &args.models[1..] {
-        let (config, params) = load_params(dir, device)?;
-        check_config(dir, &base, &config)?;
-        check_same(&base.2, &params).with_context(|| dir.display().to_string())?;
-        models.push(params);
+        models.push(load_like(dir, &base, device)?);
     }
     let inits: Vec<Option<String>> = args.models.iter().map(|d| initialisation(d)).collect();
     if let [Some(a), rest @ ..] = &inits[..]
@@ -167,9 +164,8 @@ fn load_like(
     base: &(PathBuf, Gemma2Config, ParamMap),
     device: &Device,
 ) -> Result<ParamMap> {
-    let (config, model) = load_causal_lm(dir, device)?;
+    let (config, params) = load_params(dir, device)?;
     check_config(dir, base, &config)?;
-    let params = param_map(&model);
     check_same(&base.2, &params).with_context(|| dir.display().to_string())?;
     Ok(params)
 }
