@@ -13,7 +13,8 @@ use crate::config::Gemma2Config;
 use crate::error::{ModelError, Result};
 use crate::gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification};
 use crate::init::{CheckpointSource, RandomInit};
-use crate::params::named_params;
+use crate::lora::Adapter;
+use crate::params::{ParamTensor, named_params, param_map, with_params};
 use crate::safetensors_io::{
     HostTensor, SINGLE_FILE, SaveDtype, Weights, to_safetensors_bytes, write_shards,
 };
@@ -21,7 +22,11 @@ use crate::safetensors_io::{
 pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
+/// The config of a checkpoint, or of an adapter directory's base.
 pub fn load_config(dir: &Path) -> Result<Gemma2Config> {
+    if let Some(adapter) = Adapter::find(dir)? {
+        return load_config(&adapter.base);
+    }
     let path = dir.join(CONFIG_FILE);
     if !path.is_file() {
         return Err(ModelError::Config {
@@ -45,17 +50,69 @@ fn load<M>(
     Ok((config, model))
 }
 
+/// A causal LM from a checkpoint, or from an adapter directory (its base
+/// with the adapters merged in).
 pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
+    if let Some(adapter) = Adapter::find(dir)? {
+        let (config, base) = load_causal_lm(&adapter.base, device)?;
+        let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
+        return Ok((config, model.merge_lora()));
+    }
     load(dir, device, |c, s, d| Gemma2ForCausalLM::new(c, s, d))
 }
 
+/// A reward model from a checkpoint, or from an adapter directory (its base
+/// trunk with the adapters merged in and the adapter's `score` head).
 pub fn load_reward_model(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
+    if let Some(adapter) = Adapter::find(dir)? {
+        let (config, base, _) = load_reward_trunk(&adapter.base, 0, device)?;
+        let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
+        return Ok((config, model.merge_lora()));
+    }
     load(dir, device, |c, s, d| {
         Gemma2ForSequenceClassification::new(c, s, d)
     })
+}
+
+/// `model` (with factors attached) given the adapter's tensors: every
+/// factor must be in the file and every tensor of the file in the model.
+fn apply_adapter<M: Module>(model: M, adapter: &Adapter) -> Result<M> {
+    let file = adapter.dir.join(crate::lora::ADAPTER_WEIGHTS_FILE);
+    let tensors = adapter.tensors()?;
+    let mut params = param_map(&model);
+    for (name, t) in &tensors {
+        let bad = |reason: String| ModelError::Tensor {
+            path: file.clone(),
+            tensor: crate::lora::peft_key(name),
+            reason,
+        };
+        let Some(p) = params.get_mut(name) else {
+            return Err(bad(format!(
+                "is not a parameter of the base model with the adapter's target modules {:?}",
+                adapter.config.targets
+            )));
+        };
+        if p.shape != t.shape {
+            return Err(bad(format!(
+                "shape {:?}, but the base model and r = {} imply {:?}",
+                t.shape, adapter.config.rank, p.shape
+            )));
+        }
+        *p = ParamTensor::from_host(t, &p.value.device());
+    }
+    if let Some(missing) = params
+        .keys()
+        .find(|n| crate::lora::in_adapter(n) && n.contains(".lora_") && !tensors.contains_key(*n))
+    {
+        return Err(ModelError::MissingTensor {
+            dir: adapter.dir.clone(),
+            tensor: crate::lora::peft_key(missing),
+        });
+    }
+    Ok(with_params(model, &params))
 }
 
 /// A reward model whose trunk comes from `dir` (a causal LM or reward

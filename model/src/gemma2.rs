@@ -348,17 +348,15 @@ pub struct Gemma2ForSequenceClassification {
 impl Gemma2ForSequenceClassification {
     pub fn new(c: &Gemma2Config, source: &mut dyn ParamSource, device: &Device) -> Result<Self> {
         let model = Gemma2Model::new(c, source, device)?;
-        let score = Linear {
-            weight: param(
-                source,
-                "score.weight",
-                [1, c.hidden_size],
-                Init::Normal {
-                    std: crate::layers::INIT_STD,
-                },
-                device,
-            )?,
-        };
+        let score = Linear::from_weight(param(
+            source,
+            "score.weight",
+            [1, c.hidden_size],
+            Init::Normal {
+                std: crate::layers::INIT_STD,
+            },
+            device,
+        )?);
         Ok(Self { model, score })
     }
 

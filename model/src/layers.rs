@@ -6,6 +6,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::Result;
 use crate::init::{Init, ParamSource};
+use crate::lora::Factor;
 use crate::skinny_matmul::matmul_transposed;
 
 pub(crate) const INIT_STD: f64 = 0.02;
@@ -21,9 +22,14 @@ pub(crate) fn param<const D: usize>(
     Ok(Param::from_data(TensorData::new(t.data, shape), device))
 }
 
+/// `x·Wᵀ`, plus `(α/r)·(x·Aᵀ)·Bᵀ` when LoRA factors are attached (see
+/// [`crate::lora`]).
 #[derive(Module, Debug)]
 pub struct Linear {
     pub weight: Param<Tensor<2>>,
+    pub lora_a: Option<Factor>,
+    pub lora_b: Option<Factor>,
+    pub lora_scale: f64,
 }
 
 impl Linear {
@@ -41,14 +47,28 @@ impl Linear {
             Init::Normal { std: INIT_STD },
             device,
         )?;
-        Ok(Self { weight })
+        Ok(Self::from_weight(weight))
+    }
+
+    pub(crate) fn from_weight(weight: Param<Tensor<2>>) -> Self {
+        Self {
+            weight,
+            lora_a: None,
+            lora_b: None,
+            lora_scale: 0.0,
+        }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
-        let y = matmul_transposed(x.reshape([rows, d_in]), self.weight.val());
+        let x = x.reshape([rows, d_in]);
+        let mut y = matmul_transposed(x.clone(), self.weight.val());
+        if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
+            let low = matmul_transposed(x, a.weight.val());
+            y = y + matmul_transposed(low, b.weight.val()).mul_scalar(self.lora_scale);
+        }
         let mut out = dims;
         out[D - 1] = y.dims()[1];
         y.reshape(out)

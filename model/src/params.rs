@@ -54,6 +54,7 @@ pub type ParamMap = BTreeMap<String, ParamTensor>;
 struct Walk<'g, F> {
     path: Vec<String>,
     grads: Option<&'g Gradients>,
+    only_trainable: bool,
     seen: F,
 }
 
@@ -67,6 +68,9 @@ impl<F: FnMut(String, ParamId, ParamTensor)> ModuleVisitor for Walk<'_, F> {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.only_trainable && !param.is_require_grad() {
+            return;
+        }
         let value = match self.grads {
             None => Some(param.val()),
             Some(grads) => param.val().grad(grads),
@@ -88,6 +92,7 @@ fn walk<M: Module>(
     module.visit(&mut Walk {
         path: Vec::new(),
         grads,
+        only_trainable: false,
         seen,
     });
 }
@@ -99,6 +104,36 @@ pub fn named_params<M: Module>(module: &M) -> BTreeMap<String, HostTensor> {
         out.insert(name, p.to_host());
     });
     out
+}
+
+/// The parameters that take gradients (all but a LoRA run's frozen base),
+/// by name.
+pub fn trainable_params<M: Module>(module: &M) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    module.visit(&mut Walk {
+        path: Vec::new(),
+        grads: None,
+        only_trainable: true,
+        seen: |name, _, p: ParamTensor| {
+            out.insert(name, p.to_host());
+        },
+    });
+    out
+}
+
+/// Every float parameter's shape, by name.
+pub fn param_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    let mut out = BTreeMap::new();
+    walk(module, None, |name, _, p| {
+        out.insert(name, p.shape);
+    });
+    out
+}
+
+/// The device of a module's first float parameter (the default device for
+/// a module without any).
+pub fn device_of<M: Module>(module: &M) -> Device {
+    module.devices().into_iter().next().unwrap_or_default()
 }
 
 /// Gradients of every parameter that has one, by name.
@@ -152,7 +187,7 @@ impl ModuleMapper for Replace<'_> {
                 assert_eq!(new.shape, dims, "parameter {name}: shape");
                 let value = new.value.clone().reshape(dims);
                 if old.is_autodiff() {
-                    value.autodiff().require_grad()
+                    value.autodiff().set_require_grad(old.is_require_grad())
                 } else {
                     value
                 }

@@ -75,10 +75,7 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         config,
         &writer.path().join("metrics.jsonl"),
     );
-    let device_ad = policy.model.model.embed_tokens.weight.device();
-    let (model, resume, mut log) = state.start("dpo", args.train.resume, policy.model, |p| {
-        Ok(posttrain_model::load_causal_lm(p, &device_ad)?.1)
-    })?;
+    let (model, resume, mut log) = state.start("dpo", args.train.resume, policy.model)?;
     let saver = state.saver(args.train.save_state_every);
     let (model, report) = train_dpo(
         model,

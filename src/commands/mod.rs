@@ -275,12 +275,9 @@ pub fn train_resumable(
     posttrain_sft::SftReport,
     posttrain_train::StateDir,
 )> {
-    let device = model.model.embed_tokens.weight.device();
     let state =
         posttrain_train::StateDir::new(out, fingerprint, config, &writer.join("metrics.jsonl"));
-    let (model, resume, mut log) = state.start(stage, args.resume, model, |p| {
-        Ok(posttrain_model::load_causal_lm(p, &device)?.1)
-    })?;
+    let (model, resume, mut log) = state.start(stage, args.resume, model)?;
     let saver = state.saver(args.save_state_every);
     let (model, report) = posttrain_sft::train_lm(
         stage,

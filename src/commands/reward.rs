@@ -150,10 +150,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         &config,
         &writer.path().join("metrics.jsonl"),
     );
-    let device_ad = model.model.embed_tokens.weight.device();
-    let (model, resume, mut log) = state.start("reward", args.train.resume, model, |p| {
-        Ok(posttrain_model::load_reward_model(p, &device_ad)?.1)
-    })?;
+    let (model, resume, mut log) = state.start("reward", args.train.resume, model)?;
     let saver = state.saver(args.train.save_state_every);
     let (model, report) = train_reward(
         model,

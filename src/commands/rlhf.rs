@@ -104,10 +104,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         &writer.path().join("metrics.jsonl"),
     );
     state.carry = Some(writer.path().join("snapshots"));
-    let device_ad = policy.model.embed_tokens.weight.device();
-    let (policy, resume, mut log) = state.start("rlhf", args.resume, policy, |p| {
-        Ok(posttrain_model::load_causal_lm(p, &device_ad)?.1)
-    })?;
+    let (policy, resume, mut log) = state.start("rlhf", args.resume, policy)?;
     let resume = match resume {
         Some(r) => {
             state.restore_carried()?;

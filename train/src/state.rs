@@ -166,7 +166,7 @@ impl StateDir {
     ) -> Result<(), StateError> {
         use SaveDtype::F32;
         let w = CheckpointWriter::create(&self.path, true)?;
-        w.write_model(model, &self.config, F32)?;
+        w.write_weights(&self.config, &params::trainable_params(model), F32, 1)?;
         for (name, m) in extra {
             let tensors = params::named_params(*m);
             let bytes = safetensors_io::to_safetensors_bytes(&tensors, F32);
@@ -187,15 +187,17 @@ impl StateDir {
         Ok(())
     }
 
-    /// The saved run, when there is one: its model (read by `load` from the
-    /// state directory, then given the saved parameter ids), where to
-    /// continue, and its metrics so far.
+    /// The saved run, when there is one: `fresh` with the saved trainable
+    /// parameters and their ids (so the optimizer state applies), where to
+    /// continue, and its metrics so far. `fresh` comes back when there is
+    /// none.
+    #[allow(clippy::type_complexity)]
     pub fn load<M: burn::module::Module>(
         &self,
-        load: impl FnOnce(&Path) -> Result<M, ModelError>,
-    ) -> Result<Option<(M, Resume, Vec<u8>)>, StateError> {
+        fresh: M,
+    ) -> Result<Result<(M, Resume, Vec<u8>), M>, StateError> {
         if !self.path.is_dir() {
-            return Ok(None);
+            return Ok(Err(fresh));
         }
         let file = self.path.join(LOOP_STATE);
         let v: serde_json::Value =
@@ -219,13 +221,39 @@ impl StateDir {
             serde_json::from_value(v["ids"].clone()).map_err(|_| parse("ids"))?;
         let state: LoopState =
             serde_json::from_value(v["loop"].clone()).map_err(|_| parse("loop"))?;
-        let model = params::with_param_ids(load(&self.path)?, &ids);
+        let saved = self.tensors(posttrain_model::safetensors_io::SINGLE_FILE, &fresh)?;
+        let model = params::with_param_ids(params::with_params(fresh, &saved), &ids);
         let metrics = fs_err::read(self.path.join("metrics.jsonl"))?;
         let resume = Resume {
             state,
             optimizer: self.path.join(OPTIMIZER_STATE),
         };
-        Ok(Some((model, resume, metrics)))
+        Ok(Ok((model, resume, metrics)))
+    }
+
+    /// The tensors of `file` in the state directory, each checked to be a
+    /// parameter of `like` with its shape.
+    fn tensors<M: Module>(&self, file: &str, like: &M) -> Result<params::ParamMap, StateError> {
+        let path = self.path.join(file);
+        let weights = Weights::open_file(&path)?;
+        let shapes = params::param_shapes(like);
+        let device = params::device_of(like);
+        weights
+            .names()
+            .map(|n| {
+                let t = weights.read(n)?;
+                if shapes.get(n) != Some(&t.shape) {
+                    return Err(StateError::File {
+                        path: path.clone(),
+                        reason: format!(
+                            "tensor {n} {:?} is not a parameter of this model (written by another run?)",
+                            t.shape
+                        ),
+                    });
+                }
+                Ok((n.to_string(), params::ParamTensor::from_host(&t, &device)))
+            })
+            .collect()
     }
 
     /// With `resume`, the saved run when there is one (see [`StateDir::load`]),
@@ -236,11 +264,14 @@ impl StateDir {
         stage: &str,
         resume: bool,
         fresh: M,
-        load: impl FnOnce(&Path) -> Result<M, ModelError>,
     ) -> Result<(M, Option<Resume>, Option<Vec<u8>>), StateError> {
-        let saved = if resume { self.load(load)? } else { None };
+        let saved = if resume {
+            self.load(fresh)?
+        } else {
+            Err(fresh)
+        };
         Ok(match saved {
-            Some((model, r, rows)) => {
+            Ok((model, r, rows)) => {
                 eprintln!(
                     "{stage}: resuming from {} at step {}",
                     self.path.display(),
@@ -248,7 +279,7 @@ impl StateDir {
                 );
                 (model, Some(r), Some(rows))
             }
-            None => {
+            Err(fresh) => {
                 if resume {
                     eprintln!(
                         "{stage}: no {} yet: starting at step 0",
@@ -268,9 +299,8 @@ impl StateDir {
         stage: &str,
         resume: bool,
         fresh: M,
-        load: impl FnOnce(&Path) -> Result<M, ModelError>,
     ) -> Result<(M, Option<Resume>, MetricsLog), StateError> {
-        let (model, resume, rows) = self.resume_or(stage, resume, fresh, load)?;
+        let (model, resume, rows) = self.resume_or(stage, resume, fresh)?;
         let log = self.metrics_log(rows.as_deref())?;
         Ok((model, resume, log))
     }
