@@ -454,6 +454,51 @@ pub struct TrainArgs {
     /// Continue from OUT.state when it exists (same settings and inputs), else start afresh.
     #[arg(long)]
     pub resume: bool,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+/// LoRA: low-rank adapters trained on a frozen base; the output is then a
+/// PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+#[derive(Debug, Args)]
+pub struct LoraArgs {
+    /// LoRA rank r; 0 trains every weight (full fine-tuning).
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    /// LoRA α: the update B·A is scaled by α/r.
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    /// Projections to adapt: q, k, v, o, gate, up, down (or q_proj, …).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub lora_targets: Vec<String>,
+}
+
+impl LoraArgs {
+    /// `None` without `--lora-rank`; the settings checked otherwise.
+    pub fn config(&self) -> anyhow::Result<Option<posttrain_model::LoraConfig>> {
+        if self.lora_rank == 0 {
+            return Ok(None);
+        }
+        let targets = self
+            .lora_targets
+            .iter()
+            .map(|t| {
+                let t = t.trim();
+                if t.ends_with("_proj") {
+                    t.to_string()
+                } else {
+                    format!("{t}_proj")
+                }
+            })
+            .collect();
+        let cfg = posttrain_model::LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            targets,
+        };
+        cfg.check().map_err(anyhow::Error::msg)?;
+        Ok(Some(cfg))
+    }
 }
 
 /// What the causal-LM stages (`pretrain`, `sft`) add to the training flags.
@@ -733,6 +778,8 @@ pub struct RlhfArgs {
     /// Continue from OUT.state when it exists (same settings and inputs), else start afresh.
     #[arg(long)]
     pub resume: bool,
+    #[command(flatten)]
+    pub lora: LoraArgs,
 }
 
 #[derive(Debug, Subcommand)]

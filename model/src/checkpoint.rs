@@ -13,7 +13,7 @@ use crate::config::Gemma2Config;
 use crate::error::{ModelError, Result};
 use crate::gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification};
 use crate::init::{CheckpointSource, RandomInit};
-use crate::lora::Adapter;
+use crate::lora::{Adaptable, Adapter};
 use crate::params::{ParamTensor, named_params, param_map, with_params};
 use crate::safetensors_io::{
     HostTensor, SINGLE_FILE, SaveDtype, Weights, to_safetensors_bytes, write_shards,

@@ -107,7 +107,8 @@ impl LoraConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PeftTask {
     CausalLm,
     SequenceClassification,
@@ -231,15 +232,25 @@ impl Gemma2Model {
     }
 }
 
-impl Gemma2ForCausalLM {
-    pub fn attach_lora(self, cfg: &LoraConfig, seed: u64) -> Self {
+/// A model LoRA can adapt: a causal LM, or a reward model (LoRA on the
+/// trunk; its `score` head stays fully trainable).
+pub trait Adaptable: Module + Sized {
+    const TASK: PeftTask;
+    fn attach_lora(self, cfg: &LoraConfig, seed: u64) -> Self;
+    fn merge_lora(self) -> Self;
+}
+
+impl Adaptable for Gemma2ForCausalLM {
+    const TASK: PeftTask = PeftTask::CausalLm;
+
+    fn attach_lora(self, cfg: &LoraConfig, seed: u64) -> Self {
         Self {
             model: self.model.attach_lora(cfg, seed),
             ..self
         }
     }
 
-    pub fn merge_lora(self) -> Self {
+    fn merge_lora(self) -> Self {
         Self {
             model: self.model.merge_lora(),
             ..self
@@ -247,15 +258,16 @@ impl Gemma2ForCausalLM {
     }
 }
 
-impl Gemma2ForSequenceClassification {
-    /// LoRA on the trunk; the `score` head stays fully trainable.
-    pub fn attach_lora(self, cfg: &LoraConfig, seed: u64) -> Self {
+impl Adaptable for Gemma2ForSequenceClassification {
+    const TASK: PeftTask = PeftTask::SequenceClassification;
+
+    fn attach_lora(self, cfg: &LoraConfig, seed: u64) -> Self {
         let model = self.model.attach_lora(cfg, seed);
         let score = self.score.set_require_grad(true);
         Self { model, score }
     }
 
-    pub fn merge_lora(self) -> Self {
+    fn merge_lora(self) -> Self {
         Self {
             model: self.model.merge_lora(),
             ..self
@@ -390,6 +402,7 @@ impl Adapter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lora::Adaptable;
     use crate::params::{param_map, with_params};
     use crate::{Gemma2Config, RandomInit, TokenBatch};
 

@@ -31,6 +31,16 @@ pub struct Provenance {
     pub backend: String,
     pub metrics: Value,
     pub posttrain_version: String,
+    /// An adapter directory's base and LoRA settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraOrigin>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraOrigin {
+    pub base: Parent,
+    pub config: crate::LoraConfig,
+    pub task: crate::lora::PeftTask,
 }
 
 impl Provenance {
@@ -43,7 +53,31 @@ impl Provenance {
             backend: backend.to_string(),
             metrics: Value::Object(Default::default()),
             posttrain_version: env!("CARGO_PKG_VERSION").to_string(),
+            lora: None,
         }
+    }
+
+    /// Marks the output as a LoRA adapter on `base` (a parent already named
+    /// is not hashed again).
+    pub fn with_lora(
+        mut self,
+        config: crate::LoraConfig,
+        base: &Path,
+        task: crate::lora::PeftTask,
+    ) -> Result<Self> {
+        let shown = base.display().to_string();
+        let base = match self.parents.iter().find(|p| p.path == shown) {
+            Some(p) => p.clone(),
+            None => Parent {
+                path: shown,
+                resolved: std::path::absolute(base)
+                    .ok()
+                    .map(|p| p.display().to_string()),
+                sha256: content_hash(base)?,
+            },
+        };
+        self.lora = Some(LoraOrigin { base, config, task });
+        Ok(self)
     }
 
     pub fn with_parent(mut self, path: &Path) -> Result<Self> {

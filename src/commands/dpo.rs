@@ -22,6 +22,7 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         label_smoothing: args.label_smoothing,
     };
     cfg.check()?;
+    let lora = args.train.lora.config()?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let policy = super::ChatModel::load(&args.policy, &device.clone().autodiff())?;
     let (config, tokenizer) = (&policy.config, &policy.tokenizer);
@@ -44,6 +45,7 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         }
         None => burn::module::Module::valid(&policy.model),
     };
+    let policy_model = super::with_lora("dpo", policy.model, lora.as_ref(), args.train.seed);
     let max_len = config.max_position_embeddings;
     let load = |path: &std::path::Path| -> Result<_> {
         let rows: Vec<Preference> = read_records(path)?;
@@ -71,11 +73,12 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
             "reference": args.reference,
             "data": args.data,
             "eval": args.eval,
+            "lora": lora,
         }),
         config,
         &writer.path().join("metrics.jsonl"),
     );
-    let (model, resume, mut log) = state.start("dpo", args.train.resume, policy.model)?;
+    let (model, resume, mut log) = state.start("dpo", args.train.resume, policy_model)?;
     let saver = state.saver(args.train.save_state_every);
     let (model, report) = train_dpo(
         model,
@@ -90,6 +93,11 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
     let provenance = Provenance::new("dpo", backend, json!({ "dpo": cfg }))
         .with_parent(&args.policy)?
         .with_parent(&args.data)?;
+    let provenance = super::lora_provenance::<posttrain_model::Gemma2ForCausalLM>(
+        provenance,
+        lora,
+        &args.policy,
+    )?;
     let out = super::finish_checkpoint(
         writer,
         &model,

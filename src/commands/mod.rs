@@ -207,7 +207,27 @@ pub fn finish_checkpoint<M: burn::module::Module>(
     seed: Option<u64>,
     metrics: serde_json::Value,
 ) -> anyhow::Result<std::path::PathBuf> {
-    writer.write_model(model, config, posttrain_model::SaveDtype::F32)?;
+    match provenance.lora.as_ref() {
+        Some(adapter) => {
+            let tensors = posttrain_model::lora::adapter_tensors(model);
+            let bytes = posttrain_model::safetensors_io::to_safetensors_bytes(
+                &tensors,
+                posttrain_model::SaveDtype::F32,
+            );
+            writer.write(posttrain_model::lora::ADAPTER_WEIGHTS_FILE, &bytes)?;
+            writer.write(
+                posttrain_model::lora::ADAPTER_CONFIG_FILE,
+                adapter
+                    .config
+                    .to_peft_json(
+                        Path::new(adapter.base.resolved.as_ref().unwrap_or(&adapter.base.path)),
+                        adapter.task,
+                    )
+                    .as_bytes(),
+            )?;
+        }
+        None => writer.write_model(model, config, posttrain_model::SaveDtype::F32)?,
+    }
     tokenizer.save(
         &writer
             .path()
@@ -236,6 +256,44 @@ impl posttrain_datasets::Record for JsonRow {
     fn to_row(&self) -> serde_json::Value {
         serde_json::Value::Object(self.0.clone())
     }
+}
+
+/// The model to train: `model` itself, or with LoRA factors on its frozen
+/// weights when `--lora-rank` asks for them (said on stderr), and the
+/// provenance that marks the output as an adapter on `base`.
+pub fn with_lora<M: posttrain_model::lora::Adaptable>(
+    stage: &str,
+    model: M,
+    lora: Option<&posttrain_model::LoraConfig>,
+    seed: u64,
+) -> M {
+    let Some(cfg) = lora else { return model };
+    let total = model.num_params();
+    let model = model.attach_lora(cfg, seed);
+    let trainable: usize = posttrain_model::params::trainable_params(&model)
+        .values()
+        .map(|t| t.data.len())
+        .sum();
+    eprintln!(
+        "{stage}: LoRA r={} α={} on {}: {trainable} trainable parameters ({:.2}% of {total})",
+        cfg.rank,
+        cfg.alpha,
+        cfg.targets.join(","),
+        100.0 * trainable as f64 / total as f64,
+    );
+    model
+}
+
+/// `provenance`, marked as a LoRA adapter on `base` when `lora` is set.
+pub fn lora_provenance<M: posttrain_model::lora::Adaptable>(
+    provenance: posttrain_model::Provenance,
+    lora: Option<posttrain_model::LoraConfig>,
+    base: &Path,
+) -> anyhow::Result<posttrain_model::Provenance> {
+    Ok(match lora {
+        Some(cfg) => provenance.with_lora(cfg, base, M::TASK)?,
+        None => provenance,
+    })
 }
 
 /// A reward model checkpoint with its tokenizer.

@@ -73,6 +73,11 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     } else {
         Distill::None
     };
+    if args.train.lora.lora_rank > 0 {
+        bail!(
+            "--lora-rank needs a checkpoint to adapt: use it with sft, reward --init, dpo or rlhf"
+        );
+    }
     let cfg = args.train.sft_config(distill, &args.distill, &args.lm)?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let config = Gemma2Config::from_file(&args.config)?;

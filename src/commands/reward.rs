@@ -105,6 +105,10 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         bail!("--size-ratio must be positive, got {}", args.size_ratio);
     }
     let optim = args.train.optim()?;
+    let lora = args.train.lora.config()?;
+    if lora.is_some() && args.init.is_none() {
+        bail!("--lora-rank needs --init: LoRA adapts an existing checkpoint, not new weights");
+    }
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let policy = load_config(&args.policy)?;
     let tokenizer = ChatTokenizer::from_file(&args.policy.join(TOKENIZER_FILE))?;
@@ -137,6 +141,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         json!(["Gemma2ForSequenceClassification"]),
     );
     config.extra.insert("num_labels".into(), 1.into());
+    let model = super::with_lora("reward", model, lora.as_ref(), args.train.seed);
     let state = posttrain_train::StateDir::new(
         &args.output.out,
         json!({
@@ -146,6 +151,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
             "size_ratio": args.size_ratio,
             "data": args.data,
             "eval": args.eval,
+            "lora": lora,
         }),
         &config,
         &writer.path().join("metrics.jsonl"),
@@ -176,6 +182,12 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
     )
     .with_parent(&args.policy)?
     .with_parent(&args.data)?;
+    let provenance = match (lora, &args.init) {
+        (Some(lora), Some(init)) => super::lora_provenance::<
+            posttrain_model::Gemma2ForSequenceClassification,
+        >(provenance, Some(lora), init)?,
+        _ => provenance,
+    };
     let mut metrics = serde_json::to_value(&report)?;
     metrics["size_ratio"] = ratio.into();
     let out = super::finish_checkpoint(

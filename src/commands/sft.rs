@@ -1,6 +1,6 @@
 use anyhow::{Context, Result, bail};
 use posttrain_datasets::LossOn;
-use posttrain_model::{CheckpointWriter, Provenance};
+use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
 use posttrain_sft::{Distill, OnPolicy, check_topk};
 use posttrain_train::Vocab;
 use serde_json::json;
@@ -29,12 +29,14 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     let mut settings = args.train.sft_config(kd, &args.distill, &args.lm)?;
     settings.on_policy = Some(on_policy(&args));
     settings.check(args.teacher.is_some())?;
+    let lora = args.train.lora.config()?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let super::ChatModel {
         config,
         model: student,
         tokenizer,
     } = super::ChatModel::load(&args.model, &device.clone().autodiff())?;
+    let student = super::with_lora("sft", student, lora.as_ref(), args.train.seed);
     let (config, tokenizer) = (&config, &tokenizer);
     let data = super::TrainData::load(
         tokenizer,
@@ -103,11 +105,12 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         &args.output.out,
         writer.path(),
         config,
-        json!({"train": cfg, "model": args.model, "data": args.data, "eval": args.eval, "teacher": args.teacher}),
+        json!({"train": cfg, "lora": lora, "model": args.model, "data": args.data, "eval": args.eval, "teacher": args.teacher}),
     )?;
     let provenance = Provenance::new("sft", backend, json!({"train": cfg}))
         .with_parent(&args.model)?
         .with_parent(&args.data)?;
+    let provenance = super::lora_provenance::<Gemma2ForCausalLM>(provenance, lora, &args.model)?;
     let out = super::finish_checkpoint(
         writer,
         &model,

@@ -8,7 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::{fails, fixture, fixture_copy, ok, s};
 
-fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+pub(crate) fn read_f32(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(name).unwrap();

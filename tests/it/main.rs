@@ -5,6 +5,7 @@ mod checkpoints;
 mod cli;
 mod determinism;
 mod dpo;
+mod lora;
 mod makefile;
 mod pipeline;
 mod resume;

@@ -16,8 +16,8 @@ pub(crate) fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 pub(crate) struct Micro {
     dir: tempfile::TempDir,
     pub task: PathBuf,
-    tokenizer: PathBuf,
-    config: PathBuf,
+    pub tokenizer: PathBuf,
+    pub config: PathBuf,
 }
 
 impl Micro {
