@@ -50,6 +50,15 @@ fn load<M>(
     Ok((config, model))
 }
 
+/// Whether `dir` holds a reward model (a `score` head, or a
+/// sequence-classification adapter) rather than a causal LM.
+pub fn is_reward_model(dir: &Path) -> Result<bool> {
+    Ok(match Adapter::find(dir)? {
+        Some(adapter) => adapter.task == crate::lora::PeftTask::SequenceClassification,
+        None => Weights::open(dir)?.info("score.weight").is_some(),
+    })
+}
+
 /// A causal LM from a checkpoint, or from an adapter directory (its base
 /// with the adapters merged in).
 pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {

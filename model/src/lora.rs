@@ -313,6 +313,7 @@ pub struct Adapter {
     pub dir: PathBuf,
     pub base: PathBuf,
     pub config: LoraConfig,
+    pub task: PeftTask,
 }
 
 impl Adapter {
@@ -373,10 +374,15 @@ impl Adapter {
                 base.display()
             )));
         }
+        let task = match v["task_type"].as_str() {
+            Some("SEQ_CLS") => PeftTask::SequenceClassification,
+            _ => PeftTask::CausalLm,
+        };
         Ok(Some(Self {
             dir: dir.to_path_buf(),
             base,
             config,
+            task,
         }))
     }
 

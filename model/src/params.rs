@@ -121,6 +121,20 @@ pub fn trainable_params<M: Module>(module: &M) -> BTreeMap<String, HostTensor> {
     out
 }
 
+/// The parameters that take gradients, on the device (no host copy).
+pub fn trainable_param_map<M: Module>(module: &M) -> ParamMap {
+    let mut out = ParamMap::new();
+    module.visit(&mut Walk {
+        path: Vec::new(),
+        grads: None,
+        only_trainable: true,
+        seen: |name, _, p| {
+            out.insert(name, p);
+        },
+    });
+    out
+}
+
 /// Every float parameter's shape, by name.
 pub fn param_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
     let mut out = BTreeMap::new();

@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use posttrain_datasets::{Epochs, Example};
-use posttrain_model::params::{ParamMap, param_map, with_params};
+use posttrain_model::params::{ParamMap, param_map, trainable_param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::logprobs::{
     batch_of, logprob_sums, per_example, sequence_logprobs, token_logprobs,
@@ -371,7 +371,11 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
 
     fn after_update(&mut self, policy: &Gemma2ForCausalLM) -> Result<(), RlhfError> {
         if self.cfg.anchor == Anchor::Ema {
-            let moved = ema(&param_map(&self.anchor), &param_map(policy), self.cfg.mu)?;
+            // only what trains moves: a LoRA policy's frozen base stays shared
+            let trained = trainable_param_map(policy);
+            let mut anchor = param_map(&self.anchor);
+            anchor.retain(|name, _| trained.contains_key(name));
+            let moved = ema(&anchor, &trained, self.cfg.mu)?;
             self.anchor = with_params(self.anchor.clone(), &moved);
         }
         if let Some(p) = self.step.as_mut() {

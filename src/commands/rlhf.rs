@@ -54,6 +54,7 @@ fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
 pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     let (device, backend) = (env.device()?, env.backend());
     let cfg = config(&args)?;
+    let lora = args.lora.config()?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let anchor_writer = match &args.anchor_out {
         Some(dir) => Some(CheckpointWriter::create(dir, args.output.overwrite)?),
@@ -64,6 +65,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         model: policy,
         tokenizer,
     } = super::ChatModel::load(&args.policy, &device.clone().autodiff())?;
+    let policy = super::with_lora("rlhf", policy, lora.as_ref(), args.seed);
     let init = policy.valid();
     let rm = match &args.reward {
         Some(dir) => Some(super::load_reward(dir, &device)?),
@@ -99,6 +101,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
             "reward": args.reward,
             "task_reward": args.task_reward,
             "prompts": args.prompts,
+            "lora": lora,
         }),
         &config,
         &writer.path().join("metrics.jsonl"),
@@ -114,7 +117,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     };
     // the policy, its snapshots and the anchor are written the same way
     let save = |w: CheckpointWriter, model: &Gemma2ForCausalLM, stage: &str, metrics| {
-        let p = provenance(stage, backend, &args, &cfg)?;
+        let p = provenance(stage, backend, &args, &cfg, lora.clone())?;
         let seed = Some(args.seed);
         super::finish_checkpoint(w, model, &config, &tokenizer, p, &[], seed, metrics)
     };
@@ -185,7 +188,13 @@ fn reward_source<'a>(
     })
 }
 
-fn provenance(stage: &str, backend: &str, args: &RlhfArgs, cfg: &RlhfConfig) -> Result<Provenance> {
+fn provenance(
+    stage: &str,
+    backend: &str,
+    args: &RlhfArgs,
+    cfg: &RlhfConfig,
+    lora: Option<posttrain_model::LoraConfig>,
+) -> Result<Provenance> {
     let mut p = Provenance::new(
         stage,
         backend,
@@ -195,7 +204,8 @@ fn provenance(stage: &str, backend: &str, args: &RlhfArgs, cfg: &RlhfConfig) -> 
     if let Some(rm) = &args.reward {
         p = p.with_parent(rm)?;
     }
-    Ok(p.with_parent(&args.prompts)?)
+    let p = p.with_parent(&args.prompts)?;
+    super::lora_provenance::<Gemma2ForCausalLM>(p, lora, &args.policy)
 }
 
 fn print_summary(report: &RlhfReport, out: &std::path::Path) {

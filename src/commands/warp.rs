@@ -42,10 +42,7 @@ pub fn run(command: WarpCommand, env: &Env) -> Result<()> {
 /// A checkpoint's config and parameters: a reward model when it has a
 /// `score` head, else a causal LM (each checked against its config).
 fn load_params(dir: &Path, device: &Device) -> Result<(Gemma2Config, ParamMap)> {
-    let has_head = posttrain_model::Weights::open(dir)?
-        .info("score.weight")
-        .is_some();
-    Ok(if has_head {
+    Ok(if posttrain_model::checkpoint::is_reward_model(dir)? {
         let (config, model) = posttrain_model::load_reward_model(dir, device)?;
         (config, param_map(&model))
     } else {

@@ -268,7 +268,7 @@ fn lora_settings_and_adapters_that_cannot_work_are_refused_in_one_line() {
     let convert = |from: &Path| {
         error_line(
             &["convert", "--model", s(from), "--out", s(&m.path("c"))],
-            &[s(&cfg.file_name().map(Path::new).unwrap().to_path_buf())],
+            &["adapter_config.json"],
         )
     };
     let line = convert(&moved);
@@ -285,4 +285,70 @@ fn lora_settings_and_adapters_that_cannot_work_are_refused_in_one_line() {
         &["adapter_model.safetensors", "lora_A", "r = 8"],
     );
     assert!(line.contains("shape"), "{line}");
+}
+
+#[test]
+fn rlhf_with_lora_keeps_an_adapter_anchor_and_warp_merges_the_merged_deltas() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prompts = m.task.join("train_prompts.jsonl");
+    let rlhf = |seed: &str| {
+        let out = m.path(&format!("rl-{seed}"));
+        let anchor = m.path(&format!("anchor-{seed}"));
+        ok(&[
+            "rlhf",
+            "--policy",
+            s(&policy),
+            "--task-reward",
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(&out),
+            "--anchor-out",
+            s(&anchor),
+            "--steps",
+            "20",
+            "--prompts-per-step",
+            "8",
+            "--max-new-tokens",
+            "12",
+            "--lr",
+            "3e-3",
+            "--seed",
+            seed,
+            "--lora-rank",
+            "4",
+        ]);
+        (out, anchor)
+    };
+    let (a, anchor) = rlhf("1");
+    let (b, _) = rlhf("2");
+    // the EMA anchor is an adapter on the same base, between init and policy
+    let name = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight";
+    let (_, policy_b) = read_f32(&a.join("adapter_model.safetensors"), name);
+    let (_, anchor_b) = read_f32(&anchor.join("adapter_model.safetensors"), name);
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(norm(&anchor_b) > 0.0 && norm(&anchor_b) < norm(&policy_b));
+    // WARP's merge reads the adapters as full models and writes one
+    let merged = m.path("merged");
+    ok(&[
+        "warp",
+        "merge",
+        "--init",
+        s(&policy),
+        "--policies",
+        s(&a),
+        s(&b),
+        "--eta",
+        "0.5",
+        "--out",
+        s(&merged),
+    ]);
+    let w = |dir: &Path, n: &str| read_f32(&dir.join("model.safetensors"), n).1;
+    let adapted = "model.layers.0.mlp.up_proj.weight";
+    assert_ne!(w(&merged, adapted), w(&policy, adapted));
+    assert_eq!(
+        w(&merged, "model.embed_tokens.weight"),
+        w(&policy, "model.embed_tokens.weight")
+    );
 }

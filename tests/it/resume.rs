@@ -226,3 +226,38 @@ fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
         "{err}"
     );
 }
+
+#[test]
+fn killed_and_resumed_lora_sft_equals_the_uninterrupted_run() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let data = m.task.join("train.jsonl");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "sft",
+            "--model",
+            s(&policy),
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--steps",
+            "60",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "0",
+            "--save-state-every",
+            "4",
+            "--lora-rank",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (whole, cut) = whole_and_resumed(&m, args);
+    let adapter =
+        |dir: &std::path::Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&cut), adapter(&whole), "resumed adapters differ");
+    assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
+}

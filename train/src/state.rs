@@ -166,9 +166,12 @@ impl StateDir {
     ) -> Result<(), StateError> {
         use SaveDtype::F32;
         let w = CheckpointWriter::create(&self.path, true)?;
-        w.write_weights(&self.config, &params::trainable_params(model), F32, 1)?;
+        // a LoRA run's frozen base is not state: the run reads it again
+        let trained = params::trainable_params(model);
+        w.write_weights(&self.config, &trained, F32, 1)?;
         for (name, m) in extra {
-            let tensors = params::named_params(*m);
+            let mut tensors = params::named_params(*m);
+            tensors.retain(|n, _| trained.contains_key(n));
             let bytes = safetensors_io::to_safetensors_bytes(&tensors, F32);
             w.write(&format!("{name}.safetensors"), &bytes)?;
         }
