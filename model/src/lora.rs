@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use crate::error::{ModelError, Result};
 use crate::gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2Model};
 use crate::layers::Linear;
-use crate::params::named_params;
+use crate::params::param_map;
 use crate::safetensors_io::HostTensor;
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
@@ -300,10 +300,10 @@ pub fn in_adapter(path: &str) -> bool {
 
 /// The tensors an adapter directory stores, by PEFT key.
 pub fn adapter_tensors<M: Module>(model: &M) -> BTreeMap<String, HostTensor> {
-    named_params(model)
+    param_map(model)
         .into_iter()
         .filter(|(name, _)| in_adapter(name))
-        .map(|(name, t)| (peft_key(&name), t))
+        .map(|(name, t)| (peft_key(&name), t.to_host()))
         .collect()
 }
 
@@ -409,7 +409,7 @@ impl Adapter {
 mod tests {
     use super::*;
     use crate::lora::Adaptable;
-    use crate::params::{param_map, with_params};
+    use crate::params::{named_params, with_params};
     use crate::{Gemma2Config, RandomInit, TokenBatch};
 
     fn tiny(device: &Device) -> Gemma2ForCausalLM {
