@@ -10,6 +10,7 @@ pub mod gemma2;
 pub mod generate;
 pub mod init;
 pub mod layers;
+pub mod lm_head;
 pub mod lora;
 pub mod pair;
 pub mod params;
