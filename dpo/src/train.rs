@@ -234,7 +234,7 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
                 .collect();
             let (batch, weights) = batch_of(&rows, self.pad, &self.device);
             tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-            let (sums, _, _) = sequence_logprobs(model, &batch, weights);
+            let sums = sequence_logprobs(model, &batch, weights, false).sums;
             let pick = |v: &[f64]| -> Vec<f64> { idx.iter().map(|&i| v[i]).collect() };
             let h = margins_of(
                 sums,

@@ -257,6 +257,9 @@ impl Gemma2Model {
 pub struct Gemma2ForCausalLM {
     pub model: Gemma2Model,
     pub final_softcap: Option<f64>,
+    /// Above this many logit elements a loss with a frozen head runs it in
+    /// chunks (see [`crate::lm_head`]).
+    pub head_chunk_elements: usize,
 }
 
 impl Gemma2ForCausalLM {
@@ -264,6 +267,7 @@ impl Gemma2ForCausalLM {
         Ok(Self {
             model: Gemma2Model::new(c, source, device)?,
             final_softcap: c.final_logit_softcapping,
+            head_chunk_elements: crate::lm_head::CHUNK_ELEMENTS,
         })
     }
 

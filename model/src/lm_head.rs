@@ -24,7 +24,8 @@ use crate::layers::soft_cap;
 use crate::skinny_matmul::matmul_transposed;
 use crate::tokens::TokenBatch;
 
-/// Logit elements per chunk: 16M floats, 64 rows at a 256k vocabulary.
+/// Logit elements per chunk by default: 16M floats, 64 rows at a 256k
+/// vocabulary (`Gemma2ForCausalLM::head_chunk_elements`).
 pub const CHUNK_ELEMENTS: usize = 1 << 24;
 
 /// The `[batch, len − 1]` slots a loss reads (flat `r·(len − 1) + c`, slot
@@ -72,20 +73,29 @@ impl Slots {
     }
 
     /// Rows of a per-slot tensor `[batch·(len − 1), …]` at these slots.
-    pub fn select<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    pub fn select<const D: usize, K: burn::tensor::kind::Basic>(
+        &self,
+        x: Tensor<D, K>,
+    ) -> Tensor<D, K> {
         let device = x.device();
         let idx: Vec<i64> = self.flat.iter().map(|&q| q as i64).collect();
         let n = idx.len();
-        x.select(0, Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device))
+        x.select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device),
+        )
     }
 
-    /// Scatters per-slot values back to `[batch, len − 1]` (0 elsewhere).
-    pub fn spread(&self, values: &[f64], batch: usize) -> Vec<f64> {
-        let mut out = vec![0.0; batch * (self.len - 1)];
-        for (&q, &v) in self.flat.iter().zip(values) {
-            out[q] = v;
-        }
-        out
+    /// Per-slot values `[n]` back at their positions, `[batch, len − 1]`
+    /// (0 elsewhere; differentiable in `values`).
+    pub fn spread(&self, values: Tensor<1>, batch: usize) -> Tensor<2> {
+        let device = values.device();
+        let idx: Vec<i64> = self.flat.iter().map(|&q| q as i64).collect();
+        let n = idx.len();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device.clone().inner());
+        Tensor::<1>::zeros([batch * (self.len - 1)], &device)
+            .select_assign(0, idx, values, burn::tensor::IndexingUpdateOp::Add)
+            .reshape([batch, self.len - 1])
     }
 }
 
@@ -104,6 +114,19 @@ pub struct HeadOutput {
 }
 
 impl Gemma2ForCausalLM {
+    /// Whether the tied head's weight takes gradients (full fine-tuning).
+    pub fn head_trains(&self) -> bool {
+        self.model.embed_tokens.weight.is_require_grad()
+    }
+
+    /// Whether losses over `batch` go through the chunked head: the head is
+    /// frozen and the whole logits would exceed one chunk. Otherwise the
+    /// logits of every position are formed at once, as in a plain forward.
+    pub fn chunks_head(&self, batch: &TokenBatch) -> bool {
+        !self.head_trains()
+            && batch.batch * batch.len * self.vocab_size() > self.head_chunk_elements
+    }
+
     /// The hidden states `[n, hidden]` that predict `slots`.
     pub fn slot_hidden(&self, hidden: Tensor<3>, slots: &Slots) -> Tensor<2> {
         let [b, t, h] = hidden.dims();
@@ -126,7 +149,7 @@ impl Gemma2ForCausalLM {
 
     /// Rows per chunk at this vocabulary.
     pub fn head_chunk(&self) -> usize {
-        (CHUNK_ELEMENTS / self.vocab_size()).max(1)
+        (self.head_chunk_elements / self.vocab_size()).max(1)
     }
 
     /// `g` on the logits of `rows` (`[n, hidden]`), `chunk` rows at a time;
@@ -198,7 +221,11 @@ impl Gemma2ForCausalLM {
 }
 
 /// The slots' target ids `[n]`.
-pub fn target_ids(slots: &Slots, batch: &TokenBatch, device: &burn::tensor::Device) -> Tensor<1, Int> {
+pub fn target_ids(
+    slots: &Slots,
+    batch: &TokenBatch,
+    device: &burn::tensor::Device,
+) -> Tensor<1, Int> {
     let ids: Vec<i64> = slots.targets(batch).into_iter().map(i64::from).collect();
     let n = ids.len();
     Tensor::from_data(TensorData::new(ids, [n]), &device.clone().inner())
@@ -208,13 +235,14 @@ pub fn target_ids(slots: &Slots, batch: &TokenBatch, device: &burn::tensor::Devi
 pub fn target_logprobs(z: Tensor<3>, targets: Tensor<1, Int>) -> Tensor<1> {
     let [_, m, _] = z.dims();
     let logp = burn::tensor::activation::log_softmax(z, 2);
-    let device = logp.device();
-    let targets = if device.is_autodiff() {
-        targets
-    } else {
-        targets.inner()
-    };
     logp.gather(2, targets.reshape([1, m, 1])).reshape([m])
+}
+
+/// Entropy of `softmax(z)` per row: `z` `[1, m, vocab]` → `[m]`.
+pub fn row_entropy(z: Tensor<3>) -> Tensor<1> {
+    let [_, m, _] = z.dims();
+    let logp = burn::tensor::activation::log_softmax(z, 2);
+    logp.clone().exp().mul(logp).sum_dim(2).reshape([m]).neg()
 }
 
 #[cfg(test)]
@@ -255,9 +283,7 @@ mod tests {
         let rows = [vec![2, 5, 9, 11, 3], vec![2, 7, 30], vec![2, 39, 8, 17, 21]];
         let b = TokenBatch::new(&rows, 0, crate::Padding::Right);
         // targets: the last two of row 0, two of row 1, the last three of row 2
-        let w = vec![
-            0., 0., 1., 1., 0., 1., 1., 0., 0., 1., 1., 1.,
-        ];
+        let w = vec![0., 0., 1., 1., 0., 1., 1., 0., 0., 1., 1., 1.];
         (b, w)
     }
 

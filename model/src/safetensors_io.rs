@@ -160,11 +160,9 @@ impl WeightFile {
         // pages, and a later read of the range faults them in again from
         // the file. The result is advisory, so an error is ignored.
         unsafe {
-            let _ = self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                start,
-                len,
-            );
+            let _ = self
+                .map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
         }
         #[cfg(not(unix))]
         let _ = (start, len);

@@ -12,7 +12,7 @@ use posttrain_datasets::{Epochs, Example};
 use posttrain_model::params::{ParamMap, param_map, trainable_param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::logprobs::{
-    batch_of, logprob_sums, per_example, sequence_logprobs, token_logprobs,
+    SequenceLogprobs, batch_of, logprob_sums, per_example, sequence_logprobs, token_logprobs,
 };
 use posttrain_train::rollout::{PromptSet, Rollouts, roll_out};
 use posttrain_train::{
@@ -25,7 +25,7 @@ use serde_json::json;
 use crate::grpo::Advantage;
 use crate::kl_estimators::{KlEstimator, KlIn};
 use crate::rloo::{policy_gradient_loss, shaped_reward};
-use crate::rollout::{Reward, mean_entropy};
+use crate::rollout::Reward;
 
 /// What the KL term pulls towards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -312,8 +312,12 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         for (c, chunk) in rollouts.examples.chunks(per_chunk).enumerate() {
             let at = c * per_chunk;
             let (batch, weights) = batch_of(chunk, pad, &self.device);
-            let (sums, logits, tokens) = sequence_logprobs(policy, &batch, weights.clone());
-            entropy_sum += mean_entropy(logits, weights.clone());
+            let SequenceLogprobs {
+                sums,
+                tokens,
+                entropy,
+            } = sequence_logprobs(policy, &batch, weights.clone(), true);
+            entropy_sum += entropy.expect("asked for");
             let lp = sums
                 .clone()
                 .inner()

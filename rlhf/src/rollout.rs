@@ -4,8 +4,6 @@
 
 use std::path::Path;
 
-use burn::tensor::Tensor;
-use burn::tensor::activation::log_softmax;
 use posttrain_datasets::{ChatTokenizer, DataError};
 use posttrain_model::{Gemma2ForSequenceClassification, Padding};
 use posttrain_reward::{encode_pairs, score_examples};
@@ -61,21 +59,4 @@ impl Judge<'_> {
         );
         Ok(scores.into_iter().map(f64::from).collect())
     }
-}
-
-/// Mean entropy of the model's next-token distribution over the positions
-/// that predict a sampled token (no gradient).
-pub fn mean_entropy(logits: Tensor<3>, weights: Tensor<2>) -> f64 {
-    let [b, t, _] = logits.dims();
-    let logp = log_softmax(logits.inner().narrow(1, 0, t - 1), 2);
-    let h = logp
-        .clone()
-        .exp()
-        .mul(logp)
-        .sum_dim(2)
-        .reshape([b, t - 1])
-        .neg();
-    let w = weights.inner();
-    let n = w.clone().sum().into_scalar::<f64>().max(1.0);
-    h.mul(w).sum().into_scalar::<f64>() / n
 }

@@ -5,6 +5,7 @@
 use burn::module::Module;
 use posttrain_datasets::{ChatTokenizer, Example};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate_batches};
+use posttrain_train::logprobs::sequence_logprobs;
 use posttrain_train::make_batch;
 use posttrain_train::rollout::Scorer;
 
@@ -40,6 +41,12 @@ pub fn eval_loss(
     for chunk in refs.chunks(batch_size.max(1)) {
         let (batch, weights) = make_batch(chunk, pad, &device);
         let n = weights.clone().sum().into_scalar::<f64>();
+        if model.chunks_head(&batch) {
+            let lp = sequence_logprobs(&model, &batch, weights, false).sums;
+            total -= lp.sum().into_scalar::<f64>();
+            count += n;
+            continue;
+        }
         let ce = cross_entropy(model.forward(&batch), &batch, weights);
         total += ce.into_scalar::<f64>() * n;
         count += n;

@@ -12,6 +12,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use posttrain_datasets::{Epochs, Example};
+use posttrain_model::lm_head::{RowTerms, Slots, target_ids, target_logprobs};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, TokenBatch};
 use posttrain_train::rollout::complete;
 use posttrain_train::{
@@ -191,6 +192,9 @@ fn data_loss(
     weights: Tensor<2>,
     cfg: &SftConfig,
 ) -> Parts {
+    if model.chunks_head(batch) {
+        return chunked_loss(model, teacher, examples, batch, weights, cfg, None);
+    }
     let logits = model.forward(batch);
     let [_, t, _] = logits.dims();
     let ce = cross_entropy(logits.clone(), batch, weights.clone());
@@ -220,6 +224,105 @@ fn data_loss(
         loss,
         ce: Some(ce),
         kl,
+        jsd: None,
+    }
+}
+
+/// [`data_loss`] (or, with `on_policy`, [`on_policy_loss`]) through the
+/// chunked head: the same per-position terms, summed chunk by chunk over
+/// only the target positions.
+fn chunked_loss(
+    model: &Gemma2ForCausalLM,
+    teacher: Option<&Gemma2ForCausalLM>,
+    examples: &[&Example],
+    batch: &TokenBatch,
+    weights: Tensor<2>,
+    cfg: &SftConfig,
+    on_policy: Option<&OnPolicy>,
+) -> Parts {
+    let (b, t) = (batch.batch, batch.len);
+    let host: Vec<f32> = weights
+        .clone()
+        .inner()
+        .into_data()
+        .try_to_vec()
+        .expect("f32");
+    let slots = Slots::nonzero(&host, batch);
+    let count = host.iter().sum::<f32>().max(1.0);
+    let w = slots
+        .select(weights.inner().reshape([b * (t - 1)]))
+        .div_scalar(count);
+    let hidden = model.model.forward(batch, None);
+    let rows = model.slot_hidden(hidden, &slots);
+    let device = rows.device().inner();
+    let targets = target_ids(&slots, batch, &device);
+    let teacher_rows = teacher
+        .filter(|_| on_policy.is_some() || (cfg.distill == Distill::Live && cfg.alpha != 0.0))
+        .map(|tm| (tm, tm.slot_hidden(tm.model.forward(batch, None), &slots)));
+    let topk = match cfg.distill {
+        Distill::TopK { rest } if on_policy.is_none() && cfg.alpha != 0.0 => {
+            let (ids, lps) = topk_tensors(examples, t, &device);
+            let k = ids.dims()[2];
+            let ids = slots.select(ids.reshape([b * (t - 1), k]));
+            let lps = slots.select(lps.reshape([b * (t - 1), k]));
+            Some((ids, lps, k, rest))
+        }
+        _ => None,
+    };
+    let tau = cfg.temperature;
+    let out = model.head_terms(rows, model.head_chunk(), |z, r| {
+        let m = r.len();
+        let w = w.clone().narrow(0, r.start, m);
+        let teacher_z = teacher_rows
+            .as_ref()
+            .map(|(tm, rows)| tm.row_logits(rows.clone().narrow(0, r.start, m)));
+        if let Some(op) = on_policy {
+            let jsd = generalized_jsd(z, teacher_z.expect("GKD has a teacher"), op.beta, tau)
+                .reshape([m])
+                * w;
+            return RowTerms {
+                grad: jsd.clone().mul_scalar(tau * tau),
+                values: vec![jsd],
+            };
+        }
+        let ce =
+            target_logprobs(z.clone(), targets.clone().narrow(0, r.start, m)).neg() * w.clone();
+        let kl = match (&topk, teacher_z) {
+            (Some((ids, lps, k, rest)), _) => Some(topk_kl(
+                z,
+                ids.clone().narrow(0, r.start, m).reshape([1, m, *k]),
+                lps.clone().narrow(0, r.start, m).reshape([1, m, *k]),
+                tau,
+                *rest,
+            )),
+            (None, Some(tz)) => Some(forward_kl(z, tz, tau)),
+            (None, None) => None,
+        };
+        match kl.map(|kl| kl.reshape([m]) * w) {
+            Some(kl) => RowTerms {
+                grad: mix(ce.clone(), kl.clone(), cfg.alpha, tau),
+                values: vec![ce, kl],
+            },
+            None => RowTerms {
+                grad: ce.clone(),
+                values: vec![ce],
+            },
+        }
+    });
+    let loss = out.grad.sum();
+    let mut values = out.values.into_iter().map(|v| v.sum());
+    if on_policy.is_some() {
+        return Parts {
+            loss,
+            ce: None,
+            kl: None,
+            jsd: values.next(),
+        };
+    }
+    Parts {
+        loss,
+        ce: values.next(),
+        kl: values.next(),
         jsd: None,
     }
 }
@@ -255,6 +358,9 @@ fn on_policy_loss(
     cfg: &SftConfig,
     op: &OnPolicy,
 ) -> Parts {
+    if model.chunks_head(batch) {
+        return chunked_loss(model, Some(teacher), &[], batch, weights, cfg, Some(op));
+    }
     let logits = model.forward(batch);
     let [_, t, _] = logits.dims();
     let teacher_logits = teacher.forward(batch).autodiff();
@@ -858,5 +964,179 @@ mod tests {
         .unwrap()
         .0;
         assert_eq!(named_params(&resumed), named_params(&whole));
+    }
+}
+
+#[cfg(test)]
+mod chunked_tests {
+    use super::*;
+    use posttrain_datasets::TopK;
+    use posttrain_model::lora::{Adaptable, TARGETS};
+    use posttrain_model::params::{named_grads, param_map, with_params};
+    use posttrain_model::{Gemma2Config, LoraConfig, RandomInit};
+
+    const VOCAB: usize = 24;
+
+    fn model(seed: u64, device: &Device) -> Gemma2ForCausalLM {
+        let mut c = Gemma2Config::new(VOCAB, 16, 32, 2, 2, 1, 8, 4);
+        c.final_logit_softcapping = Some(5.0);
+        Gemma2ForCausalLM::new(&c, &mut RandomInit::new(seed), device).unwrap()
+    }
+
+    /// A LoRA student whose B factors are not zero, so every factor has a gradient.
+    fn student(device: &Device) -> Gemma2ForCausalLM {
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+        };
+        let m = model(1, device).attach_lora(&cfg, 3);
+        let mut p = param_map(&m);
+        for (name, t) in p.iter_mut() {
+            if name.contains("lora_b") {
+                let n = t.shape.iter().product::<usize>();
+                let v: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) * 0.03).collect();
+                *t = t.with(Tensor::from_data(TensorData::new(v, [n]), device));
+            }
+        }
+        with_params(m, &p)
+    }
+
+    /// Completion rows of different lengths with the teacher's top-4 stored.
+    fn examples(teacher: &Gemma2ForCausalLM) -> Vec<Example> {
+        (0..5u32)
+            .map(|i| {
+                let (p, c) = (2 + (i % 2) as usize, 2 + (i % 3) as usize);
+                let ids: Vec<u32> = (0..p + c)
+                    .map(|j| 6 + (i * 5 + j as u32 * 3) % 18)
+                    .collect();
+                let target: Vec<bool> = (0..ids.len()).map(|j| j >= p).collect();
+                let batch = TokenBatch::dense(ids.clone(), 1, ids.len());
+                let logp = burn::tensor::activation::log_softmax(teacher.forward(&batch), 2)
+                    .into_data()
+                    .try_into_vec::<f32>()
+                    .unwrap();
+                let mut top = TopK {
+                    ids: vec![],
+                    logprobs: vec![],
+                };
+                for q in 0..ids.len() - 1 {
+                    if target[q + 1] {
+                        let row = &logp[q * VOCAB..(q + 1) * VOCAB];
+                        let mut order: Vec<u32> = (0..VOCAB as u32).collect();
+                        order.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+                        order.truncate(4);
+                        top.logprobs
+                            .push(order.iter().map(|&j| row[j as usize]).collect());
+                        top.ids.push(order);
+                    }
+                }
+                Example {
+                    ids,
+                    target,
+                    topk: Some(top),
+                }
+            })
+            .collect()
+    }
+
+    fn cfg(distill: Distill, alpha: f64) -> SftConfig {
+        SftConfig {
+            optim: OptimConfig {
+                steps: 1,
+                lr: 1e-3,
+                warmup: 0,
+                min_lr_ratio: 1.0,
+                weight_decay: 0.0,
+                beta1: 0.9,
+                beta2: 0.95,
+                clip: 1.0,
+                accumulation: 1,
+            },
+            batch_size: 5,
+            eval_every: 0,
+            seed: 0,
+            distill,
+            alpha,
+            temperature: 2.0,
+            on_policy: None,
+            eval_samples: 0,
+            eval_max_new_tokens: 4,
+        }
+    }
+
+    /// The loss, its reported parts and every gradient.
+    fn evaluate(
+        chunk_rows: Option<usize>,
+        cfg: &SftConfig,
+        gkd: bool,
+    ) -> (Vec<f64>, Vec<Vec<f32>>) {
+        let device = Device::default().autodiff();
+        let teacher = model(9, &Device::default());
+        let train = examples(&teacher);
+        let refs: Vec<&Example> = train.iter().collect();
+        let mut m = student(&device);
+        if let Some(rows) = chunk_rows {
+            m.head_chunk_elements = rows * VOCAB;
+        }
+        let (batch, weights) = make_batch(&refs, 0, &device);
+        assert_eq!(m.chunks_head(&batch), chunk_rows.is_some());
+        let parts = if gkd {
+            let op = OnPolicy {
+                fraction: 1.0,
+                beta: 0.3,
+                temperature: 1.0,
+                max_new_tokens: 4,
+            };
+            on_policy_loss(&m, &teacher, &batch, weights, cfg, &op)
+        } else {
+            data_loss(&m, Some(&teacher), &refs, &batch, weights, cfg)
+        };
+        let scalar =
+            |t: &Option<Tensor<1>>| t.as_ref().map_or(-1.0, |t| t.clone().into_scalar::<f64>());
+        let values = vec![
+            parts.loss.clone().into_scalar::<f64>(),
+            scalar(&parts.ce),
+            scalar(&parts.kl),
+            scalar(&parts.jsd),
+        ];
+        let grads = named_grads(&m, &parts.loss.backward());
+        assert_eq!(grads.len(), 2 * 2 * 7);
+        (values, grads.into_values().map(|g| g.data).collect())
+    }
+
+    #[test]
+    fn every_sft_loss_through_the_chunked_head_equals_the_whole_logits() {
+        let cases = [
+            (cfg(Distill::None, 0.0), false),
+            (cfg(Distill::TopK { rest: false }, 0.7), false),
+            (cfg(Distill::TopK { rest: true }, 0.7), false),
+            (cfg(Distill::Live, 0.5), false),
+            (cfg(Distill::None, 0.0), true),
+        ];
+        for (cfg, gkd) in &cases {
+            let (want, want_g) = evaluate(None, cfg, *gkd);
+            for rows in [1, 3] {
+                let (got, got_g) = evaluate(Some(rows), cfg, *gkd);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1e-3),
+                        "{:?}: {got:?} vs {want:?}",
+                        cfg.distill
+                    );
+                }
+                for (g, w) in got_g.iter().zip(&want_g) {
+                    let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+                    assert!(scale > 0.0);
+                    for (a, b) in g.iter().zip(w) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale,
+                            "{:?} gkd {gkd}: {a} vs {b}",
+                            cfg.distill
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -2,9 +2,11 @@
 //! answer) under any causal LM: per sequence, per token, with or without
 //! gradients.
 
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
 use posttrain_datasets::Example;
 use posttrain_model::gemma2::next_token_logprobs;
+use posttrain_model::lm_head::{RowTerms, Slots, row_entropy, target_ids, target_logprobs};
 use posttrain_model::{Gemma2ForCausalLM, TokenBatch};
 
 use crate::make_batch;
@@ -15,19 +17,87 @@ pub fn batch_of(examples: &[Example], pad: u32, device: &Device) -> (TokenBatch,
     make_batch(&refs, pad, device)
 }
 
-/// Sum of the sampled tokens' log-probabilities per sequence `[n]`, the
-/// logits they came from, and the log-probabilities per position `[n, t − 1]`
-/// (0 where no sampled token is predicted).
+/// The sampled tokens' log-probabilities under a model: per sequence,
+/// per position, and the mean entropy of the next-token distribution.
+pub struct SequenceLogprobs {
+    /// Per sequence `[n]`, differentiable.
+    pub sums: Tensor<1>,
+    /// Per position `[n, t − 1]` (0 where no sampled token is predicted).
+    pub tokens: Tensor<2>,
+    /// Mean entropy over the positions that predict a sampled token, when
+    /// asked for (no gradient).
+    pub entropy: Option<f64>,
+}
+
+/// [`SequenceLogprobs`] of `batch` with target `weights` `[n, t − 1]`; the
+/// head runs in chunks over only the weighted positions when it is frozen
+/// and large (see `posttrain_model::lm_head`).
 pub fn sequence_logprobs(
     model: &Gemma2ForCausalLM,
     batch: &TokenBatch,
     weights: Tensor<2>,
-) -> (Tensor<1>, Tensor<3>, Tensor<2>) {
-    let logits = model.forward(batch);
+    entropy: bool,
+) -> SequenceLogprobs {
     let b = batch.batch;
-    let tokens = next_token_logprobs(logits.clone(), batch).mul(weights);
+    let hidden = model.model.forward(batch, None);
+    if !model.chunks_head(batch) {
+        let logits = model.logits(hidden);
+        let tokens = next_token_logprobs(logits.clone(), batch).mul(weights.clone());
+        let sums = tokens.clone().sum_dim(1).reshape([b]);
+        let entropy = entropy.then(|| mean_entropy(logits, weights));
+        return SequenceLogprobs {
+            sums,
+            tokens,
+            entropy,
+        };
+    }
+    let w: Vec<f32> = weights
+        .clone()
+        .inner()
+        .into_data()
+        .try_to_vec()
+        .expect("f32 weights");
+    let slots = Slots::nonzero(&w, batch);
+    let w = slots.select(weights.inner().reshape([b * (batch.len - 1)]));
+    let rows = model.slot_hidden(hidden, &slots);
+    let targets = target_ids(&slots, batch, &rows.device());
+    let out = model.head_terms(rows, model.head_chunk(), |z, r| RowTerms {
+        grad: target_logprobs(z.clone(), targets.clone().narrow(0, r.start, r.len()))
+            * w.clone().narrow(0, r.start, r.len()),
+        values: if entropy {
+            vec![row_entropy(z)]
+        } else {
+            Vec::new()
+        },
+    });
+    let tokens = slots.spread(out.grad, b);
     let sums = tokens.clone().sum_dim(1).reshape([b]);
-    (sums, logits, tokens)
+    let entropy = out.values.into_iter().next().map(|h| {
+        let n = slots.len().max(1) as f64;
+        h.sum().into_scalar::<f64>() / n
+    });
+    SequenceLogprobs {
+        sums,
+        tokens,
+        entropy,
+    }
+}
+
+/// Mean entropy of the model's next-token distribution over the positions
+/// that predict a sampled token (no gradient).
+pub fn mean_entropy(logits: Tensor<3>, weights: Tensor<2>) -> f64 {
+    let [b, t, _] = logits.dims();
+    let logp = log_softmax(logits.inner().narrow(1, 0, t - 1), 2);
+    let h = logp
+        .clone()
+        .exp()
+        .mul(logp)
+        .sum_dim(2)
+        .reshape([b, t - 1])
+        .neg();
+    let w = weights.inner();
+    let n = w.clone().sum().into_scalar::<f64>().max(1.0);
+    h.mul(w).sum().into_scalar::<f64>() / n
 }
 
 /// Each example's sampled-token log-probabilities, in order, read from
@@ -57,7 +127,7 @@ pub fn token_logprobs(
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let (batch, weights) = batch_of(chunk, pad, &device);
-        let (_, _, tokens) = sequence_logprobs(model, &batch, weights);
+        let tokens = sequence_logprobs(model, &batch, weights, false).tokens;
         let values = tokens.into_data().try_into_vec_as::<f64>().expect("float");
         out.extend(per_example(chunk, &values, batch.len));
     }
@@ -76,8 +146,99 @@ pub fn logprob_sums(
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let (batch, weights) = batch_of(chunk, pad, &device);
-        let (s, _, _) = sequence_logprobs(model, &batch, weights);
+        let s = sequence_logprobs(model, &batch, weights, false).sums;
         out.extend(s.into_data().try_into_vec_as::<f64>().expect("float sums"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+    use posttrain_model::lora::{Adaptable, TARGETS};
+    use posttrain_model::params::{named_grads, param_map, with_params};
+    use posttrain_model::{Gemma2Config, LoraConfig, RandomInit};
+
+    fn policy(device: &Device, chunk_rows: Option<usize>) -> Gemma2ForCausalLM {
+        let mut c = Gemma2Config::new(30, 16, 32, 2, 2, 1, 8, 4);
+        c.final_logit_softcapping = Some(4.0);
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 2.0,
+            targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+        };
+        let m = Gemma2ForCausalLM::new(&c, &mut RandomInit::new(4), device)
+            .unwrap()
+            .attach_lora(&cfg, 2);
+        let mut p = param_map(&m);
+        for (name, t) in p.iter_mut() {
+            if name.contains("lora_b") {
+                let n = t.shape.iter().product::<usize>();
+                let v: Vec<f32> = (0..n).map(|i| ((i % 3) as f32 - 1.0) * 0.05).collect();
+                *t = t.with(Tensor::from_data(TensorData::new(v, [n]), device));
+            }
+        }
+        let mut m = with_params(m, &p);
+        if let Some(rows) = chunk_rows {
+            m.head_chunk_elements = rows * 30;
+        }
+        m
+    }
+
+    /// Sums, tokens and entropy of sampled completions, and the gradient of
+    /// a DPO-like nonlinear function of the sums.
+    fn run(chunk_rows: Option<usize>) -> (Vec<f32>, Vec<f32>, f64, Vec<Vec<f32>>) {
+        let device = Device::default().autodiff();
+        let m = policy(&device, chunk_rows);
+        let examples: Vec<Example> = (0..4u32)
+            .map(|i| {
+                let ids: Vec<u32> = (0..4 + i as usize)
+                    .map(|j| 5 + (i * 3 + j as u32 * 7) % 25)
+                    .collect();
+                let target = (0..ids.len()).map(|j| j >= 2).collect();
+                Example {
+                    ids,
+                    target,
+                    topk: None,
+                }
+            })
+            .collect();
+        let (batch, weights) = batch_of(&examples, 0, &device);
+        assert_eq!(m.chunks_head(&batch), chunk_rows.is_some());
+        let out = sequence_logprobs(&m, &batch, weights, true);
+        let loss = burn::tensor::activation::sigmoid(out.sums.clone().mul_scalar(0.3))
+            .log()
+            .sum();
+        let grads = named_grads(&m, &loss.backward());
+        let host = |t: Tensor<2>| t.inner().into_data().try_into_vec::<f32>().unwrap();
+        (
+            out.sums.inner().into_data().try_into_vec::<f32>().unwrap(),
+            host(out.tokens),
+            out.entropy.unwrap(),
+            grads.into_values().map(|g| g.data).collect(),
+        )
+    }
+
+    #[test]
+    fn chunked_sequence_logprobs_equal_the_whole_logits() {
+        let (sums, tokens, entropy, grads) = run(None);
+        for rows in [1, 4] {
+            let (s, t, e, g) = run(Some(rows));
+            let close = |a: &[f32], b: &[f32]| {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+            };
+            assert!(close(&s, &sums), "{s:?} vs {sums:?}");
+            assert!(close(&t, &tokens));
+            assert!((e - entropy).abs() < 1e-5);
+            assert_eq!(g.len(), 28);
+            for (a, b) in g.iter().zip(&grads) {
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale));
+            }
+        }
+    }
 }
