@@ -456,6 +456,9 @@ pub struct TrainArgs {
     pub resume: bool,
     #[command(flatten)]
     pub lora: LoraArgs,
+    /// Start even when the memory estimate exceeds the available memory.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// LoRA: low-rank adapters trained on a frozen base; the output is then a
@@ -780,6 +783,9 @@ pub struct RlhfArgs {
     pub resume: bool,
     #[command(flatten)]
     pub lora: LoraArgs,
+    /// Start even when the memory estimate exceeds the available memory.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]

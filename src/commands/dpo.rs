@@ -24,8 +24,37 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
     cfg.check()?;
     let lora = args.train.lora.config()?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
-    let policy = super::ChatModel::load(&args.policy, &device.clone().autodiff())?;
-    let (config, tokenizer) = (&policy.config, &policy.tokenizer);
+    let (config, tokenizer) = super::chat_config(&args.policy)?;
+    let (config, tokenizer) = (&config, &tokenizer);
+    let max_len = config.max_position_embeddings;
+    let load = |path: &std::path::Path| -> Result<_> {
+        let rows: Vec<Preference> = read_records(path)?;
+        Ok(encode_preferences(tokenizer, &rows, max_len, path)?)
+    };
+    let train = load(&args.data)?;
+    let eval = match &args.eval {
+        Some(path) => load(path)?,
+        None => Vec::new(),
+    };
+    // a reference of its own, or (full fine-tuning) the policy's frozen copy
+    let reference_params = match (&args.reference, &lora) {
+        (Some(dir), _) => posttrain_model::load_config(dir)?.num_params(),
+        (None, None) => config.num_params(),
+        (None, Some(_)) => 0,
+    };
+    let plan = posttrain_train::memory::Plan {
+        config,
+        lora: lora.as_ref(),
+        batch: 2 * args.train.batch_size,
+        longest: train
+            .iter()
+            .map(|p| p.chosen.ids.len().max(p.rejected.ids.len()))
+            .max()
+            .unwrap_or(0),
+        frozen_params: reference_params,
+    };
+    let memory = super::check_memory(&plan, args.train.force)?;
+    let (_, policy) = posttrain_model::load_causal_lm(&args.policy, &device.clone().autodiff())?;
     let reference = match &args.reference {
         Some(dir) => {
             let r = super::ChatModel::load(dir, &device)?;
@@ -43,19 +72,9 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
             }
             r.model
         }
-        None => burn::module::Module::valid(&policy.model),
+        None => burn::module::Module::valid(&policy),
     };
-    let policy_model = super::with_lora("dpo", policy.model, lora.as_ref(), args.train.seed);
-    let max_len = config.max_position_embeddings;
-    let load = |path: &std::path::Path| -> Result<_> {
-        let rows: Vec<Preference> = read_records(path)?;
-        Ok(encode_preferences(tokenizer, &rows, max_len, path)?)
-    };
-    let train = load(&args.data)?;
-    let eval = match &args.eval {
-        Some(path) => load(path)?,
-        None => Vec::new(),
-    };
+    let policy_model = super::with_lora("dpo", policy, lora.as_ref(), args.train.seed);
     eprintln!(
         "dpo: {} params, {} train / {} eval pairs, β {}, {:?} loss, reference {}",
         config.num_params(),
@@ -65,6 +84,7 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         cfg.loss,
         args.reference.as_deref().unwrap_or(&args.policy).display()
     );
+    eprintln!("dpo: {memory}");
     let state = posttrain_train::StateDir::new(
         &args.output.out,
         json!({

@@ -50,10 +50,8 @@ pub struct ChatModel {
 
 impl ChatModel {
     pub fn load(dir: &std::path::Path, device: &burn::tensor::Device) -> anyhow::Result<Self> {
-        let (config, model) = posttrain_model::load_causal_lm(dir, device)?;
-        let path = dir.join(posttrain_model::checkpoint::TOKENIZER_FILE);
-        let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
-        check_tokenizer_fits(&tokenizer, &path, &config, &dir.join("config.json"))?;
+        let (config, tokenizer) = chat_config(dir)?;
+        let (_, model) = posttrain_model::load_causal_lm(dir, device)?;
         Ok(Self {
             config,
             model,
@@ -64,6 +62,39 @@ impl ChatModel {
     pub fn stop_ids(&self) -> Vec<u32> {
         stop_ids(&self.config, &self.tokenizer)
     }
+}
+
+/// A checkpoint's config and tokenizer (checked to fit each other), without
+/// its weights.
+pub fn chat_config(
+    dir: &Path,
+) -> anyhow::Result<(
+    posttrain_model::Gemma2Config,
+    posttrain_datasets::ChatTokenizer,
+)> {
+    let config = posttrain_model::load_config(dir)?;
+    let path = dir.join(posttrain_model::checkpoint::TOKENIZER_FILE);
+    let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
+    check_tokenizer_fits(&tokenizer, &path, &config, &dir.join("config.json"))?;
+    Ok((config, tokenizer))
+}
+
+/// The run's memory estimate as a line to print once the stage starts;
+/// refuses the run when it exceeds the available memory (unless `force`),
+/// before any weights load.
+pub fn check_memory(plan: &posttrain_train::memory::Plan, force: bool) -> anyhow::Result<String> {
+    use posttrain_train::memory;
+    let footprint = memory::estimate(plan);
+    let available = memory::available();
+    memory::check(&footprint, available, force).map_err(anyhow::Error::msg)?;
+    Ok(format!(
+        "memory estimate {}{}",
+        footprint.describe(),
+        available.map_or(String::new(), |a| format!(
+            ", {:.1} GB available",
+            a as f64 / 1e9
+        ))
+    ))
 }
 
 /// Generation stops at the config's EOS ids, `<eos>` and `<end_of_turn>`.
@@ -106,6 +137,11 @@ pub struct TrainData {
 }
 
 impl TrainData {
+    /// The longest training row, in tokens.
+    pub fn longest(&self) -> usize {
+        self.train.iter().map(|e| e.ids.len()).max().unwrap_or(0)
+    }
+
     pub fn load(
         tokenizer: &posttrain_datasets::ChatTokenizer,
         train: &Path,

@@ -112,14 +112,31 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let policy = load_config(&args.policy)?;
     let tokenizer = ChatTokenizer::from_file(&args.policy.join(TOKENIZER_FILE))?;
-    let (mut config, model, origin) = initial_model(&args, &policy, &device.clone().autodiff())?;
-    let ratio = config.num_params() as f64 / policy.num_params() as f64;
-    let max_len = config.max_position_embeddings;
+    let planned = match &args.init {
+        Some(dir) => load_config(dir)?,
+        None => scale_config(&policy, args.size_ratio).0,
+    };
+    let max_len = planned.max_position_embeddings;
     let train = load_pairs(&tokenizer, &args.data, max_len)?;
     let eval = match &args.eval {
         Some(p) => load_pairs(&tokenizer, p, max_len)?,
         None => Vec::new(),
     };
+    let longest = train
+        .iter()
+        .map(|p| p.chosen.len().max(p.rejected.len()))
+        .max()
+        .unwrap_or(0);
+    let plan = posttrain_train::memory::Plan {
+        config: &planned,
+        lora: lora.as_ref(),
+        batch: 2 * args.train.batch_size,
+        longest,
+        frozen_params: 0,
+    };
+    let memory = super::check_memory(&plan, args.train.force)?;
+    let (mut config, model, origin) = initial_model(&args, &policy, &device.clone().autodiff())?;
+    let ratio = config.num_params() as f64 / policy.num_params() as f64;
     let cfg = RewardConfig {
         optim,
         batch_size: args.train.batch_size,
@@ -136,6 +153,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         train.len(),
         eval.len()
     );
+    eprintln!("reward: {memory}");
     config.extra.insert(
         "architectures".into(),
         json!(["Gemma2ForSequenceClassification"]),

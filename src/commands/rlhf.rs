@@ -60,11 +60,32 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         Some(dir) => Some(CheckpointWriter::create(dir, args.output.overwrite)?),
         None => None,
     };
-    let super::ChatModel {
-        config,
-        model: policy,
-        tokenizer,
-    } = super::ChatModel::load(&args.policy, &device.clone().autodiff())?;
+    let (config, tokenizer) = super::chat_config(&args.policy)?;
+    let prompt_rows = read_prompts(&args.prompts)?;
+    let rm_params = match &args.reward {
+        Some(dir) => posttrain_model::load_config(dir)?.num_params(),
+        None => 0,
+    };
+    // without LoRA the init and the anchor are copies of the policy
+    let copies = if lora.is_some() { 0 } else { 2 };
+    let plan = posttrain_train::memory::Plan {
+        config: &config,
+        lora: lora.as_ref(),
+        batch: cfg.prompts_per_step * cfg.samples,
+        longest: prompt_rows
+            .iter()
+            .map(|p| {
+                tokenizer
+                    .render_prompt(&p.messages())
+                    .map_or(0, |ids| ids.len())
+            })
+            .max()
+            .unwrap_or(0)
+            + cfg.max_new_tokens,
+        frozen_params: rm_params + copies * config.num_params(),
+    };
+    let memory = super::check_memory(&plan, args.force)?;
+    let (_, policy) = posttrain_model::load_causal_lm(&args.policy, &device.clone().autodiff())?;
     let policy = super::with_lora("rlhf", policy, lora.as_ref(), args.seed);
     let init = policy.valid();
     let rm = match &args.reward {
@@ -73,13 +94,8 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     };
     let max_len = config.max_position_embeddings;
     let policy_params = config.num_params();
-    let prompts = PromptSet::new(
-        &read_prompts(&args.prompts)?,
-        &tokenizer,
-        max_len,
-        &args.prompts,
-    )?
-    .with_scorer(super::task_scorer);
+    let prompts = PromptSet::new(&prompt_rows, &tokenizer, max_len, &args.prompts)?
+        .with_scorer(super::task_scorer);
     let (reward, judged_by) = reward_source(rm.as_ref(), &prompts, &args, &cfg, policy_params)?;
     let vocab = Vocab {
         tokenizer: &tokenizer,
@@ -93,6 +109,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         cfg.samples,
         cfg.anchor
     );
+    eprintln!("rlhf: {memory}");
     let mut state = posttrain_train::StateDir::new(
         &args.output.out,
         json!({

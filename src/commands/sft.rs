@@ -3,6 +3,7 @@ use posttrain_datasets::LossOn;
 use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
 use posttrain_sft::{Distill, OnPolicy, check_topk};
 use posttrain_train::Vocab;
+use posttrain_train::memory::Plan;
 use serde_json::json;
 
 use crate::backend::Env;
@@ -31,12 +32,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     settings.check(args.teacher.is_some())?;
     let lora = args.train.lora.config()?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
-    let super::ChatModel {
-        config,
-        model: student,
-        tokenizer,
-    } = super::ChatModel::load(&args.model, &device.clone().autodiff())?;
-    let student = super::with_lora("sft", student, lora.as_ref(), args.train.seed);
+    let (config, tokenizer) = super::chat_config(&args.model)?;
     let (config, tokenizer) = (&config, &tokenizer);
     let data = super::TrainData::load(
         tokenizer,
@@ -47,6 +43,20 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         LossOn::Completion,
         true,
     )?;
+    let teacher_params = match &args.teacher {
+        Some(dir) => posttrain_model::load_config(dir)?.num_params(),
+        None => 0,
+    };
+    let plan = Plan {
+        config,
+        lora: lora.as_ref(),
+        batch: args.train.batch_size,
+        longest: data.longest(),
+        frozen_params: teacher_params,
+    };
+    let memory = super::check_memory(&plan, args.train.force)?;
+    let (_, student) = posttrain_model::load_causal_lm(&args.model, &device.clone().autodiff())?;
+    let student = super::with_lora("sft", student, lora.as_ref(), args.train.seed);
     let has_topk = data.train.iter().all(|e| e.topk.is_some());
     let distill = match (args.kd, &args.teacher) {
         (KdArg::None, _) => Distill::None,
@@ -89,6 +99,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
             String::new()
         }
     );
+    eprintln!("sft: {memory}");
     let vocab = Vocab {
         tokenizer,
         stop_ids: super::stop_ids(config, tokenizer),

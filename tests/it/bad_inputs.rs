@@ -329,6 +329,11 @@ bad_inputs! {
         })
     })) => ["model.layers.1.mlp.up_proj.weight"];
 
+    a_run_that_will_not_fit_in_memory: |b| b.sft_model(&b.broken("huge", |c| {
+        edit_config(c, "hidden_size", 65536.into());
+        edit_config(c, "intermediate_size", 262144.into())
+    })) => ["needs about", "GB are available", "--lora-rank", "--force"];
+
     malformed_config: |b| b.sft_model(&b.broken("bad_config", |c| {
         std::fs::write(c.join("config.json"), "{\"hidden_size\": ").unwrap();
     })) => ["bad_config/config.json"];

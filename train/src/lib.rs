@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod clip;
 pub mod logprobs;
+pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;
