@@ -390,3 +390,97 @@ fn training_path_matches_inference_path_under_padding() {
         }
     }
 }
+
+/// PEFT's LoRA on the fixture (`tests/fixtures/scripts/make_lora_parity.py`):
+/// loss, logits and the gradient of every A and B, through the whole head
+/// and through the chunked one.
+#[test]
+fn lora_loss_logits_and_factor_gradients_match_peft() {
+    use posttrain_model::lm_head::{Slots, target_ids};
+    use posttrain_model::lora::{Adaptable, TARGETS, param_path, peft_key};
+    use posttrain_model::params::{ParamTensor, param_map, with_params};
+
+    let file = fixture_dir().join("lora.safetensors");
+    let reference = Weights::open_file(&file).unwrap();
+    let device = device().autodiff();
+    let cfg = posttrain_model::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+    };
+    let (_, base) = load_causal_lm(&fixture_dir(), &device).unwrap();
+    let model = base.attach_lora(&cfg, 0);
+    let mut params = param_map(&model);
+    let mut factors = 0;
+    for key in reference.names().filter(|k| k.starts_with("base_model.")) {
+        let path = param_path(key).unwrap();
+        let p = params.get_mut(&path).expect("a factor of the model");
+        *p = ParamTensor::from_host(&reference.read(key).unwrap(), &p.value.device());
+        factors += 1;
+    }
+    assert_eq!(factors, 3 * 7 * 2);
+    let mut model = with_params(model, &params);
+    let (ids, [b, t]) = {
+        let bytes = std::fs::read(&file).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let tensor = st.tensor("ids").unwrap();
+        let ids: Vec<u32> = tensor
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect();
+        (ids, [tensor.shape()[0], tensor.shape()[1]])
+    };
+    let batch = TokenBatch::dense(ids, b, t);
+    let want_loss = reference.read("loss").unwrap().data[0];
+    let check = |what: &str, loss: Tensor<1>, model: &Gemma2ForCausalLM| {
+        let value = host(loss.clone())[0];
+        assert!(
+            (value - want_loss).abs() <= 1e-4 * want_loss.abs(),
+            "{what}: loss {value} vs {want_loss}"
+        );
+        let grads = named_grads(model, &loss.backward());
+        assert_eq!(grads.len(), factors, "{what}: only the factors train");
+        for (name, g) in &grads {
+            let want = reference
+                .read(&format!("grad.{}", peft_key(name)))
+                .unwrap()
+                .data;
+            let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{name}");
+            assert_close(
+                &format!("{what}: grad {name}"),
+                &g.data,
+                &want,
+                1e-4 * scale,
+            );
+        }
+    };
+    let logits = host(model.forward(&batch));
+    assert_close_scaled(
+        "logits",
+        &logits,
+        &reference.read("logits").unwrap().data,
+        1e-4,
+    );
+    check("whole head", model.causal_lm_loss(&batch), &model);
+    // the chunked head: 5 rows of logits at a time
+    model.head_chunk_elements = 5 * model.vocab_size();
+    let slots = Slots::nonzero(&vec![1.0; b * (t - 1)], &batch);
+    let hidden = model.model.forward(&batch, None);
+    let rows = model.slot_hidden(hidden, &slots);
+    let targets = target_ids(&slots, &batch, &rows.device());
+    let lp = model
+        .head_terms(rows, model.head_chunk(), |z, r| {
+            posttrain_model::lm_head::RowTerms {
+                grad: posttrain_model::lm_head::target_logprobs(
+                    z,
+                    targets.clone().narrow(0, r.start, r.len()),
+                ),
+                values: Vec::new(),
+            }
+        })
+        .grad;
+    let loss = lp.sum().neg().div_scalar(slots.len() as f32);
+    check("chunked head", loss, &model);
+}
