@@ -2,14 +2,20 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
+use posttrain_model::HostTensor;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::lora::{
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, Adapter, LoraConfig, PeftTask, peft_key,
+};
 use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::provenance::PROVENANCE_FILE;
 use posttrain_model::{
     CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, SaveDtype, load_causal_lm,
 };
+use posttrain_warp::lora_merge::{self, LoraPolicy};
 use posttrain_warp::{GroupAngle, check_same, ema, liti, normalised_weights, slerp_all, warm};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 /// Writes a merged model beside the tokenizer files of `parent` (when it
 /// has them: merging is a weight operation and needs none).
@@ -186,6 +192,9 @@ fn merge(args: WarpMergeArgs, device: &Device, backend: &str) -> Result<()> {
         );
     }
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
+    if let Some(policies) = lora_policies(&args)? {
+        return merge_adapters(args, writer, &policies, backend);
+    }
     let (config, init) = load_causal_lm(&args.init, device)?;
     let base = (args.init.clone(), config, param_map(&init));
     let policies = args
@@ -194,50 +203,22 @@ fn merge(args: WarpMergeArgs, device: &Device, backend: &str) -> Result<()> {
         .map(|p| load_like(p, &base, device))
         .collect::<Result<Vec<_>>>()?;
     let (merged, angles) = slerp_all(&base.2, &policies)?;
-    let degrees = |a: &[GroupAngle]| -> Value {
-        a.iter()
-            .map(|g| {
-                (
-                    g.group.clone(),
-                    json!((g.omega.to_degrees() * 100.0).round() / 100.0),
-                )
-            })
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    };
-    let angle_log: Vec<Value> = angles.iter().map(|a| degrees(a)).collect();
-    if let Some(last) = angles.last() {
-        let mean = last.iter().map(|g| g.omega.to_degrees()).sum::<f64>() / last.len() as f64;
-        eprintln!(
-            "warp merge: {} policies, {} groups, mean task-vector angle {mean:.1}° (last merge step){}",
-            policies.len(),
-            last.len(),
-            if last.iter().any(|g| g.lerp) {
-                ", some groups parallel: LERP"
-            } else {
-                ""
-            }
-        );
-    }
+    let angle_log = log_angles(&angles);
     let write = |writer: CheckpointWriter, eta: f64| -> Result<PathBuf> {
         let theta = liti(&base.2, &merged, eta)?;
         let model = with_params(init.clone(), &theta);
-        let mut provenance = Provenance::new(
-            "warp-merge",
-            backend,
-            json!({
-                "eta": eta,
-                "policies": args.policies.len(),
-                "lambda": "1/m for the m-th policy (recursive SLERP)",
-                "angles_degrees": angle_log,
-            }),
-        )
-        .with_parent(&args.init)?;
-        for p in &args.policies {
-            provenance = provenance.with_parent(p)?;
-        }
+        let provenance = merge_provenance(&args, eta, &angle_log, backend)?;
         write_merged(writer, &model, &base.1, &args.init, provenance)
     };
+    write_etas(&args, writer, write)
+}
+
+/// Writes one output per η (`OUT`, or `OUT/eta-0.10` … for several).
+fn write_etas(
+    args: &WarpMergeArgs,
+    writer: CheckpointWriter,
+    write: impl Fn(CheckpointWriter, f64) -> Result<PathBuf>,
+) -> Result<()> {
     if let [eta] = args.eta[..] {
         let out = write(writer, eta)?;
         eprintln!("warp merge: η {eta} -> {}", out.display());
@@ -251,6 +232,191 @@ fn merge(args: WarpMergeArgs, device: &Device, backend: &str) -> Result<()> {
         eprintln!("warp merge: {} -> {}", names.join(", "), out.display());
     }
     Ok(())
+}
+
+fn merge_provenance(
+    args: &WarpMergeArgs,
+    eta: f64,
+    angle_log: &[Value],
+    backend: &str,
+) -> Result<Provenance> {
+    let mut provenance = Provenance::new(
+        "warp-merge",
+        backend,
+        json!({
+            "eta": eta,
+            "policies": args.policies.len(),
+            "lambda": "1/m for the m-th policy (recursive SLERP)",
+            "angles_degrees": angle_log,
+        }),
+    )
+    .with_parent(&args.init)?;
+    for p in &args.policies {
+        provenance = provenance.with_parent(p)?;
+    }
+    Ok(provenance)
+}
+
+/// Per recursion step, each group's angle in degrees; the last step's mean
+/// on stderr.
+fn log_angles(angles: &[Vec<GroupAngle>]) -> Vec<Value> {
+    let degrees = |a: &[GroupAngle]| -> Value {
+        a.iter()
+            .map(|g| {
+                (
+                    g.group.clone(),
+                    json!((g.omega.to_degrees() * 100.0).round() / 100.0),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    if let Some(last) = angles.last().filter(|l| !l.is_empty()) {
+        let mean = last.iter().map(|g| g.omega.to_degrees()).sum::<f64>() / last.len() as f64;
+        eprintln!(
+            "warp merge: {} policies, {} groups, mean task-vector angle {mean:.1}° (last merge step){}",
+            angles.len() + 1,
+            last.len(),
+            if last.iter().any(|g| g.lerp) {
+                ", some groups parallel: LERP"
+            } else {
+                ""
+            }
+        );
+    }
+    angles.iter().map(|a| degrees(a)).collect()
+}
+
+/// The policies' factors when every policy is a LoRA adapter on `--init`;
+/// `None` when none is an adapter; refused when an adapter sits on another
+/// base (its task vector would be relative to another model) or adapters
+/// and full checkpoints are mixed.
+fn lora_policies(args: &WarpMergeArgs) -> Result<Option<Vec<LoraPolicy>>> {
+    let init = fs_err::canonicalize(&args.init)?;
+    let mut found = Vec::new();
+    for dir in &args.policies {
+        match Adapter::find(dir)? {
+            Some(a) => {
+                if fs_err::canonicalize(&a.base)? != init {
+                    bail!(
+                        "{}: a LoRA adapter on {}, not on --init {}: its task vector is relative to another model",
+                        dir.display(),
+                        a.base.display(),
+                        args.init.display()
+                    );
+                }
+                found.push(Some(a));
+            }
+            None => found.push(None),
+        }
+    }
+    if found.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    if let Some(i) = found.iter().position(Option::is_none) {
+        bail!(
+            "{}: a full checkpoint among LoRA adapters: merge adapters with adapters (or `convert` each adapter to a full checkpoint first)",
+            args.policies[i].display()
+        );
+    }
+    found
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let mut factors: BTreeMap<String, (Option<HostTensor>, Option<HostTensor>)> =
+                BTreeMap::new();
+            for (path, t) in a.tensors()? {
+                let (weight, is_a) = if let Some(w) = path.strip_suffix(".lora_a.weight") {
+                    (w, true)
+                } else if let Some(w) = path.strip_suffix(".lora_b.weight") {
+                    (w, false)
+                } else {
+                    bail!(
+                        "{}: tensor {path}: a causal-LM adapter holds only LoRA factors",
+                        a.dir.display()
+                    );
+                };
+                let e = factors.entry(format!("{weight}.weight")).or_default();
+                if is_a { e.0 = Some(t) } else { e.1 = Some(t) }
+            }
+            let factors = factors
+                .into_iter()
+                .map(|(name, pair)| match pair {
+                    (Some(fa), Some(fb)) => Ok((name, (fa, fb))),
+                    _ => bail!(
+                        "{}: {name} has only one of its two factors",
+                        a.dir.display()
+                    ),
+                })
+                .collect::<Result<_>>()?;
+            Ok(LoraPolicy {
+                factors,
+                scale: a.config.scale(),
+                rank: a.config.rank,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// WARP's merge of LoRA policies in factor space: each LITI point is an
+/// adapter of rank Σr on `--init` (see `posttrain_warp::lora_merge`).
+fn merge_adapters(
+    args: WarpMergeArgs,
+    writer: CheckpointWriter,
+    policies: &[LoraPolicy],
+    backend: &str,
+) -> Result<()> {
+    let (coeffs, angles) = lora_merge::coefficients(policies)?;
+    let angle_log = log_angles(&angles);
+    let rank: usize = policies.iter().map(|p| p.rank).sum();
+    let mut targets: Vec<String> = Vec::new();
+    for p in policies {
+        for name in p.factors.keys() {
+            let module = name
+                .trim_end_matches(".weight")
+                .rsplit('.')
+                .next()
+                .unwrap_or_default();
+            if !targets.iter().any(|t| t == module) {
+                targets.push(module.to_string());
+            }
+        }
+    }
+    let config = LoraConfig {
+        rank,
+        alpha: rank as f64,
+        targets,
+    };
+    let write = |writer: CheckpointWriter, eta: f64| -> Result<PathBuf> {
+        let merged = lora_merge::merged_adapter(policies, &coeffs, eta);
+        let mut tensors = BTreeMap::new();
+        for (name, (a, b)) in merged {
+            let stem = name.trim_end_matches(".weight");
+            tensors.insert(peft_key(&format!("{stem}.lora_a.weight")), a);
+            tensors.insert(peft_key(&format!("{stem}.lora_b.weight")), b);
+        }
+        writer.write(
+            ADAPTER_WEIGHTS_FILE,
+            &posttrain_model::safetensors_io::to_safetensors_bytes(&tensors, SaveDtype::F32),
+        )?;
+        let provenance = merge_provenance(&args, eta, &angle_log, backend)?.with_lora(
+            config.clone(),
+            &args.init,
+            PeftTask::CausalLm,
+        )?;
+        let base = fs_err::canonicalize(&args.init)?;
+        writer.write(
+            ADAPTER_CONFIG_FILE,
+            config.to_peft_json(&base, PeftTask::CausalLm).as_bytes(),
+        )?;
+        for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] {
+            writer.copy_from(&args.init, file)?;
+        }
+        writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
+        Ok(writer.commit()?)
+    };
+    write_etas(&args, writer, write)
 }
 
 fn ema_step(args: WarpEmaArgs, device: &Device, backend: &str) -> Result<()> {

@@ -329,26 +329,82 @@ fn rlhf_with_lora_keeps_an_adapter_anchor_and_warp_merges_the_merged_deltas() {
     let (_, anchor_b) = read_f32(&anchor.join("adapter_model.safetensors"), name);
     let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!(norm(&anchor_b) > 0.0 && norm(&anchor_b) < norm(&policy_b));
-    // WARP's merge reads the adapters as full models and writes one
+    // WARP's merge of adapters on --init runs in factor space and writes an
+    // adapter of rank 2·4; it equals the merge of the same policies as full
+    // checkpoints
+    let merge = |policies: &[&Path], out: &Path| {
+        let mut args = vec!["warp", "merge", "--init", s(&policy), "--policies"];
+        args.extend(policies.iter().map(|p| s(p)));
+        args.extend(["--eta", "0.3,1.0", "--out", s(out)]);
+        ok(&args);
+    };
     let merged = m.path("merged");
-    ok(&[
-        "warp",
-        "merge",
-        "--init",
-        s(&policy),
-        "--policies",
-        s(&a),
-        s(&b),
-        "--eta",
-        "0.5",
-        "--out",
-        s(&merged),
-    ]);
-    let w = |dir: &Path, n: &str| read_f32(&dir.join("model.safetensors"), n).1;
-    let adapted = "model.layers.0.mlp.up_proj.weight";
-    assert_ne!(w(&merged, adapted), w(&policy, adapted));
-    assert_eq!(
-        w(&merged, "model.embed_tokens.weight"),
-        w(&policy, "model.embed_tokens.weight")
+    merge(&[&a, &b], &merged);
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(merged.join("eta-0.30/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["r"], 8);
+    let full = |dir: &Path| {
+        let out = m.path(&format!(
+            "{}-full",
+            dir.file_name().unwrap().to_str().unwrap()
+        ));
+        ok(&["convert", "--model", s(dir), "--out", s(&out)]);
+        out
+    };
+    let (fa, fb) = (full(&a), full(&b));
+    let dense = m.path("dense");
+    merge(&[&fa, &fb], &dense);
+    let angles = |dir: &Path| {
+        let p: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("posttrain.json")).unwrap()).unwrap();
+        p["params"]["angles_degrees"][0].clone()
+    };
+    for eta in ["eta-0.30", "eta-1.00"] {
+        let (low, dense) = (merged.join(eta), dense.join(eta));
+        let (la, da) = (angles(&low), angles(&dense));
+        for (group, deg) in da.as_object().unwrap() {
+            let (x, y) = (la[group].as_f64().unwrap_or(0.0), deg.as_f64().unwrap());
+            assert!((x - y).abs() < 0.05, "{group}: {x}° vs {y}°");
+        }
+        let low = full(&low);
+        let w = |dir: &Path, n: &str| read_f32(&dir.join("model.safetensors"), n).1;
+        for name in [
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.embed_tokens.weight",
+            "model.layers.0.input_layernorm.weight",
+        ] {
+            let (x, y) = (w(&low, name), w(&dense, name));
+            assert!(
+                x.iter()
+                    .zip(&y)
+                    .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs())),
+                "{eta} {name}"
+            );
+        }
+        assert_ne!(
+            w(&low, "model.layers.0.mlp.up_proj.weight"),
+            w(&policy, "model.layers.0.mlp.up_proj.weight")
+        );
+    }
+    // an adapter on another base is refused
+    let other = m.path("other-base");
+    ok(&["convert", "--model", s(&policy), "--out", s(&other)]);
+    let line = error_line(
+        &[
+            "warp",
+            "merge",
+            "--init",
+            s(&other),
+            "--policies",
+            s(&a),
+            s(&b),
+            "--out",
+            s(&m.path("refused")),
+        ],
+        &["rl-1", "not on --init"],
     );
+    assert!(!m.path("refused").exists(), "{line}");
 }

@@ -6,6 +6,7 @@
 
 pub mod ema;
 pub mod liti;
+pub mod lora_merge;
 pub mod slerp;
 pub mod warm;
 
