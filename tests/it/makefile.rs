@@ -124,10 +124,8 @@ fn embedded_makefile_runs_every_stage() {
     );
 }
 
-#[test]
-fn own_model_makefile_on_the_fixture() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// Pairs, preferences and prompts on a few topics, written into `dir`.
+fn own_data(dir: &Path) -> (String, String, String) {
     let write = |name: &str, rows: Vec<serde_json::Value>| {
         let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
         std::fs::write(dir.join(name), text).unwrap();
@@ -157,6 +155,14 @@ fn own_model_makefile_on_the_fixture() {
             .map(|t| serde_json::json!({"prompt": format!("Tell me about {t}.")}))
             .collect(),
     );
+    (pairs, prefs, prompts)
+}
+
+#[test]
+fn own_model_makefile_on_the_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (pairs, prefs, prompts) = own_data(dir);
     let run = dir.join("run");
     let flags: Vec<String> = [
         format!("BASE={}", crate::fixture().display()),
@@ -192,5 +198,60 @@ fn own_model_makefile_on_the_fixture() {
     assert!(
         inspect.contains("gemma2-tiny") && inspect.contains("pairs.jsonl"),
         "{inspect}"
+    );
+}
+
+#[test]
+fn gemma2_2b_makefile_runs_its_lora_chain_on_the_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (pairs, prefs, prompts) = own_data(dir);
+    let run = dir.join("run");
+    let flags: Vec<String> = [
+        format!("BASE={}", crate::fixture().display()),
+        format!("SFT_DATA={pairs}"),
+        format!("PREFS={prefs}"),
+        format!("PROMPTS={prompts}"),
+        "LORA=--lora-rank 4 --lora-alpha 8".into(),
+        "SFT_FLAGS=--steps 4 --batch-size 4 --eval-every 0 --eval-samples 0".into(),
+        "RM_FLAGS=--steps 4 --batch-size 4".into(),
+        "RLHF_FLAGS=--steps 2 --prompts-per-step 2 --max-new-tokens 8 --lora-rank 4 --lora-alpha 8"
+            .into(),
+        "ITERATIONS=2".into(),
+        "EVAL_FLAGS=--samples 1 --max-new-tokens 8".into(),
+    ]
+    .into();
+    let out = make_file("examples/gemma2-2b/Makefile", dir, &run, &flags);
+    assert!(
+        out.status.success(),
+        "make failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "sft/adapter_config.json",
+        "rm/adapter_config.json",
+        "warp/it1/rl-s0/adapter_config.json",
+        "warp/it1/merge/eta-0.30/adapter_config.json",
+        "warp/it2/rl-s1/adapter_config.json",
+        "warp/it2/merge/eta-1.00/adapter_config.json",
+        "warp/eval.jsonl",
+        "report/index.html",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    // the merged adapters have rank 2 × 4 (two seeds)
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run.join("warp/it1/merge/eta-0.30/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["r"], 8);
+    let rows = std::fs::read_to_string(run.join("warp/eval.jsonl")).unwrap();
+    assert!(rows.lines().count() > 5);
+    assert!(
+        !make_file("examples/gemma2-2b/Makefile", dir, &run, &flags)
+            .stdout
+            .windows(9)
+            .any(|w| w == b"posttrain"),
+        "a second make does nothing"
     );
 }
