@@ -165,6 +165,18 @@ pub struct LogitsArgs {
 pub enum TokenizerCommand {
     /// Train a BPE tokenizer.json with the Gemma control tokens as its first ids.
     Train(TokenizerTrainArgs),
+    /// Print the ids posttrain feeds a model for a conversation (JSON), ending with the opening of the model's turn.
+    Encode(TokenizerEncodeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizerEncodeArgs {
+    /// tokenizer.json (or a checkpoint directory holding one).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// The conversation: a JSON list of {"role": "user"|"assistant"|"model", "content": …}.
+    #[arg(long)]
+    pub messages: String,
 }
 
 #[derive(Debug, Args)]

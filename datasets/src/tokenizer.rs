@@ -57,9 +57,19 @@ pub struct Message {
     pub content: String,
 }
 
+/// Gemma's chat template, as `tokenizer_config.json` of the published
+/// instruction-tuned checkpoints carries it.
+pub const GEMMA_CHAT_TEMPLATE: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
+
+/// Hugging Face's tokenizer settings beside `tokenizer.json`.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+pub const SPECIAL_TOKENS_FILE: &str = "special_tokens_map.json";
+
 #[derive(Clone)]
 pub struct ChatTokenizer {
     inner: Tokenizer,
+    /// The directory `tokenizer.json` was read from.
+    source: Option<PathBuf>,
     pub pad: u32,
     pub eos: u32,
     pub bos: u32,
@@ -78,7 +88,9 @@ impl ChatTokenizer {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        Self::new(inner, path)
+        let mut t = Self::new(inner, path)?;
+        t.source = path.parent().map(Path::to_path_buf);
+        Ok(t)
     }
 
     fn new(mut inner: Tokenizer, path: &Path) -> Result<Self, TokenizerError> {
@@ -98,6 +110,7 @@ impl ChatTokenizer {
             start_of_turn: id(START_OF_TURN)?,
             end_of_turn: id(END_OF_TURN)?,
             inner,
+            source: None,
         })
     }
 
@@ -144,6 +157,52 @@ impl ChatTokenizer {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })
+    }
+
+    /// `tokenizer.json` plus Hugging Face's `tokenizer_config.json` (with
+    /// Gemma's chat template) and `special_tokens_map.json` into `dir`: the
+    /// source directory's own when it has them, else written here, so that
+    /// `AutoTokenizer.from_pretrained(dir).apply_chat_template(…)` works.
+    pub fn save_with_configs(&self, dir: &Path) -> Result<(), TokenizerError> {
+        self.save(&dir.join("tokenizer.json"))?;
+        let io = |path: &Path, e: std::io::Error| TokenizerError::Save {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        for (file, made) in [
+            (TOKENIZER_CONFIG_FILE, self.tokenizer_config()),
+            (SPECIAL_TOKENS_FILE, special_tokens_map()),
+        ] {
+            let to = dir.join(file);
+            let own = self
+                .source
+                .as_ref()
+                .map(|d| d.join(file))
+                .filter(|p| p.is_file());
+            let bytes = match own {
+                Some(from) => std::fs::read(&from).map_err(|e| io(&from, e))?,
+                None => made.into_bytes(),
+            };
+            std::fs::write(&to, bytes).map_err(|e| io(&to, e))?;
+        }
+        Ok(())
+    }
+
+    fn tokenizer_config(&self) -> String {
+        let v = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "unk_token": UNK,
+            "additional_special_tokens": [START_OF_TURN, END_OF_TURN],
+            "add_bos_token": false,
+            "add_eos_token": false,
+            "clean_up_tokenization_spaces": false,
+            "padding_side": "left",
+            "chat_template": GEMMA_CHAT_TEMPLATE,
+        });
+        serde_json::to_string_pretty(&v).expect("json") + "\n"
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -223,6 +282,17 @@ impl ChatTokenizer {
         let mask = (0..ids.len()).map(|i| i >= prompt_len).collect();
         Ok((ids, mask))
     }
+}
+
+fn special_tokens_map() -> String {
+    let v = serde_json::json!({
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "additional_special_tokens": [START_OF_TURN, END_OF_TURN],
+    });
+    serde_json::to_string_pretty(&v).expect("json") + "\n"
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+use posttrain_datasets::tokenizer::{SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE};
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::params::named_params;
 use posttrain_model::provenance::PROVENANCE_FILE;
@@ -40,7 +41,9 @@ pub fn run(args: ConvertArgs, env: &Env) -> Result<()> {
     )
     .with_parent(&args.model)?;
     writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
-    writer.copy_from(&args.model, TOKENIZER_FILE)?;
+    for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE] {
+        writer.copy_from(&args.model, file)?;
+    }
     writer.copy_from(&args.model, "generation_config.json")?;
     let out = writer.commit()?;
     eprintln!(

@@ -264,11 +264,7 @@ pub fn finish_checkpoint<M: burn::module::Module>(
         }
         None => writer.write_model(model, config, posttrain_model::SaveDtype::F32)?,
     }
-    tokenizer.save(
-        &writer
-            .path()
-            .join(posttrain_model::checkpoint::TOKENIZER_FILE),
-    )?;
+    tokenizer.save_with_configs(writer.path())?;
     for parent in optional_parents.iter().flatten() {
         provenance = provenance.with_parent(parent)?;
     }

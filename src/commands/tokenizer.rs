@@ -2,12 +2,32 @@ use anyhow::{Result, bail};
 use posttrain_datasets::ChatTokenizer;
 use posttrain_files::write_atomic;
 
-use crate::cli::{TokenizerCommand, TokenizerTrainArgs};
+use crate::cli::{TokenizerCommand, TokenizerEncodeArgs, TokenizerTrainArgs};
+use posttrain_datasets::tokenizer::Message;
 
 pub fn run(command: TokenizerCommand) -> Result<()> {
     match command {
         TokenizerCommand::Train(args) => train(args),
+        TokenizerCommand::Encode(args) => encode(args),
     }
+}
+
+fn encode(args: TokenizerEncodeArgs) -> Result<()> {
+    let path = if args.tokenizer.is_dir() {
+        args.tokenizer
+            .join(posttrain_model::checkpoint::TOKENIZER_FILE)
+    } else {
+        args.tokenizer.clone()
+    };
+    let tokenizer = ChatTokenizer::from_file(&path)?;
+    let messages: Vec<Message> = serde_json::from_str(&args.messages)
+        .map_err(|e| anyhow::anyhow!("--messages: not a list of {{role, content}}: {e}"))?;
+    if messages.is_empty() {
+        bail!("--messages: the conversation is empty");
+    }
+    let ids = tokenizer.render_prompt(&messages)?;
+    println!("{}", serde_json::json!({ "ids": ids }));
+    Ok(())
 }
 
 fn train(args: TokenizerTrainArgs) -> Result<()> {

@@ -2,6 +2,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
+use posttrain_datasets::tokenizer::{SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE};
 use posttrain_model::HostTensor;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::lora::{
@@ -27,7 +28,7 @@ fn write_merged(
     provenance: Provenance,
 ) -> Result<PathBuf> {
     writer.write_model(model, config, SaveDtype::F32)?;
-    for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] {
+    for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE] {
         writer.copy_from(parent, file)?;
     }
     writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
@@ -112,7 +113,7 @@ fn average(args: WarpAverageArgs, device: &Device, backend: &str) -> Result<()> 
         .map(|(name, p)| (name.clone(), p.to_host()))
         .collect();
     writer.write_weights(&base.1, &tensors, SaveDtype::F32, 1)?;
-    for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] {
+    for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE] {
         writer.copy_from(&args.models[0], file)?;
     }
     writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;
@@ -176,9 +177,6 @@ fn load_like(
 fn eta_name(eta: f64) -> String {
     format!("eta-{eta:.2}")
 }
-
-/// Hugging Face's tokenizer settings, copied with `tokenizer.json`.
-const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 
 fn merge(args: WarpMergeArgs, device: &Device, backend: &str) -> Result<()> {
     if args.eta.is_empty() || args.eta.iter().any(|e| !e.is_finite()) {
@@ -410,7 +408,7 @@ fn merge_adapters(
             ADAPTER_CONFIG_FILE,
             config.to_peft_json(&base, PeftTask::CausalLm).as_bytes(),
         )?;
-        for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] {
+        for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE] {
             writer.copy_from(&args.init, file)?;
         }
         writer.write(PROVENANCE_FILE, provenance.to_json().as_bytes())?;

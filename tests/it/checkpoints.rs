@@ -243,3 +243,82 @@ fn directory_without_weights_is_named() {
     std::fs::remove_file(ckpt.join("model.safetensors")).unwrap();
     logits_of(&ckpt, &["no model.safetensors"]);
 }
+
+#[test]
+fn checkpoints_carry_hugging_face_tokenizer_settings_with_the_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let made = dir.path().join("made");
+    let config = fixture().join("config.json");
+    let tokenizer = fixture().join("tokenizer.json");
+    ok(&[
+        "init",
+        "--config",
+        s(&config),
+        "--tokenizer",
+        s(&tokenizer),
+        "--out",
+        s(&made),
+    ]);
+    let tc = read(&made.join("tokenizer_config.json"));
+    assert!(
+        tc["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<start_of_turn>")
+    );
+    assert_eq!(tc["bos_token"], "<bos>");
+    let special = read(&made.join("special_tokens_map.json"));
+    assert_eq!(
+        special["additional_special_tokens"],
+        serde_json::json!(["<start_of_turn>", "<end_of_turn>"])
+    );
+    // a tokenizer's own settings travel with it, through every writer
+    let own = fixture_copy(dir.path());
+    std::fs::write(
+        own.join("tokenizer_config.json"),
+        r#"{"chat_template": "mine", "model_max_length": 77}"#,
+    )
+    .unwrap();
+    let carried = dir.path().join("carried");
+    ok(&[
+        "init",
+        "--config",
+        s(&config),
+        "--tokenizer",
+        s(&own.join("tokenizer.json")),
+        "--out",
+        s(&carried),
+    ]);
+    assert_eq!(
+        read(&carried.join("tokenizer_config.json"))["chat_template"],
+        "mine"
+    );
+    let converted = dir.path().join("converted");
+    ok(&["convert", "--model", s(&carried), "--out", s(&converted)]);
+    assert_eq!(
+        read(&converted.join("tokenizer_config.json"))["model_max_length"],
+        77
+    );
+    assert!(converted.join("special_tokens_map.json").is_file());
+    // the ids posttrain trains on, as `tokenizer encode` prints them
+    let ids = ok(&[
+        "tokenizer",
+        "encode",
+        "--tokenizer",
+        s(&made),
+        "--messages",
+        r#"[{"role": "user", "content": "hi"}]"#,
+    ]);
+    let ids: serde_json::Value = serde_json::from_str(ids.trim()).unwrap();
+    let ids = ids["ids"].as_array().unwrap();
+    assert_eq!(ids[0], 2, "<bos> first");
+    let count = |id: u64| ids.iter().filter(|v| v.as_u64() == Some(id)).count();
+    assert_eq!(
+        (count(4), count(5)),
+        (2, 1),
+        "two <start_of_turn> (user, model), one <end_of_turn>: {ids:?}"
+    );
+}
