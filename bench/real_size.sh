@@ -48,6 +48,9 @@ case_ sft_lora16 "$work/sft" "$bin" sft --model "$model" --data "$pairs" --out "
   --kd none --lora-rank 16 --lora-alpha 32 --eval-every 0 --save-state-every 0 --eval-samples 0 --warmup 0 --lr 1e-4
 case_ sft_lora16_seed1 "$work/sft1" "$bin" sft --model "$model" --data "$pairs" --out "$work/sft1" --steps 4 --batch-size 1 \
   --kd none --lora-rank 16 --lora-alpha 32 --eval-every 0 --save-state-every 0 --eval-samples 0 --warmup 0 --lr 1e-4 --seed 1
+case_ warp_merge_lora "$work/none" "$bin" warp merge --init "$model" --policies "$work/sft" "$work/sft1" \
+  --eta 0.1,0.3,0.5,0.7,1.0 --out "$work/merge"
+case_ sample_merged "$work/none" "$bin" sample --model "$work/merge/eta-0.30" --prompts "$prompts" --max-new-tokens 8 --out "$work/samples3.jsonl"
 case_ sample_adapter "$work/none" "$bin" sample --model "$work/sft" --prompts "$prompts" --max-new-tokens 8 --out "$work/samples2.jsonl"
 case_ reward_lora16 "$work/rm" "$bin" reward --policy "$model" --init "$model" --data "$prefs" --out "$work/rm" --steps 2 \
   --batch-size 1 --eval-every 0 --lora-rank 16 --save-state-every 0 --warmup 0
