@@ -471,6 +471,9 @@ pub struct TrainArgs {
     /// Start even when the memory estimate exceeds the available memory.
     #[arg(long)]
     pub force: bool,
+    /// Recompute memory-bound activations (norms, GELU, soft-caps, softmax) in the backward pass instead of keeping them.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
 }
 
 /// LoRA: low-rank adapters trained on a frozen base; the output is then a
@@ -798,6 +801,9 @@ pub struct RlhfArgs {
     /// Start even when the memory estimate exceeds the available memory.
     #[arg(long)]
     pub force: bool,
+    /// Recompute memory-bound activations (norms, GELU, soft-caps, softmax) in the backward pass instead of keeping them.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,6 +20,19 @@ pub mod safetensors_io;
 pub mod skinny_matmul;
 pub mod tokens;
 
+/// `t` as a constant on the autodiff device `like` (with its gradient
+/// checkpointing strategy: operands of one operation must share it).
+pub fn on_autodiff<const D: usize>(
+    t: burn::tensor::Tensor<D>,
+    like: &burn::tensor::Device,
+) -> burn::tensor::Tensor<D> {
+    let t = t.autodiff();
+    match like.gradient_checkpointing_strategy() {
+        Some(strategy) => t.with_gradient_checkpointing_strategy(strategy),
+        None => t,
+    }
+}
+
 pub use checkpoint::{
     CheckpointWriter, load_causal_lm, load_config, load_reward_model, load_reward_trunk,
 };

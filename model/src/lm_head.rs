@@ -202,9 +202,11 @@ impl Gemma2ForCausalLM {
                 values,
             };
         }
-        let jacobian = Tensor::cat(jacobians, 0).autodiff();
+        // constants on the rows' own device (autodiff and its checkpointing strategy)
+        let device = rows.device();
+        let jacobian = crate::on_autodiff(Tensor::cat(jacobians, 0), &device);
         let linear = (rows * jacobian).sum_dim(1).reshape([n]);
-        let grad = value.autodiff() + linear.clone() - linear.detach();
+        let grad = crate::on_autodiff(value, &device) + linear.clone() - linear.detach();
         HeadOutput { grad, values }
     }
 

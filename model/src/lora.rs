@@ -125,7 +125,7 @@ impl Factor {
     fn new(data: Vec<f32>, shape: [usize; 2], device: &Device) -> Self {
         let t = Tensor::<2>::from_data(TensorData::new(data, shape), device);
         let t = if device.is_autodiff() {
-            t.autodiff().require_grad()
+            t.require_grad()
         } else {
             t
         };
@@ -162,8 +162,9 @@ impl Linear {
             .mul_scalar(self.lora_scale);
         let require_grad = self.weight.is_require_grad();
         let weight = self.weight.val().inner() + delta;
-        let weight = if self.weight.val().is_autodiff() {
-            weight.autodiff().set_require_grad(require_grad)
+        let device = self.weight.device();
+        let weight = if device.is_autodiff() {
+            crate::on_autodiff(weight, &device).set_require_grad(require_grad)
         } else {
             weight
         };

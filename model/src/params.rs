@@ -201,7 +201,7 @@ impl ModuleMapper for Replace<'_> {
                 assert_eq!(new.shape, dims, "parameter {name}: shape");
                 let value = new.value.clone().reshape(dims);
                 if old.is_autodiff() {
-                    value.autodiff().set_require_grad(old.is_require_grad())
+                    crate::on_autodiff(value, &old.device()).set_require_grad(old.is_require_grad())
                 } else {
                     value
                 }

@@ -484,3 +484,28 @@ fn lora_loss_logits_and_factor_gradients_match_peft() {
     let loss = lp.sum().neg().div_scalar(slots.len() as f32);
     check("chunked head", loss, &model);
 }
+
+/// Burn's gradient checkpointing (memory-bound ops recomputed in the
+/// backward, `--checkpoint-activations`) gives the fixture's gradients.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let reference = Reference::load();
+    let batch = reference.batch("ids_short");
+    let grads_on = |device: Device| {
+        let (_, model) = load_causal_lm(&fixture_dir(), &device).unwrap();
+        let loss = model.causal_lm_loss(&batch);
+        named_grads(&model, &loss.backward())
+    };
+    let plain = grads_on(device().autodiff());
+    let checkpointed = grads_on(device().autodiff().gradient_checkpointing());
+    assert_eq!(plain.len(), checkpointed.len());
+    for (name, g) in &plain {
+        let scale = g.data.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        assert_close(
+            &format!("grad {name}"),
+            &checkpointed[name].data,
+            &g.data,
+            1e-5 * scale + 1e-9,
+        );
+    }
+}

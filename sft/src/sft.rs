@@ -207,7 +207,8 @@ fn data_loss(
             Some(weighted_mean(kl, weights))
         }
         (Distill::Live, Some(teacher)) => {
-            let teacher_logits = teacher.forward(batch).autodiff();
+            let teacher_logits =
+                posttrain_model::on_autodiff(teacher.forward(batch), &logits.device());
             let kl = forward_kl(
                 logits.narrow(1, 0, t - 1),
                 teacher_logits.narrow(1, 0, t - 1),
@@ -363,7 +364,7 @@ fn on_policy_loss(
     }
     let logits = model.forward(batch);
     let [_, t, _] = logits.dims();
-    let teacher_logits = teacher.forward(batch).autodiff();
+    let teacher_logits = posttrain_model::on_autodiff(teacher.forward(batch), &logits.device());
     let jsd = generalized_jsd(
         logits.narrow(1, 0, t - 1),
         teacher_logits.narrow(1, 0, t - 1),
@@ -1071,7 +1072,11 @@ mod chunked_tests {
         cfg: &SftConfig,
         gkd: bool,
     ) -> (Vec<f64>, Vec<Vec<f32>>) {
-        let device = Device::default().autodiff();
+        // chunked runs also under gradient checkpointing (`--checkpoint-activations`)
+        let device = match chunk_rows {
+            Some(3) => Device::default().autodiff().gradient_checkpointing(),
+            _ => Device::default().autodiff(),
+        };
         let teacher = model(9, &Device::default());
         let train = examples(&teacher);
         let refs: Vec<&Example> = train.iter().collect();

@@ -54,7 +54,10 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         frozen_params: reference_params,
     };
     let memory = super::check_memory(&plan, args.train.force)?;
-    let (_, policy) = posttrain_model::load_causal_lm(&args.policy, &device.clone().autodiff())?;
+    let (_, policy) = posttrain_model::load_causal_lm(
+        &args.policy,
+        &super::train_device(&device, args.train.checkpoint_activations),
+    )?;
     let reference = match &args.reference {
         Some(dir) => {
             let r = super::ChatModel::load(dir, &device)?;

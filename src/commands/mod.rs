@@ -97,6 +97,20 @@ pub fn check_memory(plan: &posttrain_train::memory::Plan, force: bool) -> anyhow
     ))
 }
 
+/// The device a training stage trains on: `device` with autodiff, and with
+/// Burn's gradient checkpointing when `checkpoint_activations`.
+pub fn train_device(
+    device: &burn::tensor::Device,
+    checkpoint_activations: bool,
+) -> burn::tensor::Device {
+    let device = device.clone().autodiff();
+    if checkpoint_activations {
+        device.gradient_checkpointing()
+    } else {
+        device
+    }
+}
+
 /// Generation stops at the config's EOS ids, `<eos>` and `<end_of_turn>`.
 pub fn stop_ids(
     config: &posttrain_model::Gemma2Config,

@@ -103,7 +103,7 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     let model = Gemma2ForCausalLM::new(
         &config,
         &mut RandomInit::new(args.train.seed),
-        &device.clone().autodiff(),
+        &super::train_device(&device, args.train.checkpoint_activations),
     )?;
     eprintln!(
         "pretrain: {} params, {} train / {} eval sequences, {} steps of {}{}",

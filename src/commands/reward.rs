@@ -135,7 +135,11 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         frozen_params: 0,
     };
     let memory = super::check_memory(&plan, args.train.force)?;
-    let (mut config, model, origin) = initial_model(&args, &policy, &device.clone().autodiff())?;
+    let (mut config, model, origin) = initial_model(
+        &args,
+        &policy,
+        &super::train_device(&device, args.train.checkpoint_activations),
+    )?;
     let ratio = config.num_params() as f64 / policy.num_params() as f64;
     let cfg = RewardConfig {
         optim,

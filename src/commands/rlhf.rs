@@ -85,7 +85,10 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
         frozen_params: rm_params + copies * config.num_params(),
     };
     let memory = super::check_memory(&plan, args.force)?;
-    let (_, policy) = posttrain_model::load_causal_lm(&args.policy, &device.clone().autodiff())?;
+    let (_, policy) = posttrain_model::load_causal_lm(
+        &args.policy,
+        &super::train_device(&device, args.checkpoint_activations),
+    )?;
     let policy = super::with_lora("rlhf", policy, lora.as_ref(), args.seed);
     let init = policy.valid();
     let rm = match &args.reward {

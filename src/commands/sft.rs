@@ -55,7 +55,10 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         frozen_params: teacher_params,
     };
     let memory = super::check_memory(&plan, args.train.force)?;
-    let (_, student) = posttrain_model::load_causal_lm(&args.model, &device.clone().autodiff())?;
+    let (_, student) = posttrain_model::load_causal_lm(
+        &args.model,
+        &super::train_device(&device, args.train.checkpoint_activations),
+    )?;
     let student = super::with_lora("sft", student, lora.as_ref(), args.train.seed);
     let has_topk = data.train.iter().all(|e| e.topk.is_some());
     let distill = match (args.kd, &args.teacher) {

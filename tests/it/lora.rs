@@ -408,3 +408,46 @@ fn rlhf_with_lora_keeps_an_adapter_anchor_and_warp_merges_the_merged_deltas() {
     );
     assert!(!m.path("refused").exists(), "{line}");
 }
+
+#[test]
+fn checkpointed_activations_train_the_same_weights() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let data = m.task.join("train.jsonl");
+    let run = |name: &str, extra: &[&str]| {
+        let out = m.path(name);
+        let mut args = vec![
+            "sft",
+            "--model",
+            s(&policy),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "10",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        out
+    };
+    let weights = |dir: &Path, file: &str| std::fs::read(dir.join(file)).unwrap();
+    let (plain, checkpointed) = (
+        run("plain", &[]),
+        run("checkpointed", &["--checkpoint-activations"]),
+    );
+    assert_eq!(
+        weights(&plain, "model.safetensors"),
+        weights(&checkpointed, "model.safetensors")
+    );
+    let lora = ["--lora-rank", "4", "--checkpoint-activations"];
+    let (plain, checkpointed) = (run("lora", &lora[..2]), run("lora-checkpointed", &lora));
+    assert_eq!(
+        weights(&plain, "adapter_model.safetensors"),
+        weights(&checkpointed, "adapter_model.safetensors")
+    );
+}
