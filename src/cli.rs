@@ -141,8 +141,18 @@ pub struct SampleArgs {
     /// Feed the prompt text as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Matrices in memory: bf16 halves it (products still in f32); auto: bf16 when the checkpoint stores bf16 or f16.
+    #[arg(long, value_enum, default_value_t = WeightsDtype::Auto)]
+    pub weights_dtype: WeightsDtype,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsDtype {
+    Auto,
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Args)]

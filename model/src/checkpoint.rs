@@ -50,6 +50,39 @@ fn load<M>(
     Ok((config, model))
 }
 
+/// A causal LM for inference with its matrices held in bf16 (half the
+/// memory of f32; every product still computes in f32): a checkpoint, or an
+/// adapter directory merged first. Not for training: the matrices are frozen.
+pub fn load_causal_lm_compact(
+    dir: &Path,
+    device: &Device,
+) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
+    if Adapter::find(dir)?.is_some() {
+        let (config, model) = load_causal_lm(dir, device)?;
+        return Ok((config, crate::params::compact(model)));
+    }
+    let config = load_config(dir)?;
+    let weights = Weights::open(dir)?;
+    let mut source = CheckpointSource::new(&weights);
+    source.compact = true;
+    let model = Gemma2ForCausalLM::new(&config, &mut source, device)?;
+    source.finish()?;
+    Ok((config, model))
+}
+
+/// Whether the checkpoint (an adapter's base) stores its embedding in a
+/// 16-bit float type.
+pub fn stores_16_bit(dir: &Path) -> Result<bool> {
+    if let Some(adapter) = Adapter::find(dir)? {
+        return stores_16_bit(&adapter.base);
+    }
+    let weights = Weights::open(dir)?;
+    Ok(matches!(
+        weights.info("model.embed_tokens.weight"),
+        Some((safetensors::Dtype::BF16 | safetensors::Dtype::F16, _))
+    ))
+}
+
 /// Whether `dir` holds a reward model (a `score` head, or a
 /// sequence-classification adapter) rather than a causal LM.
 pub fn is_reward_model(dir: &Path) -> Result<bool> {

@@ -20,6 +20,12 @@ pub enum Init {
 pub trait ParamSource {
     /// The tensor called `name` (Hugging Face name and layout).
     fn tensor(&mut self, name: &str, shape: &[usize], init: Init) -> Result<HostTensor>;
+
+    /// Whether matrices are kept in bf16 once read (frozen models only:
+    /// see [`crate::checkpoint::load_causal_lm_compact`]).
+    fn compact(&self) -> bool {
+        false
+    }
 }
 
 pub struct RandomInit {
@@ -56,6 +62,8 @@ impl ParamSource for RandomInit {
 pub struct CheckpointSource<'a> {
     weights: &'a Weights,
     used: BTreeSet<String>,
+    /// Keep matrices in bf16 (see [`ParamSource::compact`]).
+    pub compact: bool,
 }
 
 /// Tensors a checkpoint may carry beyond the model being built: the untied
@@ -68,6 +76,7 @@ impl<'a> CheckpointSource<'a> {
         Self {
             weights,
             used: BTreeSet::new(),
+            compact: false,
         }
     }
 
@@ -101,6 +110,10 @@ impl ParamSource for CheckpointSource<'_> {
         }
         self.used.insert(name.to_string());
         self.weights.read(name)
+    }
+
+    fn compact(&self) -> bool {
+        self.compact
     }
 }
 

@@ -19,6 +19,11 @@ pub(crate) fn param<const D: usize>(
     device: &Device,
 ) -> Result<Param<Tensor<D>>> {
     let t = source.tensor(name, &shape, init)?;
+    if D == 2 && source.compact() {
+        // one matrix at a time in f32, kept in bf16
+        let t = Tensor::<D>::from_data(TensorData::new(t.data, shape), device);
+        return Ok(Param::from_tensor(t.cast(burn::tensor::DType::BF16)));
+    }
     Ok(Param::from_data(TensorData::new(t.data, shape), device))
 }
 
@@ -99,7 +104,12 @@ impl Embedding {
     }
 
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        let x = burn::tensor::module::embedding(self.weight.val(), ids);
+        if x.dtype() == burn::tensor::DType::F32 {
+            x
+        } else {
+            x.cast(burn::tensor::DType::F32)
+        }
     }
 }
 

@@ -29,7 +29,31 @@ pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     {
         return y;
     }
+    if w.dtype() != DType::F32 {
+        return compact_product(x, w);
+    }
     x.matmul(w.transpose())
+}
+
+/// Rows of a compact (bf16) `w` converted to f32 per product, this many
+/// elements at a time: a 256k-vocabulary head never exists whole in f32.
+const COMPACT_CHUNK: usize = 1 << 24;
+
+/// `x · wᵀ` for a bf16 `w`: `w`'s rows in f32 a chunk at a time.
+fn compact_product(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    let [n, k] = w.dims();
+    let rows = (COMPACT_CHUNK / k.max(1)).max(1);
+    let parts: Vec<Tensor<2>> = (0..n)
+        .step_by(rows)
+        .map(|start| {
+            let part = w
+                .clone()
+                .narrow(0, start, rows.min(n - start))
+                .cast(DType::F32);
+            x.clone().matmul(part.transpose())
+        })
+        .collect();
+    Tensor::cat(parts, 1)
 }
 
 fn streaming_supported() -> bool {

@@ -509,3 +509,35 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         );
     }
 }
+
+/// A bf16 checkpoint held compact (matrices in bf16, products in f32) gives
+/// the logits and greedy tokens of the same checkpoint read into f32.
+#[test]
+fn compact_bf16_weights_compute_what_their_f32_copy_computes() {
+    let dir = converted(SaveDtype::Bf16, 1);
+    assert!(posttrain_model::checkpoint::stores_16_bit(dir.path()).unwrap());
+    let (config, full) = load_causal_lm(dir.path(), &device()).unwrap();
+    let (_, compact) =
+        posttrain_model::checkpoint::load_causal_lm_compact(dir.path(), &device()).unwrap();
+    assert_eq!(
+        compact.model.embed_tokens.weight.val().dtype(),
+        burn::tensor::DType::BF16
+    );
+    let reference = Reference::load();
+    let batch = reference.batch("ids_long");
+    let (a, b) = (host(full.forward(&batch)), host(compact.forward(&batch)));
+    assert_close_scaled("compact logits", &b, &a, 1e-4);
+    let prompts = vec![(3..19).collect::<Vec<u32>>(), (100..116).collect()];
+    let greedy = SamplingConfig {
+        max_new_tokens: 24,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let tokens = |m: &Gemma2ForCausalLM| -> Vec<Vec<u32>> {
+        generate(m, &prompts, config.pad_id(), &greedy, 0)
+            .into_iter()
+            .map(|c| c.tokens)
+            .collect()
+    };
+    assert_eq!(tokens(&compact), tokens(&full));
+}

@@ -59,6 +59,31 @@ impl ChatModel {
         })
     }
 
+    /// [`ChatModel::load`] for inference, the matrices in bf16 when `dtype`
+    /// says so (`auto`: when the checkpoint stores them in 16 bits).
+    pub fn load_frozen(
+        dir: &std::path::Path,
+        device: &burn::tensor::Device,
+        dtype: crate::cli::WeightsDtype,
+    ) -> anyhow::Result<Self> {
+        use crate::cli::WeightsDtype;
+        let compact = match dtype {
+            WeightsDtype::F32 => false,
+            WeightsDtype::Bf16 => true,
+            WeightsDtype::Auto => posttrain_model::checkpoint::stores_16_bit(dir)?,
+        };
+        if !compact {
+            return Self::load(dir, device);
+        }
+        let (config, tokenizer) = chat_config(dir)?;
+        let (_, model) = posttrain_model::checkpoint::load_causal_lm_compact(dir, device)?;
+        Ok(Self {
+            config,
+            model,
+            tokenizer,
+        })
+    }
+
     pub fn stop_ids(&self) -> Vec<u32> {
         stop_ids(&self.config, &self.tokenizer)
     }
