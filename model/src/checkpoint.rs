@@ -70,6 +70,24 @@ pub fn load_causal_lm_compact(
     Ok((config, model))
 }
 
+/// [`load_reward_model`] for a frozen reward model, its matrices in bf16.
+pub fn load_reward_model_compact(
+    dir: &Path,
+    device: &Device,
+) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
+    if Adapter::find(dir)?.is_some() {
+        let (config, model) = load_reward_model(dir, device)?;
+        return Ok((config, crate::params::compact(model)));
+    }
+    let config = load_config(dir)?;
+    let weights = Weights::open(dir)?;
+    let mut source = CheckpointSource::new(&weights);
+    source.compact = true;
+    let model = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
+    source.finish()?;
+    Ok((config, model))
+}
+
 /// Whether the checkpoint (an adapter's base) stores its embedding in a
 /// 16-bit float type.
 pub fn stores_16_bit(dir: &Path) -> Result<bool> {

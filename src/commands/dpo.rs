@@ -37,9 +37,9 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         None => Vec::new(),
     };
     // a reference of its own, or (full fine-tuning) the policy's frozen copy
-    let reference_params = match (&args.reference, &lora) {
-        (Some(dir), _) => posttrain_model::load_config(dir)?.num_params(),
-        (None, None) => config.num_params(),
+    let reference_bytes = match (&args.reference, &lora) {
+        (Some(dir), _) => super::frozen_bytes(dir)?,
+        (None, None) => 4 * config.num_params() as u64,
         (None, Some(_)) => 0,
     };
     let plan = posttrain_train::memory::Plan {
@@ -51,7 +51,7 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
             .map(|p| p.chosen.ids.len().max(p.rejected.ids.len()))
             .max()
             .unwrap_or(0),
-        frozen_params: reference_params,
+        frozen_bytes: reference_bytes,
     };
     let memory = super::check_memory(&plan, args.train.force)?;
     let (_, policy) = posttrain_model::load_causal_lm(

@@ -49,14 +49,11 @@ pub struct ChatModel {
 }
 
 impl ChatModel {
+    /// A frozen causal LM with its tokenizer (sampling, teachers,
+    /// references, eval): matrices held as the checkpoint stores them (bf16
+    /// for a 16-bit checkpoint), products in f32.
     pub fn load(dir: &std::path::Path, device: &burn::tensor::Device) -> anyhow::Result<Self> {
-        let (config, tokenizer) = chat_config(dir)?;
-        let (_, model) = posttrain_model::load_causal_lm(dir, device)?;
-        Ok(Self {
-            config,
-            model,
-            tokenizer,
-        })
+        Self::load_frozen(dir, device, crate::cli::WeightsDtype::Auto)
     }
 
     /// [`ChatModel::load`] for inference, the matrices in bf16 when `dtype`
@@ -67,16 +64,17 @@ impl ChatModel {
         dtype: crate::cli::WeightsDtype,
     ) -> anyhow::Result<Self> {
         use crate::cli::WeightsDtype;
+        let (config, tokenizer) = chat_config(dir)?;
         let compact = match dtype {
             WeightsDtype::F32 => false,
             WeightsDtype::Bf16 => true,
             WeightsDtype::Auto => posttrain_model::checkpoint::stores_16_bit(dir)?,
         };
-        if !compact {
-            return Self::load(dir, device);
-        }
-        let (config, tokenizer) = chat_config(dir)?;
-        let (_, model) = posttrain_model::checkpoint::load_causal_lm_compact(dir, device)?;
+        let (_, model) = if compact {
+            posttrain_model::checkpoint::load_causal_lm_compact(dir, device)?
+        } else {
+            posttrain_model::load_causal_lm(dir, device)?
+        };
         Ok(Self {
             config,
             model,
@@ -120,6 +118,18 @@ pub fn check_memory(plan: &posttrain_train::memory::Plan, force: bool) -> anyhow
             a as f64 / 1e9
         ))
     ))
+}
+
+/// Bytes a frozen model from `dir` occupies as [`ChatModel::load`] and
+/// [`load_reward`] hold it (bf16 matrices for a 16-bit checkpoint).
+pub fn frozen_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let params = posttrain_model::load_config(dir)?.num_params() as u64;
+    let per = if posttrain_model::checkpoint::stores_16_bit(dir)? {
+        2
+    } else {
+        4
+    };
+    Ok(params * per)
 }
 
 /// The device a training stage trains on: `device` with autodiff, and with
@@ -376,7 +386,12 @@ pub fn load_reward(
     posttrain_model::Gemma2ForSequenceClassification,
     posttrain_datasets::ChatTokenizer,
 )> {
-    let (config, model) = posttrain_model::load_reward_model(dir, device)?;
+    posttrain_model::load_config(dir)?;
+    let (config, model) = if posttrain_model::checkpoint::stores_16_bit(dir)? {
+        posttrain_model::checkpoint::load_reward_model_compact(dir, device)?
+    } else {
+        posttrain_model::load_reward_model(dir, device)?
+    };
     let path = dir.join(posttrain_model::checkpoint::TOKENIZER_FILE);
     let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
     check_tokenizer_fits(&tokenizer, &path, &config, &dir.join("config.json"))?;

@@ -132,7 +132,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         lora: lora.as_ref(),
         batch: 2 * args.train.batch_size,
         longest,
-        frozen_params: 0,
+        frozen_bytes: 0,
     };
     let memory = super::check_memory(&plan, args.train.force)?;
     let (mut config, model, origin) = initial_model(

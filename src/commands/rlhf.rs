@@ -62,8 +62,8 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     };
     let (config, tokenizer) = super::chat_config(&args.policy)?;
     let prompt_rows = read_prompts(&args.prompts)?;
-    let rm_params = match &args.reward {
-        Some(dir) => posttrain_model::load_config(dir)?.num_params(),
+    let rm_bytes = match &args.reward {
+        Some(dir) => super::frozen_bytes(dir)?,
         None => 0,
     };
     // without LoRA the init and the anchor are copies of the policy
@@ -82,7 +82,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
             .max()
             .unwrap_or(0)
             + cfg.max_new_tokens,
-        frozen_params: rm_params + copies * config.num_params(),
+        frozen_bytes: rm_bytes + copies * 4 * config.num_params() as u64,
     };
     let memory = super::check_memory(&plan, args.force)?;
     let (_, policy) = posttrain_model::load_causal_lm(

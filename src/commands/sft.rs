@@ -43,8 +43,8 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         LossOn::Completion,
         true,
     )?;
-    let teacher_params = match &args.teacher {
-        Some(dir) => posttrain_model::load_config(dir)?.num_params(),
+    let teacher_bytes = match &args.teacher {
+        Some(dir) => super::frozen_bytes(dir)?,
         None => 0,
     };
     let plan = Plan {
@@ -52,7 +52,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         lora: lora.as_ref(),
         batch: args.train.batch_size,
         longest: data.longest(),
-        frozen_params: teacher_params,
+        frozen_bytes: teacher_bytes,
     };
     let memory = super::check_memory(&plan, args.train.force)?;
     let (_, student) = posttrain_model::load_causal_lm(

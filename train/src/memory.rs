@@ -4,7 +4,8 @@
 //!
 //! `weights` = parameters × 4 (f32); `optimizer` = trainable × 4 × 4
 //! (gradient, its accumulation, AdamW's two moments); `frozen` = the other
-//! models held beside (teacher, reference, reward model, anchor) × 4;
+//! models held beside (teacher, reference, reward model, anchor) at 2 or 4
+//! bytes per parameter as they are held;
 //! `activations` = layers × tokens × (14·hidden + 4·intermediate +
 //! 2·(q + 2·kv)) × 4 plus the attention scores layers × batch × heads × len²
 //! × 4 × 2; `logits` = 6 copies (logits, soft-cap and log-softmax
@@ -48,8 +49,8 @@ pub struct Plan<'a> {
     pub batch: usize,
     /// Longest sequence of the data, in tokens.
     pub longest: usize,
-    /// Parameters of the frozen models held beside the trained one.
-    pub frozen_params: usize,
+    /// Bytes of the frozen models held beside the trained one.
+    pub frozen_bytes: u64,
 }
 
 /// Parameters LoRA trains: `r·(in + out)` per adapted projection.
@@ -96,7 +97,7 @@ pub fn estimate(plan: &Plan) -> Footprint {
         parts: vec![
             ("weights", params * 4),
             ("optimizer", trainable * 16),
-            ("frozen models", plan.frozen_params as u64 * 4),
+            ("frozen models", plan.frozen_bytes),
             ("activations", activations),
             ("logits", logit_elements * 4 * 6),
             ("runtime", RUNTIME),
@@ -163,7 +164,7 @@ mod tests {
             lora: None,
             batch: 3,
             longest: 5,
-            frozen_params: 100,
+            frozen_bytes: 400,
         };
         let f = estimate(&plan);
         let params = 9224u64;
@@ -193,7 +194,7 @@ mod tests {
             lora: None,
             batch: 1,
             longest: 4,
-            frozen_params: 0,
+            frozen_bytes: 0,
         });
         let total = f.total();
         assert!(check(&f, Some(total), false).is_ok());
