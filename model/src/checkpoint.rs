@@ -57,9 +57,10 @@ pub fn load_causal_lm_compact(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
-    if Adapter::find(dir)?.is_some() {
-        let (config, model) = load_causal_lm(dir, device)?;
-        return Ok((config, crate::params::compact(model)));
+    if let Some(adapter) = Adapter::find(dir)? {
+        let (config, base) = load_causal_lm_compact(&adapter.base, device)?;
+        let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
+        return Ok((config, model.merge_lora()));
     }
     let config = load_config(dir)?;
     let weights = Weights::open(dir)?;
@@ -75,9 +76,18 @@ pub fn load_reward_model_compact(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
-    if Adapter::find(dir)?.is_some() {
-        let (config, model) = load_reward_model(dir, device)?;
-        return Ok((config, crate::params::compact(model)));
+    if let Some(adapter) = Adapter::find(dir)? {
+        let config = load_config(&adapter.base)?;
+        let weights = Weights::open(&adapter.base)?;
+        let mut source = crate::init::NewHead {
+            checkpoint: CheckpointSource::new(&weights),
+            head: RandomInit::new(0),
+        };
+        source.checkpoint.compact = true;
+        let base = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
+        source.checkpoint.finish()?;
+        let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
+        return Ok((config, model.merge_lora()));
     }
     let config = load_config(dir)?;
     let weights = Weights::open(dir)?;

@@ -131,4 +131,8 @@ impl ParamSource for NewHead<'_> {
         }
         self.checkpoint.tensor(name, shape, init)
     }
+
+    fn compact(&self) -> bool {
+        self.checkpoint.compact
+    }
 }

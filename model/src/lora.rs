@@ -161,7 +161,14 @@ impl Linear {
             .matmul(a.weight.val().inner())
             .mul_scalar(self.lora_scale);
         let require_grad = self.weight.is_require_grad();
-        let weight = self.weight.val().inner() + delta;
+        // a compact (bf16) base is merged in f32 and kept compact
+        let dtype = self.weight.val().dtype();
+        let base = self.weight.val().inner();
+        let weight = if dtype == burn::tensor::DType::F32 {
+            base + delta
+        } else {
+            (base.cast(burn::tensor::DType::F32) + delta).cast(dtype)
+        };
         let device = self.weight.device();
         let weight = if device.is_autodiff() {
             crate::on_autodiff(weight, &device).set_require_grad(require_grad)

@@ -135,21 +135,6 @@ pub fn trainable_param_map<M: Module>(module: &M) -> ParamMap {
     out
 }
 
-/// `module` with every matrix cast to bf16 (see
-/// [`crate::checkpoint::load_causal_lm_compact`]).
-pub fn compact<M: Module>(module: M) -> M {
-    struct Compact;
-    impl ModuleMapper for Compact {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if D != 2 {
-                return param;
-            }
-            param.map(|t| t.cast(burn::tensor::DType::BF16))
-        }
-    }
-    module.map(&mut Compact)
-}
-
 /// Every float parameter's shape, by name.
 pub fn param_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
     let mut out = BTreeMap::new();

@@ -150,6 +150,38 @@ fn sft_with_lora_writes_a_peft_adapter_that_learns_and_merges() {
     };
     let from_merged = m.path("samples-merged.jsonl");
     assert_eq!(sample(&out, &samples), sample(&merged, &from_merged));
+    // on a bf16 base the adapter is read compact (bf16 matrices, f32
+    // products) and samples as the same weights read into f32 do
+    let base16 = m.path("policy-bf16");
+    ok(&[
+        "convert",
+        "--model",
+        s(&policy),
+        "--out",
+        s(&base16),
+        "--dtype",
+        "bf16",
+    ]);
+    let on16 = m.path("sft-lora-bf16");
+    sft_lora(&m, &base16, &on16, "20", "8", &[]);
+    let compact = sample(&on16, &m.path("compact.jsonl"));
+    let f32_out = m.path("f32.jsonl");
+    ok(&[
+        "sample",
+        "--model",
+        s(&on16),
+        "--prompts",
+        s(&prompts),
+        "--out",
+        s(&f32_out),
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--weights-dtype",
+        "f32",
+    ]);
+    assert_eq!(compact, std::fs::read(&f32_out).unwrap());
 }
 
 #[test]
