@@ -50,6 +50,25 @@ fn load<M>(
     Ok((config, model))
 }
 
+/// Whether `device` keeps bf16 tensors for compact loading: the CPU (`flex`)
+/// backend does; WGSL has no bf16, and the others are untested.
+pub fn compact_supported(device: &Device) -> bool {
+    burn::tensor::Tensor::<1>::zeros([1], device)
+        .try_into_primitive::<burn::backend::Flex>()
+        .is_ok()
+}
+
+fn refuse_compact(dir: &Path, device: &Device) -> Result<()> {
+    if compact_supported(device) {
+        return Ok(());
+    }
+    Err(ModelError::Output {
+        path: dir.to_path_buf(),
+        reason: "bf16 weights are held only on the flex (CPU) backend; use --weights-dtype f32"
+            .into(),
+    })
+}
+
 /// A causal LM for inference with its matrices held in bf16 (half the
 /// memory of f32; every product still computes in f32): a checkpoint, or an
 /// adapter directory merged first. Not for training: the matrices are frozen.
@@ -57,6 +76,7 @@ pub fn load_causal_lm_compact(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
+    refuse_compact(dir, device)?;
     if let Some(adapter) = Adapter::find(dir)? {
         let (config, base) = load_causal_lm_compact(&adapter.base, device)?;
         let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
@@ -76,6 +96,7 @@ pub fn load_reward_model_compact(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
+    refuse_compact(dir, device)?;
     if let Some(adapter) = Adapter::find(dir)? {
         let config = load_config(&adapter.base)?;
         let weights = Weights::open(&adapter.base)?;

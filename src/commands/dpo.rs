@@ -38,7 +38,7 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
     };
     // a reference of its own, or (full fine-tuning) the policy's frozen copy
     let reference_bytes = match (&args.reference, &lora) {
-        (Some(dir), _) => super::frozen_bytes(dir)?,
+        (Some(dir), _) => super::frozen_bytes(dir, &device)?,
         (None, None) => 4 * config.num_params() as u64,
         (None, Some(_)) => 0,
     };

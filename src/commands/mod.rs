@@ -68,7 +68,10 @@ impl ChatModel {
         let compact = match dtype {
             WeightsDtype::F32 => false,
             WeightsDtype::Bf16 => true,
-            WeightsDtype::Auto => posttrain_model::checkpoint::stores_16_bit(dir)?,
+            WeightsDtype::Auto => {
+                posttrain_model::checkpoint::stores_16_bit(dir)?
+                    && posttrain_model::checkpoint::compact_supported(device)
+            }
         };
         let (_, model) = if compact {
             posttrain_model::checkpoint::load_causal_lm_compact(dir, device)?
@@ -122,9 +125,11 @@ pub fn check_memory(plan: &posttrain_train::memory::Plan, force: bool) -> anyhow
 
 /// Bytes a frozen model from `dir` occupies as [`ChatModel::load`] and
 /// [`load_reward`] hold it (bf16 matrices for a 16-bit checkpoint).
-pub fn frozen_bytes(dir: &Path) -> anyhow::Result<u64> {
+pub fn frozen_bytes(dir: &Path, device: &burn::tensor::Device) -> anyhow::Result<u64> {
     let params = posttrain_model::load_config(dir)?.num_params() as u64;
-    let per = if posttrain_model::checkpoint::stores_16_bit(dir)? {
+    let per = if posttrain_model::checkpoint::stores_16_bit(dir)?
+        && posttrain_model::checkpoint::compact_supported(device)
+    {
         2
     } else {
         4
@@ -387,7 +392,9 @@ pub fn load_reward(
     posttrain_datasets::ChatTokenizer,
 )> {
     posttrain_model::load_config(dir)?;
-    let (config, model) = if posttrain_model::checkpoint::stores_16_bit(dir)? {
+    let compact = posttrain_model::checkpoint::stores_16_bit(dir)?
+        && posttrain_model::checkpoint::compact_supported(device);
+    let (config, model) = if compact {
         posttrain_model::checkpoint::load_reward_model_compact(dir, device)?
     } else {
         posttrain_model::load_reward_model(dir, device)?

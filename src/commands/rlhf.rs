@@ -63,7 +63,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     let (config, tokenizer) = super::chat_config(&args.policy)?;
     let prompt_rows = read_prompts(&args.prompts)?;
     let rm_bytes = match &args.reward {
-        Some(dir) => super::frozen_bytes(dir)?,
+        Some(dir) => super::frozen_bytes(dir, &device)?,
         None => 0,
     };
     // without LoRA the init and the anchor are copies of the policy

@@ -44,7 +44,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         true,
     )?;
     let teacher_bytes = match &args.teacher {
-        Some(dir) => super::frozen_bytes(dir)?,
+        Some(dir) => super::frozen_bytes(dir, &device)?,
         None => 0,
     };
     let plan = Plan {
