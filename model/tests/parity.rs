@@ -519,8 +519,7 @@ fn compact_bf16_weights_compute_what_their_f32_copy_computes() {
     if !posttrain_model::checkpoint::compact_supported(&device()) {
         // WGSL has no bf16: compact loading is refused in one line there
         let err = posttrain_model::checkpoint::load_causal_lm_compact(dir.path(), &device())
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(err.contains("--weights-dtype f32"), "{err}");
         return;
