@@ -477,6 +477,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     #[command(flatten)]
+    pub memory: MemoryArgs,
+}
+
+/// What a training stage trains and how it fits in memory: LoRA, the
+/// memory check, activation checkpointing.
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    #[command(flatten)]
     pub lora: LoraArgs,
     /// Start even when the memory estimate exceeds the available memory.
     #[arg(long)]
@@ -807,13 +815,7 @@ pub struct RlhfArgs {
     #[arg(long)]
     pub resume: bool,
     #[command(flatten)]
-    pub lora: LoraArgs,
-    /// Start even when the memory estimate exceeds the available memory.
-    #[arg(long)]
-    pub force: bool,
-    /// Recompute memory-bound activations (norms, GELU, soft-caps, softmax) in the backward pass instead of keeping them.
-    #[arg(long)]
-    pub checkpoint_activations: bool,
+    pub memory: MemoryArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -22,7 +22,7 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         label_smoothing: args.label_smoothing,
     };
     cfg.check()?;
-    let lora = args.train.lora.config()?;
+    let lora = args.train.memory.lora.config()?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let (config, tokenizer) = super::chat_config(&args.policy)?;
     let (config, tokenizer) = (&config, &tokenizer);
@@ -53,10 +53,10 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
             .unwrap_or(0),
         frozen_bytes: reference_bytes,
     };
-    let memory = super::check_memory(&plan, args.train.force)?;
+    let memory = super::check_memory(&plan, args.train.memory.force)?;
     let (_, policy) = posttrain_model::load_causal_lm(
         &args.policy,
-        &super::train_device(&device, args.train.checkpoint_activations),
+        &super::train_device(&device, args.train.memory.checkpoint_activations),
     )?;
     let reference = match &args.reference {
         Some(dir) => {

@@ -73,7 +73,7 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     } else {
         Distill::None
     };
-    if args.train.lora.lora_rank > 0 {
+    if args.train.memory.lora.lora_rank > 0 {
         bail!(
             "--lora-rank needs a checkpoint to adapt: use it with sft, reward --init, dpo or rlhf"
         );
@@ -103,7 +103,7 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     let model = Gemma2ForCausalLM::new(
         &config,
         &mut RandomInit::new(args.train.seed),
-        &super::train_device(&device, args.train.checkpoint_activations),
+        &super::train_device(&device, args.train.memory.checkpoint_activations),
     )?;
     eprintln!(
         "pretrain: {} params, {} train / {} eval sequences, {} steps of {}{}",

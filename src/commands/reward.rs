@@ -105,7 +105,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         bail!("--size-ratio must be positive, got {}", args.size_ratio);
     }
     let optim = args.train.optim()?;
-    let lora = args.train.lora.config()?;
+    let lora = args.train.memory.lora.config()?;
     if lora.is_some() && args.init.is_none() {
         bail!("--lora-rank needs --init: LoRA adapts an existing checkpoint, not new weights");
     }
@@ -134,11 +134,11 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         longest,
         frozen_bytes: 0,
     };
-    let memory = super::check_memory(&plan, args.train.force)?;
+    let memory = super::check_memory(&plan, args.train.memory.force)?;
     let (mut config, model, origin) = initial_model(
         &args,
         &policy,
-        &super::train_device(&device, args.train.checkpoint_activations),
+        &super::train_device(&device, args.train.memory.checkpoint_activations),
     )?;
     let ratio = config.num_params() as f64 / policy.num_params() as f64;
     let cfg = RewardConfig {

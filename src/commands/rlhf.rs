@@ -54,7 +54,7 @@ fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
 pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     let (device, backend) = (env.device()?, env.backend());
     let cfg = config(&args)?;
-    let lora = args.lora.config()?;
+    let lora = args.memory.lora.config()?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let anchor_writer = match &args.anchor_out {
         Some(dir) => Some(CheckpointWriter::create(dir, args.output.overwrite)?),
@@ -84,10 +84,10 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
             + cfg.max_new_tokens,
         frozen_bytes: rm_bytes + copies * 4 * config.num_params() as u64,
     };
-    let memory = super::check_memory(&plan, args.force)?;
+    let memory = super::check_memory(&plan, args.memory.force)?;
     let (_, policy) = posttrain_model::load_causal_lm(
         &args.policy,
-        &super::train_device(&device, args.checkpoint_activations),
+        &super::train_device(&device, args.memory.checkpoint_activations),
     )?;
     let policy = super::with_lora("rlhf", policy, lora.as_ref(), args.seed);
     let init = policy.valid();

@@ -30,7 +30,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     let mut settings = args.train.sft_config(kd, &args.distill, &args.lm)?;
     settings.on_policy = Some(on_policy(&args));
     settings.check(args.teacher.is_some())?;
-    let lora = args.train.lora.config()?;
+    let lora = args.train.memory.lora.config()?;
     let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
     let (config, tokenizer) = super::chat_config(&args.model)?;
     let (config, tokenizer) = (&config, &tokenizer);
@@ -54,10 +54,10 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         longest: data.longest(),
         frozen_bytes: teacher_bytes,
     };
-    let memory = super::check_memory(&plan, args.train.force)?;
+    let memory = super::check_memory(&plan, args.train.memory.force)?;
     let (_, student) = posttrain_model::load_causal_lm(
         &args.model,
-        &super::train_device(&device, args.train.checkpoint_activations),
+        &super::train_device(&device, args.train.memory.checkpoint_activations),
     )?;
     let student = super::with_lora("sft", student, lora.as_ref(), args.train.seed);
     let has_topk = data.train.iter().all(|e| e.topk.is_some());
