@@ -507,6 +507,9 @@ pub struct LoraArgs {
     /// Projections to adapt: q, k, v, o, gate, up, down (or q_proj, …).
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     pub lora_targets: Vec<String>,
+    /// Dropout on the adapters' input while training (seeded per step).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
 }
 
 impl LoraArgs {
@@ -531,6 +534,7 @@ impl LoraArgs {
             rank: self.lora_rank,
             alpha: self.lora_alpha,
             targets,
+            dropout: self.lora_dropout,
         };
         cfg.check().map_err(anyhow::Error::msg)?;
         Ok(Some(cfg))

@@ -362,6 +362,7 @@ pub fn train_dpo(
     let schedule = Schedule {
         optim: &cfg.optim,
         eval_every: cfg.eval_every,
+        seed: cfg.seed,
     };
     let model = train_loop(&mut stage, model, schedule, log, resume, saver)?;
     Ok((model, stage.report))

@@ -35,6 +35,8 @@ pub struct Linear {
     pub lora_a: Option<Factor>,
     pub lora_b: Option<Factor>,
     pub lora_scale: f64,
+    /// Dropout on the factors' input while training.
+    pub lora_dropout: f64,
 }
 
 impl Linear {
@@ -61,6 +63,7 @@ impl Linear {
             lora_a: None,
             lora_b: None,
             lora_scale: 0.0,
+            lora_dropout: 0.0,
         }
     }
 
@@ -71,6 +74,17 @@ impl Linear {
         let x = x.reshape([rows, d_in]);
         let mut y = matmul_transposed(x.clone(), self.weight.val());
         if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
+            let x = if self.lora_dropout > 0.0 && x.is_autodiff() {
+                let keep = 1.0 - self.lora_dropout;
+                let mask = Tensor::<2>::random(
+                    x.dims(),
+                    burn::tensor::Distribution::Bernoulli(keep),
+                    &x.device(),
+                );
+                x * mask.div_scalar(keep)
+            } else {
+                x
+            };
             let low = matmul_transposed(x, a.weight.val());
             y = y + matmul_transposed(low, b.weight.val()).mul_scalar(self.lora_scale);
         }

@@ -267,6 +267,7 @@ mod tests {
             rank: 2,
             alpha: 4.0,
             targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+            dropout: 0.0,
         };
         let m = model(device, softcap).attach_lora(&cfg, 1);
         let mut p = param_map(&m);

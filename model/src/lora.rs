@@ -51,6 +51,9 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Module names among [`TARGETS`].
     pub targets: Vec<String>,
+    /// Dropout on the factors' input while training (PEFT's `lora_dropout`).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl LoraConfig {
@@ -65,6 +68,12 @@ impl LoraConfig {
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
             return Err(format!("--lora-alpha must be positive, got {}", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!(
+                "--lora-dropout must be in [0, 1), got {}",
+                self.dropout
+            ));
         }
         if self.targets.is_empty() {
             return Err("--lora-targets names no projection".into());
@@ -92,7 +101,7 @@ impl LoraConfig {
             "base_model_name_or_path": base.display().to_string(),
             "r": self.rank,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.dropout,
             "target_modules": self.targets,
             "bias": "none",
             "fan_in_fan_out": false,
@@ -137,7 +146,7 @@ impl Factor {
 
 impl Linear {
     /// Attaches new factors (`A` drawn from `rng`, `B` zero).
-    fn attach(&mut self, rank: usize, scale: f64, rng: &mut StdRng) {
+    fn attach(&mut self, rank: usize, scale: f64, dropout: f64, rng: &mut StdRng) {
         let [d_out, d_in] = self.weight.dims();
         let device = self.weight.device();
         let bound = 1.0 / (d_in as f32).sqrt();
@@ -147,6 +156,7 @@ impl Linear {
         self.lora_a = Some(Factor::new(a, [rank, d_in], &device));
         self.lora_b = Some(Factor::new(vec![0.0; d_out * rank], [d_out, rank], &device));
         self.lora_scale = scale;
+        self.lora_dropout = dropout;
     }
 
     /// `W + (α/r)·B·A` in place of the factors.
@@ -208,7 +218,7 @@ impl Gemma2Model {
         let mut rng = StdRng::seed_from_u64(seed);
         for (name, _, lin) in model.projections_mut() {
             if cfg.targets.iter().any(|t| t == name) {
-                lin.attach(cfg.rank, cfg.scale(), &mut rng);
+                lin.attach(cfg.rank, cfg.scale(), cfg.dropout, &mut rng);
             }
         }
         model
@@ -365,6 +375,7 @@ impl Adapter {
             rank,
             alpha,
             targets,
+            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
         };
         config.check().map_err(bad)?;
         let named = v["base_model_name_or_path"]
@@ -430,6 +441,7 @@ mod tests {
             rank: 4,
             alpha: 8.0,
             targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+            dropout: 0.0,
         }
     }
 

@@ -407,6 +407,7 @@ fn lora_loss_logits_and_factor_gradients_match_peft() {
         rank: 4,
         alpha: 8.0,
         targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+        dropout: 0.0,
     };
     let (_, base) = load_causal_lm(&fixture_dir(), &device).unwrap();
     let model = base.attach_lora(&cfg, 0);

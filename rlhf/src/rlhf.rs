@@ -527,6 +527,7 @@ pub fn train_rlhf(
     let schedule = Schedule {
         optim: &cfg.optim,
         eval_every: 0,
+        seed: cfg.seed,
     };
     let resume = resume.as_ref().map(|(r, _)| *r);
     let policy = train(&mut stage, policy, schedule, log, resume, saver)?;

@@ -642,6 +642,7 @@ pub fn train_lm(
     let schedule = Schedule {
         optim: &cfg.optim,
         eval_every: cfg.eval_every,
+        seed: cfg.seed,
     };
     let model = train_loop(&mut lm, model, schedule, log, resume, saver)?;
     Ok((model, lm.report))
@@ -990,6 +991,7 @@ mod chunked_tests {
             rank: 2,
             alpha: 4.0,
             targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+            dropout: 0.0,
         };
         let m = model(1, device).attach_lora(&cfg, 3);
         let mut p = param_map(&m);

@@ -385,6 +385,7 @@ fn merge_adapters(
         rank,
         alpha: rank as f64,
         targets,
+        dropout: 0.0,
     };
     let write = |writer: CheckpointWriter, eta: f64| -> Result<PathBuf> {
         let merged = lora_merge::merged_adapter(policies, &coeffs, eta);

@@ -482,4 +482,18 @@ fn checkpointed_activations_train_the_same_weights() {
         weights(&plain, "adapter_model.safetensors"),
         weights(&checkpointed, "adapter_model.safetensors")
     );
+    // LoRA dropout: seeded per step, so reproducible, and not a no-op
+    let dropout = ["--lora-rank", "4", "--lora-dropout", "0.3"];
+    let (a, b) = (run("dropout-a", &dropout), run("dropout-b", &dropout));
+    assert_eq!(
+        weights(&a, "adapter_model.safetensors"),
+        weights(&b, "adapter_model.safetensors")
+    );
+    assert_ne!(
+        weights(&a, "adapter_model.safetensors"),
+        weights(&plain, "adapter_model.safetensors")
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&weights(&a, "adapter_config.json")).unwrap();
+    assert_eq!(config["lora_dropout"], 0.3);
 }

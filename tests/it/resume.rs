@@ -251,6 +251,8 @@ fn killed_and_resumed_lora_sft_equals_the_uninterrupted_run() {
             "4",
             "--lora-rank",
             "4",
+            "--lora-dropout",
+            "0.2",
         ]
         .map(String::from)
         .to_vec()

@@ -167,6 +167,7 @@ mod tests {
             rank: 2,
             alpha: 2.0,
             targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+            dropout: 0.0,
         };
         let m = Gemma2ForCausalLM::new(&c, &mut RandomInit::new(4), device)
             .unwrap()

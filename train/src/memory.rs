@@ -156,6 +156,7 @@ mod tests {
             rank: 2,
             alpha: 4.0,
             targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+            dropout: 0.0,
         };
         // per layer 2·((8+8) + (8+4) + (8+16)) = 104
         assert_eq!(lora_params(&c, &lora), 2 * 104);

@@ -182,6 +182,9 @@ impl StepLog {
 pub struct Schedule<'a> {
     pub optim: &'a OptimConfig,
     pub eval_every: usize,
+    /// Seeds the device's random stream at every step (LoRA dropout), so a
+    /// resumed run draws what the unbroken one did.
+    pub seed: u64,
 }
 
 /// Trains `model` through `stage`; with `resume` it continues a saved run
@@ -206,7 +209,11 @@ pub fn train<M: Module, S: Stage<M>>(
         progress.advance(first_step as u64, 0);
     }
 
+    let devices = model.devices();
     for step in first_step..steps {
+        for device in &devices {
+            device.seed(schedule.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
         // micro-batches → losses → backward (gradients accumulate)
         let mut backward = Backward {
             optim: &mut optim,
