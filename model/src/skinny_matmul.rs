@@ -70,28 +70,45 @@ fn streaming_supported() -> bool {
 fn streamed(x: Tensor<2>, w: Tensor<2>, m: usize, k: usize) -> Option<Tensor<2>> {
     let x: FlexTensor = x.try_into_primitive::<Flex>().ok()?;
     let w: FlexTensor = w.try_into_primitive::<Flex>().ok()?;
-    if x.dtype() != DType::F32 || w.dtype() != DType::F32 || !w.is_contiguous() {
+    if x.dtype() != DType::F32 || !w.is_contiguous() {
         return None;
     }
     let n = w.layout().shape()[0];
     let start = w.layout().start_offset();
-    let w = &w.storage::<f32>()[start..start + n * k];
     let x = x.into_data();
     let x = x.as_slice::<f32>().ok()?;
     let mut out = vec![0.0f32; m * n];
-    multiply(x, w, &mut out, m, k, n);
+    match w.dtype() {
+        DType::F32 => multiply(
+            x,
+            &w.storage::<f32>()[start..start + n * k],
+            &mut out,
+            m,
+            k,
+            n,
+        ),
+        DType::BF16 => multiply(
+            x,
+            &w.storage::<half::bf16>()[start..start + n * k],
+            &mut out,
+            m,
+            k,
+            n,
+        ),
+        _ => return None,
+    }
     let out = FlexTensor::from_data(TensorData::new(out, [m, n]));
     Some(Tensor::from_primitive::<Flex>(out))
 }
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major: the AVX2/FMA kernel
 /// where the CPU has both (checked at run time), plain loops elsewhere.
-fn multiply(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+fn multiply<W: Weight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, n: usize) {
     assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
     if !streaming_supported() {
         for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             for (o, wr) in or.iter_mut().zip(w.chunks_exact(k)) {
-                *o = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                *o = xr.iter().zip(wr).map(|(a, b)| a * b.to_f32()).sum();
             }
         }
         return;
@@ -116,6 +133,48 @@ fn multiply(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize)
     }
 }
 
+/// A weight element the kernel reads: f32, or bf16 widened to f32 on load
+/// (a compact frozen model's matrices).
+pub(crate) trait Weight: Copy + Sync {
+    fn to_f32(self) -> f32;
+    /// Eight consecutive weights as f32 lanes.
+    ///
+    /// # Safety
+    /// AVX2 is available and `p` points to eight readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Weight for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Weight for half::bf16 {
+    fn to_f32(self) -> f32 {
+        f32::from(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; bf16 is the high half of an f32.
+        unsafe {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: the threads that share it write disjoint columns.
@@ -124,6 +183,7 @@ unsafe impl Sync for OutPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::Weight;
     use std::arch::x86_64::*;
     /// Floats of `w` prefetched ahead of the loads in long rows.
     const PF: usize = 128;
@@ -136,9 +196,9 @@ mod avx2 {
     /// AVX2 and FMA are available, `x` is `m·k`, `w` is `n·k` and `out`
     /// points to `m·n` floats, and `range` lies within `0..n`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn columns(
+    pub unsafe fn columns<W: Weight>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         out: *mut f32,
         m: usize,
         k: usize,
@@ -151,11 +211,11 @@ mod avx2 {
         // and writes columns `j..j + J` of `out`, all within `range`.
         unsafe {
             while j + 4 <= range.end {
-                rows::<2, 4>(x, w.add(j * k), out.add(j), m, k, n);
+                rows::<W, 2, 4>(x, w.add(j * k), out.add(j), m, k, n);
                 j += 4;
             }
             while j < range.end {
-                rows::<1, 1>(x, w.add(j * k), out.add(j), m, k, n);
+                rows::<W, 1, 1>(x, w.add(j * k), out.add(j), m, k, n);
                 j += 1;
             }
         }
@@ -167,9 +227,9 @@ mod avx2 {
     /// AVX2 and FMA are available, `x` points to `m·k` floats, `w` to `J`
     /// rows of `k`, and `out` to `m` rows of `n` floats with `J` columns left.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<const R: usize, const J: usize>(
+    unsafe fn rows<W: Weight, const R: usize, const J: usize>(
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         out: *mut f32,
         m: usize,
         k: usize,
@@ -180,11 +240,11 @@ mod avx2 {
         // below `m` and writes `R` rows of `out`.
         unsafe {
             while r + R <= m {
-                block::<R, J>(x.add(r * k), w, out.add(r * n), k, n);
+                block::<W, R, J>(x.add(r * k), w, out.add(r * n), k, n);
                 r += R;
             }
             while r < m {
-                block::<1, J>(x.add(r * k), w, out.add(r * n), k, n);
+                block::<W, 1, J>(x.add(r * k), w, out.add(r * n), k, n);
                 r += 1;
             }
         }
@@ -197,9 +257,9 @@ mod avx2 {
     /// to `J` rows of `k`, and `out` to `R` rows of stride `n` with `J`
     /// columns left.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn block<const R: usize, const J: usize>(
+    unsafe fn block<W: Weight, const R: usize, const J: usize>(
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         out: *mut f32,
         k: usize,
         n: usize,
@@ -218,7 +278,7 @@ mod avx2 {
                     _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * k + p + ahead) as *const i8);
                 }
                 for (j, v) in wv.iter_mut().enumerate() {
-                    *v = _mm256_loadu_ps(w.add(j * k + p));
+                    *v = W::load8(w.add(j * k + p));
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
                     let xv = _mm256_loadu_ps(x.add(r * k + p));
@@ -232,7 +292,7 @@ mod avx2 {
                 for (j, &a) in row.iter().enumerate() {
                     let mut s = sum(a);
                     for q in k8..k {
-                        s += *x.add(r * k + q) * *w.add(j * k + q);
+                        s += *x.add(r * k + q) * (*w.add(j * k + q)).to_f32();
                     }
                     *out.add(r * n + j) = s;
                 }
@@ -298,6 +358,35 @@ mod tests {
                 assert!(
                     (*g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
                     "{m}x{k}x{n} [{i}]: {g} vs {r}"
+                );
+            }
+        }
+    }
+
+    /// bf16 weights (a compact model) stream through the same kernel,
+    /// widened to f32 on load.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_weights_stream_with_the_values_they_hold() {
+        let device = Device::default();
+        for (m, k, n) in [(1, 9, 5), (3, 40, 600), (2, 256, 17)] {
+            let x = values(m * k, 5);
+            let w: Vec<f32> = values(n * k, 6)
+                .into_iter()
+                .map(|v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+            let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [n, k]), &device)
+                .cast(DType::BF16);
+            let got = streamed(xt, wt, m, k)
+                .expect("bf16 weights take the streaming path")
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap();
+            for (g, r) in got.iter().zip(reference(&x, &w, m, k, n)) {
+                assert!(
+                    (*g as f64 - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                    "{g} vs {r}"
                 );
             }
         }
