@@ -37,14 +37,18 @@ pub fn load_config(dir: &Path) -> Result<Gemma2Config> {
     Gemma2Config::from_file(&path)
 }
 
+/// `compact`: matrices kept in bf16 (frozen models, see
+/// [`load_causal_lm_compact`]).
 fn load<M>(
     dir: &Path,
     device: &Device,
+    compact: bool,
     build: impl FnOnce(&Gemma2Config, &mut CheckpointSource, &Device) -> Result<M>,
 ) -> Result<(Gemma2Config, M)> {
     let config = load_config(dir)?;
     let weights = Weights::open(dir)?;
     let mut source = CheckpointSource::new(&weights);
+    source.compact = compact;
     let model = build(&config, &mut source, device)?;
     source.finish()?;
     Ok((config, model))
@@ -82,13 +86,7 @@ pub fn load_causal_lm_compact(
         let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
         return Ok((config, model.merge_lora()));
     }
-    let config = load_config(dir)?;
-    let weights = Weights::open(dir)?;
-    let mut source = CheckpointSource::new(&weights);
-    source.compact = true;
-    let model = Gemma2ForCausalLM::new(&config, &mut source, device)?;
-    source.finish()?;
-    Ok((config, model))
+    load(dir, device, true, |c, s, d| Gemma2ForCausalLM::new(c, s, d))
 }
 
 /// [`load_reward_model`] for a frozen reward model, its matrices in bf16.
@@ -97,26 +95,7 @@ pub fn load_reward_model_compact(
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
     refuse_compact(dir, device)?;
-    if let Some(adapter) = Adapter::find(dir)? {
-        let config = load_config(&adapter.base)?;
-        let weights = Weights::open(&adapter.base)?;
-        let mut source = crate::init::NewHead {
-            checkpoint: CheckpointSource::new(&weights),
-            head: RandomInit::new(0),
-        };
-        source.checkpoint.compact = true;
-        let base = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
-        source.checkpoint.finish()?;
-        let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
-        return Ok((config, model.merge_lora()));
-    }
-    let config = load_config(dir)?;
-    let weights = Weights::open(dir)?;
-    let mut source = CheckpointSource::new(&weights);
-    source.compact = true;
-    let model = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
-    source.finish()?;
-    Ok((config, model))
+    reward_model(dir, device, true)
 }
 
 /// Whether the checkpoint (an adapter's base) stores its embedding in a
@@ -149,7 +128,9 @@ pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(Gemma2Config, Gemm
         let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
         return Ok((config, model.merge_lora()));
     }
-    load(dir, device, |c, s, d| Gemma2ForCausalLM::new(c, s, d))
+    load(dir, device, false, |c, s, d| {
+        Gemma2ForCausalLM::new(c, s, d)
+    })
 }
 
 /// A reward model from a checkpoint, or from an adapter directory (its base
@@ -158,12 +139,22 @@ pub fn load_reward_model(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
+    reward_model(dir, device, false)
+}
+
+/// A reward checkpoint, or an adapter directory on a trunk (its `score`
+/// head from the adapter), matrices in bf16 when `compact`.
+fn reward_model(
+    dir: &Path,
+    device: &Device,
+    compact: bool,
+) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
     if let Some(adapter) = Adapter::find(dir)? {
-        let (config, base, _) = load_reward_trunk(&adapter.base, 0, device)?;
+        let (config, base, _) = reward_trunk(&adapter.base, 0, device, compact)?;
         let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
         return Ok((config, model.merge_lora()));
     }
-    load(dir, device, |c, s, d| {
+    load(dir, device, compact, |c, s, d| {
         Gemma2ForSequenceClassification::new(c, s, d)
     })
 }
@@ -214,6 +205,15 @@ pub fn load_reward_trunk(
     seed: u64,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification, bool)> {
+    reward_trunk(dir, seed, device, false)
+}
+
+fn reward_trunk(
+    dir: &Path,
+    seed: u64,
+    device: &Device,
+    compact: bool,
+) -> Result<(Gemma2Config, Gemma2ForSequenceClassification, bool)> {
     let config = load_config(dir)?;
     let weights = Weights::open(dir)?;
     let fresh = weights.info("score.weight").is_none();
@@ -221,6 +221,7 @@ pub fn load_reward_trunk(
         checkpoint: CheckpointSource::new(&weights),
         head: RandomInit::new(seed),
     };
+    source.checkpoint.compact = compact;
     let model = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
     source.checkpoint.finish()?;
     Ok((config, model, fresh))
