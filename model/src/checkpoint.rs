@@ -98,6 +98,12 @@ pub fn load_reward_model_compact(
     reward_model(dir, device, true)
 }
 
+/// Whether a frozen model from `dir` is held compact on `device`: its
+/// checkpoint stores 16-bit weights and the backend keeps bf16.
+pub fn holds_compact(dir: &Path, device: &Device) -> Result<bool> {
+    Ok(stores_16_bit(dir)? && compact_supported(device))
+}
+
 /// Whether the checkpoint (an adapter's base) stores its embedding in a
 /// 16-bit float type.
 pub fn stores_16_bit(dir: &Path) -> Result<bool> {
@@ -270,6 +276,27 @@ impl CheckpointWriter {
             &self.path().join(file),
             bytes,
         )?)
+    }
+
+    /// A LoRA adapter directory's two files: `tensors` under PEFT's keys and
+    /// `adapter_config.json` naming the base as `origin` resolved it.
+    pub fn write_adapter(
+        &self,
+        tensors: &BTreeMap<String, HostTensor>,
+        origin: &crate::provenance::LoraOrigin,
+    ) -> Result<()> {
+        self.write(
+            crate::lora::ADAPTER_WEIGHTS_FILE,
+            &to_safetensors_bytes(tensors, SaveDtype::F32),
+        )?;
+        let base = origin.base.resolved.as_ref().unwrap_or(&origin.base.path);
+        self.write(
+            crate::lora::ADAPTER_CONFIG_FILE,
+            origin
+                .config
+                .to_peft_json(Path::new(base), origin.task)
+                .as_bytes(),
+        )
     }
 
     pub fn write_model<M: Module>(

@@ -396,7 +396,7 @@ fn training_path_matches_inference_path_under_padding() {
 /// and through the chunked one.
 #[test]
 fn lora_loss_logits_and_factor_gradients_match_peft() {
-    use posttrain_model::lm_head::{Slots, target_ids};
+    use posttrain_model::lm_head::Slots;
     use posttrain_model::lora::{Adaptable, TARGETS, param_path, peft_key};
     use posttrain_model::params::{ParamTensor, param_map, with_params};
 
@@ -469,19 +469,7 @@ fn lora_loss_logits_and_factor_gradients_match_peft() {
     model.head_chunk_elements = 5 * model.vocab_size();
     let slots = Slots::nonzero(&vec![1.0; b * (t - 1)], &batch);
     let hidden = model.model.forward(&batch, None);
-    let rows = model.slot_hidden(hidden, &slots);
-    let targets = target_ids(&slots, &batch, &rows.device());
-    let lp = model
-        .head_terms(rows, model.head_chunk(), |z, r| {
-            posttrain_model::lm_head::RowTerms {
-                grad: posttrain_model::lm_head::target_logprobs(
-                    z,
-                    targets.clone().narrow(0, r.start, r.len()),
-                ),
-                values: Vec::new(),
-            }
-        })
-        .grad;
+    let lp = model.slot_logprobs(hidden, &slots, &batch);
     let loss = lp.sum().neg().div_scalar(slots.len() as f32);
     check("chunked head", loss, &model);
 }

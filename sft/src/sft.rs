@@ -657,14 +657,14 @@ mod tests {
     use posttrain_model::params::named_params;
     use posttrain_model::{Gemma2Config, RandomInit};
 
-    const VOCAB: usize = 24;
+    pub(super) const VOCAB: usize = 24;
 
     fn tokenizer() -> ChatTokenizer {
         let corpus = ["What is one plus two? One plus two is three.", "user model"];
         ChatTokenizer::train(corpus.iter(), VOCAB).unwrap()
     }
 
-    fn model(seed: u64, hidden: usize, device: &Device) -> Gemma2ForCausalLM {
+    pub(super) fn model(seed: u64, hidden: usize, device: &Device) -> Gemma2ForCausalLM {
         let mut c = Gemma2Config::new(VOCAB, hidden, 2 * hidden, 2, 2, 1, 8, 4);
         c.max_position_embeddings = 32;
         Gemma2ForCausalLM::new(&c, &mut RandomInit::new(seed), device).unwrap()
@@ -689,7 +689,7 @@ mod tests {
             .collect()
     }
 
-    fn config(distill: Distill, alpha: f64, on_policy: Option<OnPolicy>) -> SftConfig {
+    pub(super) fn config(distill: Distill, alpha: f64, on_policy: Option<OnPolicy>) -> SftConfig {
         SftConfig {
             optim: OptimConfig {
                 steps: 3,
@@ -973,16 +973,17 @@ mod tests {
 mod chunked_tests {
     use super::*;
     use posttrain_datasets::TopK;
+    use posttrain_model::LoraConfig;
     use posttrain_model::lora::{Adaptable, TARGETS};
     use posttrain_model::params::{named_grads, param_map, with_params};
-    use posttrain_model::{Gemma2Config, LoraConfig, RandomInit};
 
-    const VOCAB: usize = 24;
+    use super::tests::{VOCAB, config};
 
+    /// The shared test model with a final soft-cap, so the chunks cap too.
     fn model(seed: u64, device: &Device) -> Gemma2ForCausalLM {
-        let mut c = Gemma2Config::new(VOCAB, 16, 32, 2, 2, 1, 8, 4);
-        c.final_logit_softcapping = Some(5.0);
-        Gemma2ForCausalLM::new(&c, &mut RandomInit::new(seed), device).unwrap()
+        let mut m = super::tests::model(seed, 16, device);
+        m.final_softcap = Some(5.0);
+        m
     }
 
     /// A LoRA student whose B factors are not zero, so every factor has a gradient.
@@ -1043,31 +1044,6 @@ mod chunked_tests {
             .collect()
     }
 
-    fn cfg(distill: Distill, alpha: f64) -> SftConfig {
-        SftConfig {
-            optim: OptimConfig {
-                steps: 1,
-                lr: 1e-3,
-                warmup: 0,
-                min_lr_ratio: 1.0,
-                weight_decay: 0.0,
-                beta1: 0.9,
-                beta2: 0.95,
-                clip: 1.0,
-                accumulation: 1,
-            },
-            batch_size: 5,
-            eval_every: 0,
-            seed: 0,
-            distill,
-            alpha,
-            temperature: 2.0,
-            on_policy: None,
-            eval_samples: 0,
-            eval_max_new_tokens: 4,
-        }
-    }
-
     /// The loss, its reported parts and every gradient.
     fn evaluate(
         chunk_rows: Option<usize>,
@@ -1115,11 +1091,11 @@ mod chunked_tests {
     #[test]
     fn every_sft_loss_through_the_chunked_head_equals_the_whole_logits() {
         let cases = [
-            (cfg(Distill::None, 0.0), false),
-            (cfg(Distill::TopK { rest: false }, 0.7), false),
-            (cfg(Distill::TopK { rest: true }, 0.7), false),
-            (cfg(Distill::Live, 0.5), false),
-            (cfg(Distill::None, 0.0), true),
+            (config(Distill::None, 0.0, None), false),
+            (config(Distill::TopK { rest: false }, 0.7, None), false),
+            (config(Distill::TopK { rest: true }, 0.7, None), false),
+            (config(Distill::Live, 0.5, None), false),
+            (config(Distill::None, 0.0, None), true),
         ];
         for (cfg, gkd) in &cases {
             let (want, want_g) = evaluate(None, cfg, *gkd);

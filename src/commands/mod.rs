@@ -68,10 +68,7 @@ impl ChatModel {
         let compact = match dtype {
             WeightsDtype::F32 => false,
             WeightsDtype::Bf16 => true,
-            WeightsDtype::Auto => {
-                posttrain_model::checkpoint::stores_16_bit(dir)?
-                    && posttrain_model::checkpoint::compact_supported(device)
-            }
+            WeightsDtype::Auto => posttrain_model::checkpoint::holds_compact(dir, device)?,
         };
         let (_, model) = if compact {
             posttrain_model::checkpoint::load_causal_lm_compact(dir, device)?
@@ -127,9 +124,7 @@ pub fn check_memory(plan: &posttrain_train::memory::Plan, force: bool) -> anyhow
 /// [`load_reward`] hold it (bf16 matrices for a 16-bit checkpoint).
 pub fn frozen_bytes(dir: &Path, device: &burn::tensor::Device) -> anyhow::Result<u64> {
     let params = posttrain_model::load_config(dir)?.num_params() as u64;
-    let per = if posttrain_model::checkpoint::stores_16_bit(dir)?
-        && posttrain_model::checkpoint::compact_supported(device)
-    {
+    let per = if posttrain_model::checkpoint::holds_compact(dir, device)? {
         2
     } else {
         4
@@ -298,23 +293,8 @@ pub fn finish_checkpoint<M: burn::module::Module>(
     metrics: serde_json::Value,
 ) -> anyhow::Result<std::path::PathBuf> {
     match provenance.lora.as_ref() {
-        Some(adapter) => {
-            let tensors = posttrain_model::lora::adapter_tensors(model);
-            let bytes = posttrain_model::safetensors_io::to_safetensors_bytes(
-                &tensors,
-                posttrain_model::SaveDtype::F32,
-            );
-            writer.write(posttrain_model::lora::ADAPTER_WEIGHTS_FILE, &bytes)?;
-            writer.write(
-                posttrain_model::lora::ADAPTER_CONFIG_FILE,
-                adapter
-                    .config
-                    .to_peft_json(
-                        Path::new(adapter.base.resolved.as_ref().unwrap_or(&adapter.base.path)),
-                        adapter.task,
-                    )
-                    .as_bytes(),
-            )?;
+        Some(origin) => {
+            writer.write_adapter(&posttrain_model::lora::adapter_tensors(model), origin)?
         }
         None => writer.write_model(model, config, posttrain_model::SaveDtype::F32)?,
     }
@@ -356,9 +336,9 @@ pub fn with_lora<M: posttrain_model::lora::Adaptable>(
     let Some(cfg) = lora else { return model };
     let total = model.num_params();
     let model = model.attach_lora(cfg, seed);
-    let trainable: usize = posttrain_model::params::trainable_params(&model)
+    let trainable: usize = posttrain_model::params::trainable_param_map(&model)
         .values()
-        .map(|t| t.data.len())
+        .map(|t| t.shape.iter().product::<usize>())
         .sum();
     eprintln!(
         "{stage}: LoRA r={} α={} on {}: {trainable} trainable parameters ({:.2}% of {total})",
@@ -391,10 +371,9 @@ pub fn load_reward(
     posttrain_model::Gemma2ForSequenceClassification,
     posttrain_datasets::ChatTokenizer,
 )> {
+    // a missing config.json is named before missing weights
     posttrain_model::load_config(dir)?;
-    let compact = posttrain_model::checkpoint::stores_16_bit(dir)?
-        && posttrain_model::checkpoint::compact_supported(device);
-    let (config, model) = if compact {
+    let (config, model) = if posttrain_model::checkpoint::holds_compact(dir, device)? {
         posttrain_model::checkpoint::load_reward_model_compact(dir, device)?
     } else {
         posttrain_model::load_reward_model(dir, device)?

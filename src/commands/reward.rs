@@ -204,11 +204,12 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
     )
     .with_parent(&args.policy)?
     .with_parent(&args.data)?;
-    let provenance = match (lora, &args.init) {
-        (Some(lora), Some(init)) => super::lora_provenance::<
-            posttrain_model::Gemma2ForSequenceClassification,
-        >(provenance, Some(lora), init)?,
-        _ => provenance,
+    // LoRA implies --init (checked above): the adapter's base
+    let provenance = match &args.init {
+        Some(init) => super::lora_provenance::<posttrain_model::Gemma2ForSequenceClassification>(
+            provenance, lora, init,
+        )?,
+        None => provenance,
     };
     let mut metrics = serde_json::to_value(&report)?;
     metrics["size_ratio"] = ratio.into();

@@ -5,9 +5,7 @@ use burn::tensor::Device;
 use posttrain_datasets::tokenizer::{SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE};
 use posttrain_model::HostTensor;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
-use posttrain_model::lora::{
-    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, Adapter, LoraConfig, PeftTask, peft_key,
-};
+use posttrain_model::lora::{Adapter, LoraConfig, PeftTask, peft_key};
 use posttrain_model::params::{ParamMap, param_map, with_params};
 use posttrain_model::provenance::PROVENANCE_FILE;
 use posttrain_model::{
@@ -395,20 +393,12 @@ fn merge_adapters(
             tensors.insert(peft_key(&format!("{stem}.lora_a.weight")), a);
             tensors.insert(peft_key(&format!("{stem}.lora_b.weight")), b);
         }
-        writer.write(
-            ADAPTER_WEIGHTS_FILE,
-            &posttrain_model::safetensors_io::to_safetensors_bytes(&tensors, SaveDtype::F32),
-        )?;
         let provenance = merge_provenance(&args, eta, &angle_log, backend)?.with_lora(
             config.clone(),
             &args.init,
             PeftTask::CausalLm,
         )?;
-        let base = fs_err::canonicalize(&args.init)?;
-        writer.write(
-            ADAPTER_CONFIG_FILE,
-            config.to_peft_json(&base, PeftTask::CausalLm).as_bytes(),
-        )?;
+        writer.write_adapter(&tensors, provenance.lora.as_ref().expect("set above"))?;
         for file in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE] {
             writer.copy_from(&args.init, file)?;
         }

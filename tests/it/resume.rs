@@ -159,13 +159,12 @@ fn killed_and_resumed_reward_equals_the_uninterrupted_run() {
     );
 }
 
-#[test]
-fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
-    let m = Micro::new("200", "8", "200");
-    let policy = m.policy();
-    let data = m.task.join("train.jsonl");
-    let args = |out: &std::path::Path| -> Vec<String> {
-        [
+/// `sft` on the micro policy, 60 steps with state every 4, plus `extra`.
+fn sft_args(m: &Micro, extra: &[&str]) -> impl Fn(&std::path::Path) -> Vec<String> {
+    let (policy, data) = (m.path("policy"), m.task.join("train.jsonl"));
+    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    move |out: &std::path::Path| -> Vec<String> {
+        let mut args: Vec<String> = [
             "sft",
             "--model",
             s(&policy),
@@ -183,9 +182,18 @@ fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
             "4",
         ]
         .map(String::from)
-        .to_vec()
-    };
-    let (whole, cut) = whole_and_resumed(&m, args);
+        .to_vec();
+        args.extend(extra.iter().cloned());
+        args
+    }
+}
+
+#[test]
+fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
+    let m = Micro::new("200", "8", "200");
+    m.policy();
+    let args = sft_args(&m, &[]);
+    let (whole, cut) = whole_and_resumed(&m, &args);
     assert_eq!(
         std::fs::read(cut.join("model.safetensors")).unwrap(),
         std::fs::read(whole.join("model.safetensors")).unwrap(),
@@ -230,33 +238,8 @@ fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
 #[test]
 fn killed_and_resumed_lora_sft_equals_the_uninterrupted_run() {
     let m = Micro::new("200", "8", "200");
-    let policy = m.policy();
-    let data = m.task.join("train.jsonl");
-    let args = |out: &std::path::Path| -> Vec<String> {
-        [
-            "sft",
-            "--model",
-            s(&policy),
-            "--data",
-            s(&data),
-            "--out",
-            s(out),
-            "--steps",
-            "60",
-            "--batch-size",
-            "8",
-            "--eval-every",
-            "0",
-            "--save-state-every",
-            "4",
-            "--lora-rank",
-            "4",
-            "--lora-dropout",
-            "0.2",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    m.policy();
+    let args = sft_args(&m, &["--lora-rank", "4", "--lora-dropout", "0.2"]);
     let (whole, cut) = whole_and_resumed(&m, args);
     let adapter =
         |dir: &std::path::Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();

@@ -170,8 +170,12 @@ impl StateDir {
         let trained = params::trainable_params(model);
         w.write_weights(&self.config, &trained, F32, 1)?;
         for (name, m) in extra {
-            let mut tensors = params::named_params(*m);
-            tensors.retain(|n, _| trained.contains_key(n));
+            // only the trained tensors reach the host (not a LoRA run's base)
+            let tensors: std::collections::BTreeMap<_, _> = params::param_map(*m)
+                .into_iter()
+                .filter(|(n, _)| trained.contains_key(n))
+                .map(|(n, p)| (n, p.to_host()))
+                .collect();
             let bytes = safetensors_io::to_safetensors_bytes(&tensors, F32);
             w.write(&format!("{name}.safetensors"), &bytes)?;
         }
