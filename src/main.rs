@@ -60,13 +60,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     never_purge_freed_memory();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let fail = |e: anyhow::Error| {
+        let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+        posttrain_dist::fail(&chain.join(": "));
+        ExitCode::FAILURE
+    };
+    // held until every rank is done: dropping it ends MPI
+    let _session = match posttrain_dist::init() {
+        Ok(session) => session,
+        Err(e) => return fail(e.into()),
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            eprintln!("error: {}", chain.join(": "));
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e),
     }
 }
 

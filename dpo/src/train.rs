@@ -224,9 +224,16 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
     ) -> Result<u64, DpoError> {
         let cfg = self.cfg;
         let (mut tokens, mut margins) = (0u64, Vec::new());
+        let world = posttrain_train::dist::world();
         for _ in 0..cfg.optim.accumulation.max(1) {
-            let idx = self.data.next_batch();
+            // this rank's share of the micro-batch (all of it in one process)
+            let all = self.data.next_batch();
+            let idx = &all[world.share(all.len())];
             let b = idx.len();
+            if b == 0 {
+                backward.empty_share()?;
+                continue;
+            }
             let rows: Vec<Example> = idx
                 .iter()
                 .map(|&i| self.train[i].chosen.clone())
@@ -251,10 +258,12 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
                     .expect("f64"),
             );
             let loss = preference_loss(h, cfg.loss, cfg.beta, cfg.label_smoothing);
-            backward.backward(model, loss)?;
+            backward.backward_share(model, loss, b as f64)?;
         }
-        self.margins = margins;
-        Ok(tokens)
+        self.margins = world.all_gather_f64(&margins);
+        let mut tokens = [tokens as f64];
+        world.sum_f64(&mut tokens);
+        Ok(tokens[0] as u64)
     }
 
     fn metrics(&mut self, step: usize, loss: f64, stats: &StepStats) -> Result<StepLog, DpoError> {

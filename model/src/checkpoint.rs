@@ -338,7 +338,12 @@ impl CheckpointWriter {
         Ok(true)
     }
 
+    /// Moves the directory in place; on ranks other than 0 of a
+    /// data-parallel run it is dropped instead (rank 0 writes the outputs).
     pub fn commit(self) -> Result<PathBuf> {
+        if !posttrain_dist::world().is_root() {
+            return Ok(self.target);
+        }
         let tmp = self.tmp.keep();
         if self.target.exists() {
             // unique like `tmp`: a run killed between the renames leaves its

@@ -31,6 +31,9 @@ pub struct Provenance {
     pub backend: String,
     pub metrics: Value,
     pub posttrain_version: String,
+    /// Processes that ran the stage (ranks of `mpirun`; 1 without).
+    #[serde(default = "one")]
+    pub world_size: usize,
     /// An adapter directory's base and LoRA settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraOrigin>,
@@ -43,6 +46,10 @@ pub struct LoraOrigin {
     pub task: crate::lora::PeftTask,
 }
 
+fn one() -> usize {
+    1
+}
+
 impl Provenance {
     pub fn new(stage: &str, backend: &str, params: Value) -> Self {
         Self {
@@ -53,6 +60,7 @@ impl Provenance {
             backend: backend.to_string(),
             metrics: Value::Object(Default::default()),
             posttrain_version: env!("CARGO_PKG_VERSION").to_string(),
+            world_size: posttrain_dist::world().size(),
             lora: None,
         }
     }

@@ -113,9 +113,16 @@ impl Stage<Gemma2ForSequenceClassification> for RewardStage<'_> {
         backward: &mut Backward<'_, Gemma2ForSequenceClassification>,
     ) -> Result<u64, RewardError> {
         let (mut right, mut pairs, mut tokens) = (0usize, 0usize, 0u64);
+        let world = posttrain_train::dist::world();
         for _ in 0..self.cfg.optim.accumulation.max(1) {
-            let idx = self.data.next_batch();
+            // this rank's share of the micro-batch (all of it in one process)
+            let all = self.data.next_batch();
+            let idx = &all[world.share(all.len())];
             let b = idx.len();
+            if b == 0 {
+                backward.empty_share()?;
+                continue;
+            }
             let rows: Vec<Vec<u32>> = idx
                 .iter()
                 .map(|&i| self.train[i].chosen.clone())
@@ -131,10 +138,14 @@ impl Stage<Gemma2ForSequenceClassification> for RewardStage<'_> {
                 .expect("f32");
             right += gaps.iter().filter(|&&g| g > 0.0).count();
             pairs += b;
-            backward.backward(model, bradley_terry_loss(chosen, rejected, self.cfg.margin))?;
+            let loss = bradley_terry_loss(chosen, rejected, self.cfg.margin);
+            backward.backward_share(model, loss, b as f64)?;
         }
-        (self.right, self.pairs) = (right, pairs);
-        Ok(tokens)
+        let mut counts = [right as f64, pairs as f64, tokens as f64];
+        world.sum_f64(&mut counts);
+        self.right = counts[0] as usize;
+        self.pairs = counts[1] as usize;
+        Ok(counts[2] as u64)
     }
 
     fn metrics(

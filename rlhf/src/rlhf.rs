@@ -14,7 +14,7 @@ use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::logprobs::{
     SequenceLogprobs, batch_of, logprob_sums, per_example, sequence_logprobs, token_logprobs,
 };
-use posttrain_train::rollout::{PromptSet, Rollouts, roll_out};
+use posttrain_train::rollout::{PromptSet, roll_out_share};
 use posttrain_train::{
     Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
     Schedule, Stage, StepLog, StepStats, Vocab, train,
@@ -202,7 +202,9 @@ struct RlhfStage<'a> {
 /// What one step measured before the optimizer step.
 struct StepParts {
     rewards: Vec<f64>,
-    rollouts: Rollouts,
+    samples: usize,
+    /// The task scorer's (score, correct) of every sample, when it has one.
+    true_scores: Option<Vec<(f64, bool)>>,
     lengths: Vec<usize>,
     shaped: Vec<f64>,
     kl_anchor: Vec<f64>,
@@ -260,7 +262,10 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         let pad = vocab.tokenizer.pad;
         // rollouts: K samples per prompt
         let t = Instant::now();
+        let world = posttrain_train::dist::world();
         let indices = self.data.next_batch();
+        // this rank's whole prompt groups (all of them in one process)
+        let share = world.share(indices.len());
         let sampling = SamplingConfig {
             max_new_tokens: cfg.max_new_tokens,
             temperature: cfg.temperature,
@@ -268,10 +273,11 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             stop_ids: vocab.stop_ids.clone(),
             ..SamplingConfig::default()
         };
-        let rollouts = roll_out(
+        let rollouts = roll_out_share(
             &policy.valid(),
             prompts,
             &indices,
+            share.clone(),
             cfg.samples,
             &sampling,
             vocab,
@@ -308,8 +314,21 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         let update_start = Instant::now();
         let (mut kl_anchor, mut kl_init, mut shaped) = (Vec::new(), Vec::new(), Vec::new());
         let mut entropy_sum = 0.0;
-        let per_chunk = cfg.samples * indices.len().div_ceil(cfg.optim.accumulation.max(1));
-        for (c, chunk) in rollouts.examples.chunks(per_chunk).enumerate() {
+        let micro = cfg.optim.accumulation.max(1);
+        let per_chunk = cfg.samples * share.len().div_ceil(micro).max(1);
+        let chunks: Vec<&[Example]> = rollouts.examples.chunks(per_chunk).collect();
+        // every rank takes part in as many micro-batches as the others
+        let rounds = if world.size() == 1 {
+            chunks.len()
+        } else {
+            micro
+        };
+        for c in 0..rounds {
+            let Some(&chunk) = chunks.get(c) else {
+                backward.empty_share()?;
+                backward.combine(&mut [0.0]);
+                continue;
+            };
             let at = c * per_chunk;
             let (batch, weights) = batch_of(chunk, pad, &self.device);
             let SequenceLogprobs {
@@ -317,7 +336,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
                 tokens,
                 entropy,
             } = sequence_logprobs(policy, &batch, weights.clone(), true);
-            entropy_sum += entropy.expect("asked for");
+            let entropy = entropy.expect("asked for");
             let lp = sums
                 .clone()
                 .inner()
@@ -352,17 +371,41 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
                 let k = cfg.kl_estimator.on(tokens, reference).mul(weights);
                 loss = loss.add(k.sum_dim(1).mean().reshape([1]).mul_scalar(cfg.beta));
             }
-            backward.backward(policy, loss)?;
+            backward.backward_share(policy, loss, chunk.len() as f64)?;
+            let mut entropy = [entropy];
+            backward.combine(&mut entropy);
+            entropy_sum += entropy[0];
         }
+        // every rank's samples, for the metrics and the KL stop
+        let true_scores = rollouts.true_scores(prompts);
+        let gather = |v: &[f64]| world.all_gather_f64(v);
+        let as_f64 = |v: &[usize]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let lengths: Vec<usize> = gather(&as_f64(&lengths))
+            .into_iter()
+            .map(|x| x as usize)
+            .collect();
+        let true_scores = true_scores.map(|s| {
+            let score = gather(&s.iter().map(|x| x.0).collect::<Vec<_>>());
+            let right = gather(
+                &s.iter()
+                    .map(|x| f64::from(u8::from(x.1)))
+                    .collect::<Vec<_>>(),
+            );
+            score
+                .into_iter()
+                .zip(right.into_iter().map(|r| r > 0.0))
+                .collect()
+        });
         let tokens = lengths.iter().sum::<usize>() as u64;
         self.step = Some(StepParts {
-            chunks: rollouts.examples.len().div_ceil(per_chunk),
-            rewards,
-            rollouts,
+            chunks: rounds,
+            samples: lengths.len(),
+            true_scores,
+            rewards: gather(&rewards),
             lengths,
-            shaped,
-            kl_anchor,
-            kl_init,
+            shaped: gather(&shaped),
+            kl_anchor: gather(&kl_anchor),
+            kl_init: gather(&kl_init),
             entropy_sum,
             rollout_s,
             reward_s,
@@ -405,7 +448,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             "loss": loss,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
-            "samples": p.rollouts.len(),
+            "samples": p.samples,
             "tokens": report.tokens,
             "rollout_s": p.rollout_s,
             "reward_s": p.reward_s,
@@ -414,7 +457,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             "rollout_tokens_per_s": step_tokens as f64 / p.rollout_s.max(1e-9),
             "epoch": self.data.epoch,
         });
-        let true_score = p.rollouts.true_scores(self.prompts).map(|s| {
+        let true_score = p.true_scores.as_ref().map(|s| {
             let score = s.iter().map(|x| x.0).sum::<f64>() / s.len() as f64;
             let accuracy = s.iter().filter(|x| x.1).count() as f64 / s.len() as f64;
             row["score"] = score.into();
@@ -465,7 +508,8 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
 
     fn after_log(&mut self, done: usize, policy: &Gemma2ForCausalLM) -> Result<(), RlhfError> {
         let every = self.cfg.snapshot_every;
-        if every > 0 && done.is_multiple_of(every) && done < self.cfg.optim.steps {
+        let root = posttrain_train::dist::world().is_root();
+        if root && every > 0 && done.is_multiple_of(every) && done < self.cfg.optim.steps {
             (self.snapshot)(done, policy).map_err(RlhfError::Snapshot)?;
         }
         Ok(())

@@ -350,6 +350,14 @@ fn sample_completions(
     complete(&model.valid(), prompts, &sampling, vocab, true).examples
 }
 
+/// The target tokens of `examples`: the units their loss is a mean over.
+fn target_count(examples: &[&Example]) -> f64 {
+    examples
+        .iter()
+        .map(|e| e.target.iter().skip(1).filter(|&&t| t).count() as f64)
+        .sum()
+}
+
 /// GKD on the student's own completions.
 fn on_policy_loss(
     model: &Gemma2ForCausalLM,
@@ -389,16 +397,26 @@ struct Sums {
 }
 
 impl Sums {
-    fn add(&mut self, p: &Parts) {
-        let read = |t: &Option<Tensor<1>>, acc: &mut (f64, usize)| {
-            if let Some(t) = t {
-                acc.0 += t.clone().into_scalar::<f64>();
+    /// Adds a micro-batch's terms (over every rank's share; `None`: this
+    /// rank's share is empty).
+    fn add<M: burn::module::Module>(&mut self, backward: &Backward<'_, M>, p: Option<&Parts>) {
+        let read = |t: &Option<Tensor<1>>| t.as_ref().map(|t| t.clone().into_scalar::<f64>());
+        let terms = p.map_or([None; 3], |p| [read(&p.ce), read(&p.kl), read(&p.jsd)]);
+        let mut values = terms.map(|t| t.unwrap_or(0.0));
+        backward.combine(&mut values);
+        let seen = terms.map(|t| f64::from(u8::from(t.is_some())));
+        let mut seen = seen;
+        backward.combine_counts(&mut seen);
+        for ((acc, v), n) in [&mut self.ce, &mut self.kl, &mut self.jsd]
+            .into_iter()
+            .zip(values)
+            .zip(seen)
+        {
+            if n > 0.0 {
+                acc.0 += v;
                 acc.1 += 1;
             }
-        };
-        read(&p.ce, &mut self.ce);
-        read(&p.kl, &mut self.kl);
-        read(&p.jsd, &mut self.jsd);
+        }
     }
 }
 
@@ -468,17 +486,29 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
         self.sums = Sums::default();
         self.sampled = 0;
         let mut tokens = 0u64;
+        let world = posttrain_train::dist::world();
         for micro in 0..micro_batches {
-            let examples: Vec<&Example> = self
-                .data
-                .next_batch()
-                .into_iter()
-                .map(|i| &self.train[i])
+            // this rank's share of the micro-batch (all of it in one process)
+            let rows = self.data.next_batch();
+            let examples: Vec<&Example> = rows[world.share(rows.len())]
+                .iter()
+                .map(|&i| &self.train[i])
                 .collect();
-            let own = match self.on_policy {
-                Some(op) if self.coin.random::<f64>() < op.fraction => {
-                    let seed = cfg.seed
-                        ^ ((step * micro_batches + micro) as u64).wrapping_mul(0x9E37_79B9);
+            let on_policy = self
+                .on_policy
+                .filter(|op| self.coin.random::<f64>() < op.fraction);
+            self.sampled += usize::from(on_policy.is_some());
+            if examples.is_empty() {
+                backward.empty_share()?;
+                self.sums.add(backward, None);
+                continue;
+            }
+            let own = match on_policy {
+                Some(op) => {
+                    // ranks sample their own rows from their own streams
+                    let seed = (cfg.seed
+                        ^ ((step * micro_batches + micro) as u64).wrapping_mul(0x9E37_79B9))
+                    .wrapping_add(world.rank() as u64);
                     Some((
                         op,
                         sample_completions(model, &examples, self.vocab, op, seed),
@@ -486,33 +516,36 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
                 }
                 _ => None,
             };
-            let parts = match &own {
+            let (parts, targets) = match &own {
                 Some((op, rows)) => {
                     let refs: Vec<&Example> = rows.iter().collect();
                     let (batch, weights) = make_batch(&refs, pad, device);
                     tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-                    self.sampled += 1;
                     let teacher = self.teacher.as_ref().expect("checked before the loop");
-                    on_policy_loss(model, teacher, &batch, weights, cfg, op)
+                    let parts = on_policy_loss(model, teacher, &batch, weights, cfg, op);
+                    (parts, target_count(&refs))
                 }
                 None => {
                     let (batch, weights) = make_batch(&examples, pad, device);
                     tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-                    data_loss(
+                    let parts = data_loss(
                         model,
                         self.teacher.as_ref(),
                         &examples,
                         &batch,
                         weights,
                         cfg,
-                    )
+                    );
+                    (parts, target_count(&examples))
                 }
             };
-            self.sums.add(&parts);
-            backward.backward(model, parts.loss)?;
+            backward.backward_share(model, parts.loss.clone(), targets)?;
+            self.sums.add(backward, Some(&parts));
         }
-        self.step_tokens = tokens;
-        Ok(tokens)
+        let mut all = [tokens as f64];
+        world.sum_f64(&mut all);
+        self.step_tokens = all[0] as u64;
+        Ok(self.step_tokens)
     }
 
     fn metrics(&mut self, step: usize, loss: f64, stats: &StepStats) -> Result<StepLog, SftError> {

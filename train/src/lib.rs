@@ -2,6 +2,7 @@
 //! gradient accumulation and global-norm clipping, the metrics log and the
 //! progress display.
 
+pub mod all_reduce;
 pub mod batch;
 pub mod clip;
 pub mod logprobs;
@@ -18,6 +19,7 @@ pub use batch::{Vocab, make_batch};
 pub use clip::clip_global_norm;
 pub use metrics::MetricsLog;
 pub use optimizer::{OptimConfig, Optimizer, StepStats};
+pub use posttrain_dist as dist;
 pub use progress::Progress;
 pub use schedule::warmup_cosine;
 pub use state::{LoopState, Resume, SaveFn, Saver, StateDir, StateError};

@@ -74,6 +74,9 @@ impl<M: Module> Optimizer<M> {
     pub fn step(&mut self, step: usize, model: M) -> (M, StepStats) {
         let mut grads = self.grads.grads();
         self.pending = 0;
+        if posttrain_dist::world().size() > 1 {
+            crate::all_reduce::sum_over_ranks(&model, &mut grads, posttrain_dist::world());
+        }
         let grad_norm = clip_global_norm(&model, &mut grads, self.cfg.clip);
         let c = &self.cfg;
         let lr = warmup_cosine(step, c.steps, c.warmup, c.lr, c.min_lr_ratio);

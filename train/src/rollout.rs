@@ -132,15 +132,42 @@ pub fn roll_out(
     sampling: &SamplingConfig,
     vocab: &Vocab,
 ) -> Rollouts {
-    let prompt: Vec<usize> = indices
+    roll_out_share(model, set, indices, 0..indices.len(), k, sampling, vocab)
+}
+
+/// The samples of [`roll_out`] for the prompts `share` of `indices` alone
+/// (one rank's share of a step): the same budget and random streams as the
+/// whole roll-out gives them.
+pub fn roll_out_share(
+    model: &Gemma2ForCausalLM,
+    set: &PromptSet,
+    indices: &[usize],
+    share: std::ops::Range<usize>,
+    k: usize,
+    sampling: &SamplingConfig,
+    vocab: &Vocab,
+) -> Rollouts {
+    let longest = indices.iter().map(|&i| set.ids[i].len()).max().unwrap_or(0);
+    let prompt: Vec<usize> = indices[share.clone()]
         .iter()
         .flat_map(|&i| std::iter::repeat_n(i, k))
         .collect();
     let ids: Vec<Vec<u32>> = prompt.iter().map(|&i| set.ids[i].clone()).collect();
+    let rows = Rows {
+        first: (share.start * k) as u64,
+        longest,
+    };
     Rollouts {
         prompt,
-        ..complete(model, ids, sampling, vocab, false)
+        ..complete_rows(model, ids, sampling, vocab, false, rows)
     }
+}
+
+/// Where a roll-out's rows sit in a larger one: the first row's number
+/// (its random stream) and the larger one's longest prompt (its budget).
+struct Rows {
+    first: u64,
+    longest: usize,
 }
 
 /// One sampled completion of each prompt, as examples whose targets are the
@@ -154,13 +181,25 @@ pub fn complete(
     vocab: &Vocab,
     close_cut: bool,
 ) -> Rollouts {
-    let tokenizer = vocab.tokenizer;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let rows = Rows { first: 0, longest };
+    complete_rows(model, prompts, sampling, vocab, close_cut, rows)
+}
+
+fn complete_rows(
+    model: &Gemma2ForCausalLM,
+    prompts: Vec<Vec<u32>>,
+    sampling: &SamplingConfig,
+    vocab: &Vocab,
+    close_cut: bool,
+    rows: Rows,
+) -> Rollouts {
+    let tokenizer = vocab.tokenizer;
     let sampling = SamplingConfig {
-        max_new_tokens: sampling.max_new_tokens.min(vocab.max_len - longest),
+        max_new_tokens: sampling.max_new_tokens.min(vocab.max_len - rows.longest),
         ..sampling.clone()
     };
-    let completions = generate(model, &prompts, tokenizer.pad, &sampling, 0);
+    let completions = generate(model, &prompts, tokenizer.pad, &sampling, rows.first);
     let mut out = Rollouts {
         prompt: (0..prompts.len()).collect(),
         ..Rollouts::default()

@@ -165,6 +165,9 @@ impl StateDir {
         extra: &[(&str, &M)],
     ) -> Result<(), StateError> {
         use SaveDtype::F32;
+        if !posttrain_dist::world().is_root() {
+            return Ok(());
+        }
         let w = CheckpointWriter::create(&self.path, true)?;
         // a LoRA run's frozen base is not state: the run reads it again
         let trained = params::trainable_params(model);
@@ -184,6 +187,7 @@ impl StateDir {
             "loop": state,
             "ids": params::param_ids(model),
             "fingerprint": self.fingerprint,
+            "world_size": posttrain_dist::world().size(),
         });
         w.write(LOOP_STATE, loop_state.to_string().as_bytes())?;
         w.write("metrics.jsonl", &fs_err::read(&self.metrics)?)?;
@@ -218,6 +222,18 @@ impl StateDir {
                 reason:
                     "written by a run with other settings or inputs (delete it to start afresh)"
                         .into(),
+            });
+        }
+        let (ranks, size) = (
+            v["world_size"].as_u64().unwrap_or(1) as usize,
+            posttrain_dist::world().size(),
+        );
+        if ranks != size {
+            return Err(StateError::File {
+                path: self.path.clone(),
+                reason: format!(
+                    "written by a run of {ranks} process(es), this one has {size}: resume with the same `mpirun -np {ranks}` (or delete it to start afresh)"
+                ),
             });
         }
         let parse = |key: &str| StateError::File {
@@ -347,8 +363,9 @@ impl StateDir {
         })
     }
 
+    /// Removes the state (rank 0 of a data-parallel run, which wrote it).
     pub fn remove(&self) -> Result<(), StateError> {
-        if self.path.exists() {
+        if posttrain_dist::world().is_root() && self.path.exists() {
             fs_err::remove_dir_all(&self.path)?;
         }
         Ok(())

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::state::StateError;
 use crate::{LoopState, MetricsLog, OptimConfig, Optimizer, Progress, Resume, Saver, StepStats};
+use posttrain_dist::world;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
@@ -68,12 +69,82 @@ pub struct Backward<'a, M> {
     blame: &'static str,
     sum: f64,
     count: usize,
+    /// This rank's part `W_r / W` of the last micro-batch.
+    fraction: f64,
 }
 
 impl<M: Module> Backward<'_, M> {
-    /// Returns the loss's value.
-    pub fn backward(&mut self, model: &M, loss: Tensor<1>) -> Result<f64, LoopError> {
-        let value = loss.clone().into_scalar::<f64>();
+    /// Back-propagates the loss of this rank's share of a micro-batch: the
+    /// mean over `weight` units (target tokens, pairs, samples). With `N`
+    /// ranks, `L = Σ_r L_r·W_r / W` with `W = Σ_r W_r` is the loss one
+    /// process computes on the whole micro-batch, so each rank
+    /// back-propagates `L_r·W_r / W` and the gradients' sum over the ranks
+    /// is one process's gradient. Returns `L`, the same on every rank.
+    pub fn backward_share(
+        &mut self,
+        model: &M,
+        loss: Tensor<1>,
+        weight: f64,
+    ) -> Result<f64, LoopError> {
+        let w = world();
+        if w.size() == 1 {
+            return self.backward_value(model, loss, None);
+        }
+        let mut total = [weight];
+        w.sum_f64(&mut total);
+        self.fraction = if total[0] > 0.0 {
+            weight / total[0]
+        } else {
+            0.0
+        };
+        let share = loss.mul_scalar(self.fraction);
+        let mut value = [share.clone().into_scalar::<f64>()];
+        w.sum_f64(&mut value);
+        self.backward_value(model, share, Some(value[0]))
+    }
+
+    /// Takes part in a micro-batch where this rank's share is empty.
+    pub fn empty_share(&mut self) -> Result<f64, LoopError> {
+        let w = world();
+        w.sum_f64(&mut [0.0]); // the weight
+        self.fraction = 0.0;
+        let mut loss = [0.0];
+        w.sum_f64(&mut loss);
+        let value = loss[0];
+        if !value.is_finite() {
+            return Err(LoopError::NotFinite {
+                step: self.step + 1,
+                loss: value,
+                blame: self.blame,
+            });
+        }
+        self.sum += value;
+        self.count += 1;
+        Ok(value)
+    }
+
+    /// Sums counts over the ranks (the same on every rank).
+    pub fn combine_counts(&self, counts: &mut [f64]) {
+        world().sum_f64(counts);
+    }
+
+    /// Turns this rank's means over its share of the last micro-batch into
+    /// the means over the whole micro-batch, the same on every rank.
+    pub fn combine(&self, means: &mut [f64]) {
+        let w = world();
+        if w.size() > 1 {
+            means.iter_mut().for_each(|m| *m *= self.fraction);
+            w.sum_f64(means);
+        }
+    }
+
+    fn backward_value(
+        &mut self,
+        model: &M,
+        loss: Tensor<1>,
+        global: Option<f64>,
+    ) -> Result<f64, LoopError> {
+        let value = global.unwrap_or_else(|| loss.clone().into_scalar::<f64>());
         if !value.is_finite() {
             return Err(LoopError::NotFinite {
                 step: self.step + 1,
@@ -210,9 +281,12 @@ pub fn train<M: Module, S: Stage<M>>(
     }
 
     let devices = model.devices();
+    // ranks draw their own streams (dropout on their own rows)
+    let rank = world().rank() as u64;
     for step in first_step..steps {
         for device in &devices {
-            device.seed(schedule.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let stream = schedule.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            device.seed(stream ^ rank.wrapping_mul(0xD1B5_4A32_D192_ED03));
         }
         // micro-batches → losses → backward (gradients accumulate)
         let mut backward = Backward {
@@ -221,6 +295,7 @@ pub fn train<M: Module, S: Stage<M>>(
             blame: stage.blame(),
             sum: 0.0,
             count: 0,
+            fraction: 1.0,
         };
         let tokens = stage.forward_backward(step, &model, &mut backward)?;
         let loss = backward.sum / backward.count.max(1) as f64;
@@ -242,10 +317,11 @@ pub fn train<M: Module, S: Stage<M>>(
             stop,
         } = stage.metrics(step, loss, &stats)?;
 
-        // evaluation when due
+        // evaluation when due, on rank 0 (the one that logs)
         let due = (step + 1) % schedule.eval_every.max(1) == 0 || step + 1 == steps;
         if schedule.eval_every > 0
             && due
+            && world().is_root()
             && let Some(line) = stage.evaluate(step, &model, &mut row)?
         {
             progress.println(&line);
