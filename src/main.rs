@@ -34,7 +34,34 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The command's name when it runs data-parallel under `mpirun`.
+fn data_parallel(command: &Command) -> Option<&'static str> {
+    use crate::cli::DataCommand;
+    Some(match command {
+        Command::Pretrain(_) => "pretrain",
+        Command::Sft(_) => "sft",
+        Command::Reward(_) => "reward",
+        Command::Dpo(_) => "dpo",
+        Command::Rlhf(_) => "rlhf",
+        Command::Generate(_) => "generate",
+        Command::Data(DataCommand::Prefs(_)) => "data prefs",
+        Command::Score(_) => "score",
+        Command::Eval(_) => "eval",
+        Command::Sample(_) => "sample",
+        _ => return None,
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let size = posttrain_dist::world().size();
+    if size > 1 {
+        let Some(name) = data_parallel(&cli.command) else {
+            anyhow::bail!(
+                "this command does not run data-parallel: run it as one process (without mpirun/srun)"
+            );
+        };
+        eprintln!("{name}: data-parallel over {size} processes");
+    }
     let env = &backend::Env::new(cli.backend);
     match cli.command {
         Command::Data(command) => commands::data::run(command, env),

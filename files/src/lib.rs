@@ -30,7 +30,13 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Writes `bytes` to `path` atomically: a reader sees the old file or the
 /// whole new one, and a killed process leaves at most a hidden
 /// `.posttrain-*` temporary file beside it.
+///
+/// Ranks other than 0 of a data-parallel run write nothing (rank 0 writes
+/// the outputs).
 pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> std::io::Result<()> {
+    if !posttrain_dist::world().is_root() {
+        return Ok(());
+    }
     refuse_existing(path, overwrite)?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

@@ -8,7 +8,7 @@
 //! pair is swapped with probability p, as a rater's mistake would.
 
 use posttrain_datasets::{ChatTokenizer, Preference, Prompt};
-use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate_batches};
+use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, generate_batches_shared};
 use posttrain_train::Progress;
 use posttrain_train::rollout::Scorer;
 use rand::rngs::StdRng;
@@ -89,7 +89,7 @@ pub fn make_preferences(
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<Vec<u32>> = rows.iter().map(|&i| rendered[i].clone()).collect();
         let pad = policy.tokenizer.pad;
-        generate_batches(
+        generate_batches_shared(
             policy.model,
             &ids,
             pad,

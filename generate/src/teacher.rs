@@ -8,7 +8,7 @@
 
 use burn::tensor::activation::log_softmax;
 use posttrain_datasets::{ChatTokenizer, Prompt, SftPair, TokenizerError, TopK};
-use posttrain_model::{Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate_batches};
+use posttrain_model::{Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate_batches_shared};
 use posttrain_train::Progress;
 
 pub struct GenerateReport {
@@ -70,7 +70,7 @@ pub fn generate_pairs(
         .iter()
         .map(|p| tokenizer.render_prompt(&p.messages()))
         .collect::<Result<Vec<_>, _>>()?;
-    generate_batches(
+    generate_batches_shared(
         model,
         &encoded,
         tokenizer.pad,

@@ -86,6 +86,56 @@ pub fn generate_batches<E>(
     Ok(())
 }
 
+/// [`generate_batches`] with the batches shared out over the ranks of a
+/// data-parallel run: each rank samples its own contiguous run of batches
+/// (as one process batches them, so every row comes out bit for bit the
+/// same), then `each` sees every batch's completions, in order, on every
+/// rank.
+pub fn generate_batches_shared<E>(
+    model: &Gemma2ForCausalLM,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    config: &SamplingConfig,
+    batch_size: usize,
+    mut each: impl FnMut(usize, Vec<Completion>) -> Result<(), E>,
+) -> Result<(), E> {
+    let world = posttrain_dist::world();
+    if world.size() == 1 {
+        return generate_batches(model, prompts, pad_id, config, batch_size, each);
+    }
+    let batch_size = batch_size.max(1);
+    // a completion on the wire: its length, its tokens, 1 when it stopped
+    let mut wire = Vec::new();
+    for b in world.share(prompts.len().div_ceil(batch_size)) {
+        let first = b * batch_size;
+        let chunk = &prompts[first..(first + batch_size).min(prompts.len())];
+        for c in generate(model, chunk, pad_id, config, first as u64) {
+            wire.push(c.tokens.len() as f64);
+            wire.extend(c.tokens.iter().map(|&t| f64::from(t)));
+            wire.push(f64::from(u8::from(c.finish == FinishReason::Stop)));
+        }
+    }
+    let wire = world.all_gather_f64(&wire);
+    let mut all = Vec::with_capacity(prompts.len());
+    let mut at = 0;
+    while at < wire.len() {
+        let n = wire[at] as usize;
+        let tokens = wire[at + 1..at + 1 + n].iter().map(|&t| t as u32).collect();
+        let finish = if wire[at + 1 + n] > 0.0 {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
+        all.push(Completion { tokens, finish });
+        at += n + 2;
+    }
+    let mut rest = all.into_iter();
+    for first in (0..prompts.len()).step_by(batch_size) {
+        each(first, rest.by_ref().take(batch_size).collect())?;
+    }
+    Ok(())
+}
+
 /// `first_row` numbers the prompts globally, so that splitting a dataset
 /// into batches does not change which stream a prompt gets.
 pub fn generate(

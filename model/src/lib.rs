@@ -39,7 +39,9 @@ pub use checkpoint::{
 pub use config::Gemma2Config;
 pub use error::ModelError;
 pub use gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2Model, KvCache, Trace};
-pub use generate::{Completion, FinishReason, SamplingConfig, generate, generate_batches};
+pub use generate::{
+    Completion, FinishReason, SamplingConfig, generate, generate_batches, generate_batches_shared,
+};
 pub use init::{CheckpointSource, RandomInit};
 pub use lora::{Adapter, LoraConfig};
 pub use provenance::Provenance;

@@ -54,6 +54,28 @@ pub fn score_examples(
     out
 }
 
+/// [`score_examples`] with whole batches shared out over the ranks of a
+/// data-parallel run; every rank gets every reward, in order.
+pub fn score_examples_shared(
+    model: &Gemma2ForSequenceClassification,
+    sequences: &[Vec<u32>],
+    pad: u32,
+    padding: Padding,
+    batch_size: usize,
+) -> Vec<f32> {
+    let world = posttrain_train::dist::world();
+    let batch_size = batch_size.max(1);
+    let own = world.share(sequences.len().div_ceil(batch_size));
+    let rows = own.start * batch_size..(own.end * batch_size).min(sequences.len());
+    let mine = score_examples(model, &sequences[rows], pad, padding, batch_size);
+    let mine: Vec<f64> = mine.into_iter().map(f64::from).collect();
+    world
+        .all_gather_f64(&mine)
+        .into_iter()
+        .map(|r| r as f32)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,7 +41,11 @@ pub fn evaluate(
     let indices: Vec<usize> = (0..set.len()).collect();
     let (mut rewards, mut kls, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
     let mut scores: Option<Vec<(f64, bool)>> = Some(Vec::new());
-    for (b, chunk) in indices.chunks(per_batch).enumerate() {
+    // each rank of a data-parallel run takes a contiguous run of the batches
+    let world = posttrain_train::dist::world();
+    let chunks: Vec<&[usize]> = indices.chunks(per_batch).collect();
+    for b in world.share(chunks.len()) {
+        let chunk = chunks[b];
         let cfg = SamplingConfig {
             seed: sampling.seed ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             ..sampling.clone()
@@ -64,6 +68,19 @@ pub fn evaluate(
         };
         lengths.extend(r.lengths());
     }
+    let gather = |v: &[f64]| world.all_gather_f64(v);
+    let (rewards, kls) = (gather(&rewards), gather(&kls));
+    let lengths: Vec<usize> = gather(&lengths.iter().map(|&l| l as f64).collect::<Vec<_>>())
+        .into_iter()
+        .map(|l| l as usize)
+        .collect();
+    let mut unscored = [f64::from(u8::from(scores.is_none()))];
+    world.sum_f64(&mut unscored);
+    let scores = scores.filter(|_| unscored[0] == 0.0).map(|s| {
+        let score = gather(&s.iter().map(|x| x.0).collect::<Vec<_>>());
+        let right = gather(&s.iter().map(|x| f64::from(u8::from(x.1))).collect::<Vec<_>>());
+        score.into_iter().zip(right.into_iter().map(|r| r > 0.0)).collect::<Vec<_>>()
+    });
     let n = lengths.len();
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let score = scores

@@ -36,6 +36,7 @@ impl TrainArgs {
         if self.batch_size == 0 {
             bail!("--batch-size must be positive");
         }
+        posttrain_train::dist::world().check_divisible("--batch-size", self.batch_size)?;
         self.adam.optim(self.steps, self.lr, self.warmup)
     }
 

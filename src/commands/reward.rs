@@ -6,7 +6,7 @@ use posttrain_model::{
     load_config, load_reward_trunk,
 };
 use posttrain_reward::{
-    PairIds, RewardConfig, encode_pairs, evaluate, scale_config, score_examples, train_reward,
+    PairIds, RewardConfig, encode_pairs, evaluate, scale_config, score_examples_shared, train_reward,
 };
 use serde_json::{Value, json};
 
@@ -256,7 +256,8 @@ pub fn score(args: RewardScoreArgs, env: &Env) -> Result<()> {
         config.max_position_embeddings,
         &input,
     )?;
-    let rewards = score_examples(&model, &ids, tokenizer.pad, Padding::Right, args.batch_size);
+    let rewards =
+        score_examples_shared(&model, &ids, tokenizer.pad, Padding::Right, args.batch_size);
     let scored: Vec<JsonRow> = rows
         .iter()
         .zip(&rewards)

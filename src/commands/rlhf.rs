@@ -48,6 +48,8 @@ fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
         snapshot_every: args.snapshot_every,
     };
     cfg.check()?;
+    // ranks take whole prompt groups
+    posttrain_train::dist::world().check_divisible("--prompts-per-step", cfg.prompts_per_step)?;
     Ok(cfg)
 }
 

@@ -1,7 +1,7 @@
 use anyhow::{Result, bail};
 use posttrain_datasets::{Prompt, read_prompts};
 use posttrain_files::write_atomic;
-use posttrain_model::{SamplingConfig, generate_batches};
+use posttrain_model::{SamplingConfig, generate_batches_shared};
 use posttrain_train::Progress;
 
 use crate::backend::Env;
@@ -65,7 +65,7 @@ pub fn run(args: SampleArgs, env: &Env) -> Result<()> {
     let mut lines = Vec::new();
     let mut progress = Progress::new("sample", prompts.len() as u64, "prompts");
     let batch_size = args.sampling.batch_size;
-    generate_batches(
+    generate_batches_shared(
         model,
         &encoded,
         config.pad_id(),
