@@ -8,7 +8,9 @@
 
 use burn::tensor::activation::log_softmax;
 use posttrain_datasets::{ChatTokenizer, Prompt, SftPair, TokenizerError, TopK};
-use posttrain_model::{Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate_batches_shared};
+use posttrain_model::{
+    Gemma2ForCausalLM, Padding, SamplingConfig, TokenBatch, generate_batches_shared,
+};
 use posttrain_train::Progress;
 
 pub struct GenerateReport {

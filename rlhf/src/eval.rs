@@ -78,8 +78,15 @@ pub fn evaluate(
     world.sum_f64(&mut unscored);
     let scores = scores.filter(|_| unscored[0] == 0.0).map(|s| {
         let score = gather(&s.iter().map(|x| x.0).collect::<Vec<_>>());
-        let right = gather(&s.iter().map(|x| f64::from(u8::from(x.1))).collect::<Vec<_>>());
-        score.into_iter().zip(right.into_iter().map(|r| r > 0.0)).collect::<Vec<_>>()
+        let right = gather(
+            &s.iter()
+                .map(|x| f64::from(u8::from(x.1)))
+                .collect::<Vec<_>>(),
+        );
+        score
+            .into_iter()
+            .zip(right.into_iter().map(|r| r > 0.0))
+            .collect::<Vec<_>>()
     });
     let n = lengths.len();
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);

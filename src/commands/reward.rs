@@ -6,7 +6,8 @@ use posttrain_model::{
     load_config, load_reward_trunk,
 };
 use posttrain_reward::{
-    PairIds, RewardConfig, encode_pairs, evaluate, scale_config, score_examples_shared, train_reward,
+    PairIds, RewardConfig, encode_pairs, evaluate, scale_config, score_examples_shared,
+    train_reward,
 };
 use serde_json::{Value, json};
 

@@ -198,3 +198,21 @@ fn synth_refuses_an_empty_number_range() {
     );
     assert!(!out.exists());
 }
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_posttrain"))
+        .args(["inspect", "--help"])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: ")
+            && err.contains("built without MPI")
+            && err.contains("--features mpi"),
+        "{err}"
+    );
+}

@@ -7,6 +7,8 @@ mod determinism;
 mod dpo;
 mod lora;
 mod makefile;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod pipeline;
 mod resume;
 mod rlhf;

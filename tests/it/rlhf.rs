@@ -641,7 +641,7 @@ fn report(m: &Micro) {
 }
 
 /// The named f32 tensors of a checkpoint's `model.safetensors`.
-fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+pub(crate) fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()

@@ -1,0 +1,480 @@
+//! `mpirun -np 2 posttrain …` (feature `mpi`): two ranks train the weights
+//! one process trains, write the data files one process writes, and stop
+//! together when one of them dies.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::pipeline::Micro;
+use crate::{ok, s, stderr};
+
+/// `posttrain args` on two ranks.
+fn mpirun(args: &[&str]) -> Output {
+    mpirun_command(args).output().expect("mpirun runs")
+}
+
+fn mpirun_command(args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "--oversubscribe",
+        "-np",
+        "2",
+        env!("CARGO_BIN_EXE_posttrain"),
+    ])
+    .args(args)
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    .env_remove("POSTTRAIN_BACKEND");
+    c
+}
+
+fn mpirun_ok(args: &[&str]) {
+    let out = mpirun(args);
+    assert!(
+        out.status.success(),
+        "mpirun posttrain {args:?} failed: {}",
+        stderr(&out)
+    );
+}
+
+/// The f32 tensors of a safetensors file.
+fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The largest difference of two runs' tensors relative to the tensor's
+/// largest magnitude; also whether every bit is equal.
+fn relative_difference(a: &Path, b: &Path) -> (f64, bool) {
+    let (a, b) = (tensors(a), tensors(b));
+    assert_eq!(
+        a.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        b.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    let mut worst = 0f64;
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let scale = x
+            .iter()
+            .fold(0f64, |m, v| m.max(f64::from(v.abs())))
+            .max(1e-12);
+        for (p, q) in x.iter().zip(y) {
+            assert!(p.is_finite() && q.is_finite(), "{name}");
+            worst = worst.max(f64::from((p - q).abs()) / scale);
+        }
+    }
+    (worst, a == b)
+}
+
+/// One process into `one`, two ranks into `two`, same arguments; the
+/// weights agree to 1e-5 relative and the outputs name their world size.
+fn one_and_two(m: &Micro, file: &str, args: impl Fn(&Path) -> Vec<String>) -> f64 {
+    let (one, two) = (m.path("one"), m.path("two"));
+    let strs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
+    let a = strs(&args(&one));
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = strs(&args(&two));
+    mpirun_ok(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    let (worst, bitwise) = relative_difference(&one.join(file), &two.join(file));
+    eprintln!("{file}: largest relative difference {worst:e}, bitwise equal: {bitwise}");
+    assert!(
+        worst < 1e-5,
+        "two ranks differ from one process by {worst:e}"
+    );
+    for (dir, size) in [(&one, 1), (&two, 2)] {
+        let p: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("posttrain.json")).unwrap()).unwrap();
+        assert_eq!(p["world_size"], size, "{}", dir.display());
+    }
+    worst
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|a| a.to_string()).collect()
+}
+
+#[test]
+fn two_ranks_distill_like_one_process() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let teacher = m.path("teacher");
+    let data = m.task.join("train.jsonl");
+    ok(&m.pretrain_args(
+        &data,
+        &teacher,
+        &["--steps", "40", "--batch-size", "16", "--seed", "5"],
+    ));
+    let data = m.task.join("train.jsonl");
+    one_and_two(&m, "model.safetensors", |out| {
+        strings(&[
+            "sft",
+            "--model",
+            s(&policy),
+            "--teacher",
+            s(&teacher),
+            "--kd",
+            "live",
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--grad-accum",
+            "2",
+            "--eval-every",
+            "0",
+            "--lr",
+            "3e-3",
+        ])
+    });
+}
+
+#[test]
+fn two_ranks_train_lora_adapters_like_one_process() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let data = m.task.join("train.jsonl");
+    one_and_two(&m, "adapter_model.safetensors", |out| {
+        strings(&[
+            "sft",
+            "--model",
+            s(&policy),
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--steps",
+            "20",
+            "--batch-size",
+            "6",
+            "--eval-every",
+            "0",
+            "--lr",
+            "1e-2",
+            "--lora-rank",
+            "4",
+        ])
+    });
+}
+
+#[test]
+fn two_ranks_train_a_reward_model_like_one_process() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prefs = m.prefs(&policy);
+    one_and_two(&m, "model.safetensors", |out| {
+        strings(&[
+            "reward",
+            "--policy",
+            s(&policy),
+            "--size-ratio",
+            "3",
+            "--data",
+            s(&prefs),
+            "--out",
+            s(out),
+            "--steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "0",
+        ])
+    });
+}
+
+fn rlhf_args(policy: &Path, prompts: &Path, steps: &str) -> impl Fn(&Path) -> Vec<String> {
+    let (policy, prompts, steps) = (
+        policy.to_path_buf(),
+        prompts.to_path_buf(),
+        steps.to_string(),
+    );
+    move |out: &Path| {
+        strings(&[
+            "rlhf",
+            "--policy",
+            s(&policy),
+            "--task-reward",
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--steps",
+            &steps,
+            "--prompts-per-step",
+            "8",
+            "--samples",
+            "4",
+            "--anchor",
+            "ema",
+            "--max-new-tokens",
+            "12",
+            "--lr",
+            "3e-3",
+            "--save-state-every",
+            "3",
+            "--snapshot-every",
+            "10",
+        ])
+    }
+}
+
+#[test]
+fn two_ranks_rlhf_like_one_process() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prompts = m.task.join("train_prompts.jsonl");
+    one_and_two(&m, "model.safetensors", rlhf_args(&policy, &prompts, "20"));
+    let (worst, _) = relative_difference(
+        &m.path("one/snapshots/step-000010/model.safetensors"),
+        &m.path("two/snapshots/step-000010/model.safetensors"),
+    );
+    assert!(worst < 1e-5, "snapshots differ by {worst:e}");
+    // the metrics are the whole step's, not rank 0's share
+    let last = |dir: &str| {
+        let text = std::fs::read_to_string(m.path(dir).join("metrics.jsonl")).unwrap();
+        let row: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        row
+    };
+    let (a, b) = (last("one"), last("two"));
+    assert_eq!(a["samples"], 32);
+    assert_eq!(a["samples"], b["samples"]);
+    assert_eq!(a["tokens"], b["tokens"]);
+    let close = |k: &str| (a[k].as_f64().unwrap() - b[k].as_f64().unwrap()).abs() < 1e-4;
+    assert!(
+        close("reward") && close("kl_init") && close("loss"),
+        "{a}\n{b}"
+    );
+}
+
+#[test]
+fn two_ranks_write_the_data_files_one_process_writes() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prompts = m.task.join("train_prompts.jsonl");
+    let rm = m.path("rm");
+    let prefs = m.prefs(&policy);
+    ok(&[
+        "reward",
+        "--policy",
+        s(&policy),
+        "--size-ratio",
+        "3",
+        "--data",
+        s(&prefs),
+        "--out",
+        s(&rm),
+        "--steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "0",
+    ]);
+    let (one, two) = (m.path("one"), m.path("two"));
+    for dir in [&one, &two] {
+        std::fs::create_dir_all(dir).unwrap();
+        let at = |f: &str| dir.join(f).to_str().unwrap().to_string();
+        let commands: Vec<Vec<String>> = vec![
+            vec![
+                "sample".into(),
+                "--model".into(),
+                s(&policy).into(),
+                "--prompts".into(),
+                s(&prompts).into(),
+                "--max-new-tokens".into(),
+                "8".into(),
+                "--batch-size".into(),
+                "16".into(),
+                "--out".into(),
+                at("sample.jsonl"),
+            ],
+            vec![
+                "generate".into(),
+                "--model".into(),
+                s(&policy).into(),
+                "--prompts".into(),
+                s(&prompts).into(),
+                "--max-new-tokens".into(),
+                "8".into(),
+                "--batch-size".into(),
+                "16".into(),
+                "--topk".into(),
+                "4".into(),
+                "--out".into(),
+                at("generated.jsonl"),
+            ],
+            vec![
+                "data".into(),
+                "prefs".into(),
+                "--policy".into(),
+                s(&policy).into(),
+                "--prompts".into(),
+                s(&prompts).into(),
+                "--samples".into(),
+                "4".into(),
+                "--max-new-tokens".into(),
+                "12".into(),
+                "--out".into(),
+                at("prefs.jsonl"),
+            ],
+            vec![
+                "score".into(),
+                "--reward".into(),
+                s(&rm).into(),
+                "--input".into(),
+                at("generated.jsonl"),
+                "--batch-size".into(),
+                "16".into(),
+                "--out".into(),
+                at("scored.jsonl"),
+            ],
+            vec![
+                "eval".into(),
+                "--checkpoints".into(),
+                s(&policy).into(),
+                "--prompts".into(),
+                s(&prompts).into(),
+                "--reward".into(),
+                s(&rm).into(),
+                "--reference".into(),
+                s(&policy).into(),
+                "--samples".into(),
+                "2".into(),
+                "--max-new-tokens".into(),
+                "8".into(),
+                "--out".into(),
+                at("eval.jsonl"),
+            ],
+        ];
+        for c in &commands {
+            let args: Vec<&str> = c.iter().map(String::as_str).collect();
+            if dir == &one {
+                ok(&args);
+            } else {
+                mpirun_ok(&args);
+            }
+        }
+    }
+    for f in [
+        "sample.jsonl",
+        "generated.jsonl",
+        "prefs.jsonl",
+        "scored.jsonl",
+        "eval.jsonl",
+    ] {
+        let (a, b) = (
+            std::fs::read(one.join(f)).unwrap(),
+            std::fs::read(two.join(f)).unwrap(),
+        );
+        assert!(!a.is_empty(), "{f} is empty");
+        assert!(a == b, "{f}: two ranks wrote other bytes than one process");
+    }
+}
+
+#[test]
+fn a_killed_rank_stops_the_run_and_two_ranks_resume_it() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prompts = m.task.join("train_prompts.jsonl");
+    let args = rlhf_args(&policy, &prompts, "150");
+    let (whole, cut) = (m.path("whole"), m.path("cut"));
+    let state = m.path("cut.state");
+    let cut_args = args(&cut);
+    let cut_args: Vec<&str> = cut_args.iter().map(String::as_str).collect();
+    let mut run = mpirun_command(&cut_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !state.join("state.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no state saved");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    // the ranks are mpirun's children: kill one of them
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", run.id()))
+        .unwrap_or_default();
+    let rank: u32 = children
+        .split_whitespace()
+        .last()
+        .expect("mpirun started its ranks")
+        .parse()
+        .unwrap();
+    Command::new("kill")
+        .args(["-9", &rank.to_string()])
+        .status()
+        .unwrap();
+    let status = run.wait().unwrap();
+    assert!(!status.success(), "the run goes on without a rank");
+    assert!(!cut.exists(), "the run finished before the kill");
+    assert!(state.is_dir());
+
+    // one process cannot continue what two started
+    let mut alone: Vec<&str> = cut_args.clone();
+    alone.push("--resume");
+    crate::error_line(&alone, &["cut.state", "2 process(es)", "mpirun -np 2"]);
+    mpirun_ok(&alone);
+    assert!(
+        !state.exists(),
+        "the state is removed with the output written"
+    );
+    let whole_args = args(&whole);
+    mpirun_ok(&whole_args.iter().map(String::as_str).collect::<Vec<_>>());
+    for f in [
+        "model.safetensors",
+        "snapshots/step-000010/model.safetensors",
+    ] {
+        assert!(
+            std::fs::read(cut.join(f)).unwrap() == std::fs::read(whole.join(f)).unwrap(),
+            "{f}: resumed differs from the unbroken run"
+        );
+    }
+}
+
+#[test]
+fn ranks_refuse_what_they_cannot_split_and_commands_that_do_not_split() {
+    let m = Micro::new("100", "8", "200");
+    let policy: PathBuf = m.policy();
+    let data = m.task.join("train.jsonl");
+    let out = m.path("out");
+    let bad = mpirun(&[
+        "sft",
+        "--model",
+        s(&policy),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--batch-size",
+        "7",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--batch-size of 7 is not divisible by the 2 ranks"),
+        "{}",
+        stderr(&bad)
+    );
+    assert!(!out.exists());
+    let bad = mpirun(&["inspect", s(&policy)]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("does not run data-parallel"));
+}
