@@ -203,7 +203,7 @@ fn synth_refuses_an_empty_number_range() {
 #[test]
 fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_posttrain"))
-        .args(["inspect", "--help"])
+        .args(["inspect", crate::s(&crate::fixture())])
         .env("OMPI_COMM_WORLD_SIZE", "2")
         .output()
         .unwrap();
