@@ -33,6 +33,8 @@ pub struct StepStats {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Seconds spent summing the gradients over the ranks (0 in one process).
+    pub all_reduce_s: f64,
 }
 
 pub struct Optimizer<M> {
@@ -74,15 +76,21 @@ impl<M: Module> Optimizer<M> {
     pub fn step(&mut self, step: usize, model: M) -> (M, StepStats) {
         let mut grads = self.grads.grads();
         self.pending = 0;
+        let start = std::time::Instant::now();
         if posttrain_dist::world().size() > 1 {
             crate::all_reduce::sum_over_ranks(&model, &mut grads, posttrain_dist::world());
         }
+        let all_reduce_s = start.elapsed().as_secs_f64();
         let grad_norm = clip_global_norm(&model, &mut grads, self.cfg.clip);
         let c = &self.cfg;
         let lr = warmup_cosine(step, c.steps, c.warmup, c.lr, c.min_lr_ratio);
         (
             self.adamw.step(lr, model, grads),
-            StepStats { lr, grad_norm },
+            StepStats {
+                lr,
+                grad_norm,
+                all_reduce_s,
+            },
         )
     }
 

@@ -316,6 +316,9 @@ pub fn train<M: Module, S: Stage<M>>(
             line,
             stop,
         } = stage.metrics(step, loss, &stats)?;
+        if world().size() > 1 {
+            row.insert("all_reduce_s".into(), stats.all_reduce_s.into());
+        }
 
         // evaluation when due, on rank 0 (the one that logs)
         let due = (step + 1) % schedule.eval_every.max(1) == 0 || step + 1 == steps;
