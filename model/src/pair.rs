@@ -85,6 +85,14 @@ fn serve(h: &'static Helper) {
     }
 }
 
+/// Whether this process may use two cores (rayon's pool, which follows
+/// `RAYON_NUM_THREADS` and the CPU affinity an MPI launcher binds a rank
+/// to): a spinning helper on the caller's only core would halve its speed.
+pub fn has_two_cores() -> bool {
+    static TWO: OnceLock<bool> = OnceLock::new();
+    *TWO.get_or_init(|| rayon::current_num_threads() >= 2)
+}
+
 /// Runs `a` here and `b` on the second thread (or both through rayon if
 /// another caller holds it) and returns when both are done.
 pub fn join(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {

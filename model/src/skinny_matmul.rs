@@ -125,7 +125,7 @@ fn multiply<W: Weight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, 
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("{range:?}")
     };
-    if m * n * k < PARALLEL_MIN || n < 16 {
+    if m * n * k < PARALLEL_MIN || n < 16 || !crate::pair::has_two_cores() {
         columns(0..n);
     } else {
         let half = n / 2 / 4 * 4;
