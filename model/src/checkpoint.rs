@@ -57,9 +57,16 @@ fn load<M>(
 /// Whether `device` keeps bf16 tensors for compact loading: the CPU (`flex`)
 /// backend does; WGSL has no bf16, and the others are untested.
 pub fn compact_supported(device: &Device) -> bool {
-    burn::tensor::Tensor::<1>::zeros([1], device)
-        .try_into_primitive::<burn::backend::Flex>()
-        .is_ok()
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::{Autodiff, Flex};
+    let t = || burn::tensor::Tensor::<1>::zeros([1], device);
+    t().try_into_primitive::<Flex>().is_ok()
+        || t()
+            .try_into_primitive::<Autodiff<Flex, NoCheckpointing>>()
+            .is_ok()
+        || t()
+            .try_into_primitive::<Autodiff<Flex, BalancedCheckpointing>>()
+            .is_ok()
 }
 
 fn refuse_compact(dir: &Path, device: &Device) -> Result<()> {

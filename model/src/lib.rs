@@ -6,6 +6,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod frozen_linear;
 pub mod gemma2;
 pub mod generate;
 pub mod init;

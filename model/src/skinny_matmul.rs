@@ -30,6 +30,12 @@ pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         return y;
     }
     if w.dtype() != DType::F32 {
+        if x.is_autodiff() {
+            match crate::frozen_linear::frozen_linear(x, w) {
+                Ok(y) => return y,
+                Err((x, w)) => return compact_product(x, w),
+            }
+        }
         return compact_product(x, w);
     }
     x.matmul(w.transpose())

@@ -51,12 +51,15 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
             .map(|p| p.chosen.ids.len().max(p.rejected.ids.len()))
             .max()
             .unwrap_or(0),
+        compact_base: super::compact_base(&args.policy, &device, lora.is_some())?,
         frozen_bytes: reference_bytes,
     };
     let memory = super::check_memory(&plan, args.train.memory.force)?;
-    let (_, policy) = posttrain_model::load_causal_lm(
+    let policy = super::load_trained_lm(
         &args.policy,
+        &device,
         &super::train_device(&device, args.train.memory.checkpoint_activations),
+        lora.is_some(),
     )?;
     let reference = match &args.reference {
         Some(dir) => {

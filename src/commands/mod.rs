@@ -132,6 +132,27 @@ pub fn frozen_bytes(dir: &Path, device: &burn::tensor::Device) -> anyhow::Result
     Ok(params * per)
 }
 
+/// Whether a LoRA run's frozen base from `dir` is held compact on `device`
+/// (bf16 matrices computed through `frozen_linear`).
+pub fn compact_base(dir: &Path, device: &burn::tensor::Device, lora: bool) -> anyhow::Result<bool> {
+    Ok(lora && posttrain_model::checkpoint::holds_compact(dir, device)?)
+}
+
+/// The causal LM a stage trains, on `train` (the autodiff form of
+/// `device`), its base compact when [`compact_base`] says so.
+pub fn load_trained_lm(
+    dir: &Path,
+    device: &burn::tensor::Device,
+    train: &burn::tensor::Device,
+    lora: bool,
+) -> anyhow::Result<posttrain_model::Gemma2ForCausalLM> {
+    Ok(if compact_base(dir, device, lora)? {
+        posttrain_model::checkpoint::load_causal_lm_compact(dir, train)?.1
+    } else {
+        posttrain_model::load_causal_lm(dir, train)?.1
+    })
+}
+
 /// The device a training stage trains on: `device` with autodiff, and with
 /// Burn's gradient checkpointing when `checkpoint_activations`.
 pub fn train_device(

@@ -134,6 +134,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         batch: 2 * args.train.batch_size,
         longest,
         frozen_bytes: 0,
+        compact_base: false,
     };
     let memory = super::check_memory(&plan, args.train.memory.force)?;
     let (mut config, model, origin) = initial_model(

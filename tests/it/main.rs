@@ -85,6 +85,26 @@ pub fn fixture_copy(dir: &Path) -> PathBuf {
     to
 }
 
+/// The f32 tensors of a safetensors file, by name.
+pub fn safetensors_f32(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

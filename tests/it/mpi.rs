@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::pipeline::Micro;
-use crate::{ok, s, stderr};
+use crate::{ok, s, safetensors_f32, stderr};
 
 /// `posttrain args` on two ranks.
 fn mpirun(args: &[&str]) -> Output {
@@ -38,30 +38,10 @@ fn mpirun_ok(args: &[&str]) {
     );
 }
 
-/// The f32 tensors of a safetensors file.
-fn tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let v = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (name, v)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 /// The largest difference of two runs' tensors relative to the tensor's
 /// largest magnitude; also whether every bit is equal.
 fn relative_difference(a: &Path, b: &Path) -> (f64, bool) {
-    let (a, b) = (tensors(a), tensors(b));
+    let (a, b) = (safetensors_f32(a), safetensors_f32(b));
     assert_eq!(
         a.iter().map(|t| &t.0).collect::<Vec<_>>(),
         b.iter().map(|t| &t.0).collect::<Vec<_>>()

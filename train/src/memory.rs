@@ -2,7 +2,8 @@
 //! the machine's available memory, so that a run that cannot fit is refused
 //! in one line instead of being killed by the kernel minutes later.
 //!
-//! `weights` = parameters × 4 (f32); `optimizer` = trainable × 4 × 4
+//! `weights` = parameters × 4 (f32), × 2 for a LoRA run's bf16 base;
+//! `optimizer` = trainable × 4 × 4
 //! (gradient, its accumulation, AdamW's two moments); `frozen` = the other
 //! models held beside (teacher, reference, reward model, anchor) at 2 or 4
 //! bytes per parameter as they are held;
@@ -51,6 +52,9 @@ pub struct Plan<'a> {
     pub longest: usize,
     /// Bytes of the frozen models held beside the trained one.
     pub frozen_bytes: u64,
+    /// The trained model's frozen base holds bf16 matrices (a LoRA run on a
+    /// 16-bit checkpoint).
+    pub compact_base: bool,
 }
 
 /// Parameters LoRA trains: `r·(in + out)` per adapted projection.
@@ -95,7 +99,7 @@ pub fn estimate(plan: &Plan) -> Footprint {
     };
     Footprint {
         parts: vec![
-            ("weights", params * 4),
+            ("weights", params * if plan.compact_base { 2 } else { 4 }),
             ("optimizer", trainable * 16),
             ("frozen models", plan.frozen_bytes),
             ("activations", activations),
@@ -166,6 +170,7 @@ mod tests {
             batch: 3,
             longest: 5,
             frozen_bytes: 400,
+            compact_base: false,
         };
         let f = estimate(&plan);
         let params = 9224u64;
@@ -185,6 +190,13 @@ mod tests {
             ..plan
         });
         assert_eq!(with_lora.parts[1], ("optimizer", 208 * 16));
+        // a LoRA run's bf16 base: half the bytes of the weights
+        let compact = estimate(&Plan {
+            lora: Some(&lora),
+            compact_base: true,
+            ..plan
+        });
+        assert_eq!(compact.parts[0], ("weights", params * 2));
     }
 
     #[test]
@@ -196,6 +208,7 @@ mod tests {
             batch: 1,
             longest: 4,
             frozen_bytes: 0,
+            compact_base: false,
         });
         let total = f.total();
         assert!(check(&f, Some(total), false).is_ok());
