@@ -24,7 +24,7 @@ const BLOCK_ELEMENTS: usize = 1 << 24;
 
 /// `x · wᵀ` for an autodiff `x` `[m, k]` and a frozen 16-bit `w` `[n, k]`
 /// on `flex`; `Err` gives the operands back on any other backend.
-pub fn frozen_linear(x: Tensor<2>, w: Tensor<2>) -> Result<Tensor<2>, (Tensor<2>, Tensor<2>)> {
+pub fn frozen_linear(x: Tensor<2>, w: Tensor<2>) -> Result<Tensor<2>, Box<(Tensor<2>, Tensor<2>)>> {
     frozen_linear_in_blocks(x, w, BLOCK_ELEMENTS)
 }
 
@@ -32,7 +32,7 @@ fn frozen_linear_in_blocks(
     x: Tensor<2>,
     w: Tensor<2>,
     block_elements: usize,
-) -> Result<Tensor<2>, (Tensor<2>, Tensor<2>)> {
+) -> Result<Tensor<2>, Box<(Tensor<2>, Tensor<2>)>> {
     macro_rules! with_strategy {
         ($c:ty) => {
             if let (Ok(xa), Ok(wa)) = (
@@ -58,7 +58,7 @@ fn frozen_linear_in_blocks(
     }
     with_strategy!(NoCheckpointing);
     with_strategy!(BalancedCheckpointing);
-    Err((x, w))
+    Err(Box::new((x, w)))
 }
 
 #[derive(Debug)]

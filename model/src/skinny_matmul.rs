@@ -33,7 +33,10 @@ pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         if x.is_autodiff() {
             match crate::frozen_linear::frozen_linear(x, w) {
                 Ok(y) => return y,
-                Err((x, w)) => return compact_product(x, w),
+                Err(operands) => {
+                    let (x, w) = *operands;
+                    return compact_product(x, w);
+                }
             }
         }
         return compact_product(x, w);
