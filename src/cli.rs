@@ -492,6 +492,15 @@ pub struct MemoryArgs {
     /// Recompute memory-bound activations (norms, GELU, soft-caps, softmax) in the backward pass instead of keeping them.
     #[arg(long)]
     pub checkpoint_activations: bool,
+    /// A LoRA run's frozen base: auto keeps a 16-bit checkpoint's matrices in bf16 on the CPU (half the memory, products widen them block by block); f32 holds them widened (faster, twice the memory).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub base_dtype: BaseDtype,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BaseDtype {
+    Auto,
+    F32,
 }
 
 /// LoRA: low-rank adapters trained on a frozen base; the output is then a

@@ -51,16 +51,11 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
             .map(|p| p.chosen.ids.len().max(p.rejected.ids.len()))
             .max()
             .unwrap_or(0),
-        compact_base: super::compact_base(&args.policy, &device, lora.is_some())?,
+        compact_base: super::compact_base(&args.policy, &device, &args.train.memory)?,
         frozen_bytes: reference_bytes,
     };
     let memory = super::check_memory(&plan, args.train.memory.force)?;
-    let policy = super::load_trained_lm(
-        &args.policy,
-        &device,
-        &super::train_device(&device, args.train.memory.checkpoint_activations),
-        lora.is_some(),
-    )?;
+    let policy = super::load_trained_lm(&args.policy, &device, &args.train.memory)?;
     let reference = match &args.reference {
         Some(dir) => {
             let r = super::ChatModel::load(dir, &device)?;

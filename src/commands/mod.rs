@@ -134,8 +134,14 @@ pub fn frozen_bytes(dir: &Path, device: &burn::tensor::Device) -> anyhow::Result
 
 /// Whether a LoRA run's frozen base from `dir` is held compact on `device`
 /// (bf16 matrices computed through `frozen_linear`).
-pub fn compact_base(dir: &Path, device: &burn::tensor::Device, lora: bool) -> anyhow::Result<bool> {
-    Ok(lora && posttrain_model::checkpoint::holds_compact(dir, device)?)
+pub fn compact_base(
+    dir: &Path,
+    device: &burn::tensor::Device,
+    memory: &crate::cli::MemoryArgs,
+) -> anyhow::Result<bool> {
+    Ok(memory.lora.lora_rank > 0
+        && memory.base_dtype == crate::cli::BaseDtype::Auto
+        && posttrain_model::checkpoint::holds_compact(dir, device)?)
 }
 
 /// The causal LM a stage trains, on `train` (the autodiff form of
@@ -143,10 +149,10 @@ pub fn compact_base(dir: &Path, device: &burn::tensor::Device, lora: bool) -> an
 pub fn load_trained_lm(
     dir: &Path,
     device: &burn::tensor::Device,
-    train: &burn::tensor::Device,
-    lora: bool,
+    memory: &crate::cli::MemoryArgs,
 ) -> anyhow::Result<posttrain_model::Gemma2ForCausalLM> {
-    Ok(if compact_base(dir, device, lora)? {
+    let train = &train_device(device, memory.checkpoint_activations);
+    Ok(if compact_base(dir, device, memory)? {
         posttrain_model::checkpoint::load_causal_lm_compact(dir, train)?.1
     } else {
         posttrain_model::load_causal_lm(dir, train)?.1

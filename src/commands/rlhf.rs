@@ -84,16 +84,11 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
             .max()
             .unwrap_or(0)
             + cfg.max_new_tokens,
-        compact_base: super::compact_base(&args.policy, &device, lora.is_some())?,
+        compact_base: super::compact_base(&args.policy, &device, &args.memory)?,
         frozen_bytes: rm_bytes + copies * 4 * config.num_params() as u64,
     };
     let memory = super::check_memory(&plan, args.memory.force)?;
-    let policy = super::load_trained_lm(
-        &args.policy,
-        &device,
-        &super::train_device(&device, args.memory.checkpoint_activations),
-        lora.is_some(),
-    )?;
+    let policy = super::load_trained_lm(&args.policy, &device, &args.memory)?;
     let policy = super::with_lora("rlhf", policy, lora.as_ref(), args.seed);
     let init = policy.valid();
     let rm = match &args.reward {

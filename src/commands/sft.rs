@@ -52,16 +52,11 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         lora: lora.as_ref(),
         batch: args.train.batch_size,
         longest: data.longest(),
-        compact_base: super::compact_base(&args.model, &device, lora.is_some())?,
+        compact_base: super::compact_base(&args.model, &device, &args.train.memory)?,
         frozen_bytes: teacher_bytes,
     };
     let memory = super::check_memory(&plan, args.train.memory.force)?;
-    let student = super::load_trained_lm(
-        &args.model,
-        &device,
-        &super::train_device(&device, args.train.memory.checkpoint_activations),
-        lora.is_some(),
-    )?;
+    let student = super::load_trained_lm(&args.model, &device, &args.train.memory)?;
     let student = super::with_lora("sft", student, lora.as_ref(), args.train.seed);
     let has_topk = data.train.iter().all(|e| e.topk.is_some());
     let distill = match (args.kd, &args.teacher) {
