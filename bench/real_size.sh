@@ -46,6 +46,9 @@ PY
 case_ sample "$work/none" "$bin" sample --model "$model" --prompts "$prompts" --max-new-tokens 8 --out "$work/samples.jsonl"
 case_ sft_lora16 "$work/sft" "$bin" sft --model "$model" --data "$pairs" --out "$work/sft" --steps 4 --batch-size 1 \
   --kd none --lora-rank 16 --lora-alpha 32 --eval-every 0 --save-state-every 0 --eval-samples 0 --warmup 0 --lr 1e-4
+case_ sft_lora16_f32base "$work/sft32" "$bin" sft --model "$model" --data "$pairs" --out "$work/sft32" --steps 4 --batch-size 1 \
+  --kd none --lora-rank 16 --lora-alpha 32 --eval-every 0 --save-state-every 0 --eval-samples 0 --warmup 0 --lr 1e-4 \
+  --base-dtype f32
 case_ sft_lora16_seed1 "$work/sft1" "$bin" sft --model "$model" --data "$pairs" --out "$work/sft1" --steps 4 --batch-size 1 \
   --kd none --lora-rank 16 --lora-alpha 32 --eval-every 0 --save-state-every 0 --eval-samples 0 --warmup 0 --lr 1e-4 --seed 1
 case_ warp_merge_lora "$work/none" "$bin" warp merge --init "$model" --policies "$work/sft" "$work/sft1" \
