@@ -85,14 +85,40 @@ fn primitive(t: Tensor<2>) -> FlexTensor {
         .expect("a product of flex tensors stays on flex")
 }
 
-/// Rows `start..start + len` of `w` in f32.
+/// Rows `start..start + len` of `w` in f32: a contiguous bf16 `w` is
+/// widened on all cores (a 16-bit shift per element), anything else by
+/// Burn's cast.
 fn block(w: &Tensor<2>, start: usize, len: usize) -> Tensor<2> {
+    if let Some(wide) = widened_rows(w, start, len) {
+        return wide;
+    }
     let part = w.clone().narrow(0, start, len);
     if part.dtype() == DType::F32 {
         part
     } else {
         part.cast(DType::F32)
     }
+}
+
+fn widened_rows(w: &Tensor<2>, start: usize, len: usize) -> Option<Tensor<2>> {
+    use rayon::prelude::*;
+    let [_, k] = w.dims();
+    let p = w.clone().try_into_primitive::<Flex>().ok()?;
+    if p.dtype() != DType::BF16 || !p.is_contiguous() {
+        return None;
+    }
+    let at = p.layout().start_offset() + start * k;
+    let src = &p.storage::<half::bf16>()[at..at + len * k];
+    let mut out = vec![0f32; len * k];
+    out.par_chunks_mut(1 << 16)
+        .zip(src.par_chunks(1 << 16))
+        .for_each(|(o, s)| {
+            for (o, s) in o.iter_mut().zip(s) {
+                *o = f32::from_bits(u32::from(s.to_bits()) << 16);
+            }
+        });
+    let data = burn::tensor::TensorData::new(out, [len, k]);
+    Some(flex(FlexTensor::from_data(data)))
 }
 
 /// `y [m, n] = x [m, k] · wᵀ`, `w`'s rows in f32 a block at a time.
