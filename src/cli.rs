@@ -507,9 +507,9 @@ pub enum BaseDtype {
 /// PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
 #[derive(Debug, Args)]
 pub struct LoraArgs {
-    /// LoRA rank r; 0 trains every weight (full fine-tuning).
-    #[arg(long, default_value_t = 0)]
-    pub lora_rank: usize,
+    /// LoRA rank r (positive); without it every weight trains (full fine-tuning).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
     /// LoRA α: the update B·A is scaled by α/r.
     #[arg(long, default_value_t = 32.0)]
     pub lora_alpha: f64,
@@ -524,9 +524,13 @@ pub struct LoraArgs {
 impl LoraArgs {
     /// `None` without `--lora-rank`; the settings checked otherwise.
     pub fn config(&self) -> anyhow::Result<Option<posttrain_model::LoraConfig>> {
-        if self.lora_rank == 0 {
-            return Ok(None);
-        }
+        let rank = match self.lora_rank {
+            None => return Ok(None),
+            Some(0) => {
+                anyhow::bail!("--lora-rank must be positive (leave it out to train every weight)")
+            }
+            Some(r) => r,
+        };
         let targets = self
             .lora_targets
             .iter()
@@ -540,7 +544,7 @@ impl LoraArgs {
             })
             .collect();
         let cfg = posttrain_model::LoraConfig {
-            rank: self.lora_rank,
+            rank,
             alpha: self.lora_alpha,
             targets,
             dropout: self.lora_dropout,

@@ -139,7 +139,7 @@ pub fn compact_base(
     device: &burn::tensor::Device,
     memory: &crate::cli::MemoryArgs,
 ) -> anyhow::Result<bool> {
-    Ok(memory.lora.lora_rank > 0
+    Ok(memory.lora.lora_rank.is_some()
         && memory.base_dtype == crate::cli::BaseDtype::Auto
         && posttrain_model::checkpoint::holds_compact(dir, device)?)
 }

@@ -74,7 +74,7 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     } else {
         Distill::None
     };
-    if args.train.memory.lora.lora_rank > 0 {
+    if args.train.memory.lora.lora_rank.is_some() {
         bail!(
             "--lora-rank needs a checkpoint to adapt: use it with sft, reward --init, dpo or rlhf"
         );

@@ -279,6 +279,7 @@ fn lora_settings_and_adapters_that_cannot_work_are_refused_in_one_line() {
         &["--lora-rank", "4", "--lora-alpha", "0"],
         &["--lora-alpha"],
     );
+    run(&["--lora-rank", "0"], &["--lora-rank must be positive"]);
     error_line(
         &[
             "pretrain",
