@@ -25,6 +25,8 @@ fn mpirun_command(args: &[&str]) -> Command {
     .args(args)
     .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
     .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    // containers often forbid the cross-process memory copy Open MPI tries first
+    .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
     .env_remove("POSTTRAIN_BACKEND");
     c
 }
