@@ -226,40 +226,6 @@ impl Dist {
         local.to_vec()
     }
 
-    /// Every rank's `local` bytes in rank order, on rank 0 (`None` elsewhere).
-    pub fn gather_bytes(&self, local: &[u8]) -> Option<Vec<Vec<u8>>> {
-        #[cfg(feature = "mpi")]
-        if let Some(c) = &self.comm {
-            use mpi::collective::Root;
-            use mpi::topology::Communicator;
-            let counts = self.all_counts(local.len());
-            let root = c.0.process_at_rank(0);
-            if !self.is_root() {
-                root.gather_varcount_into(local);
-                return None;
-            }
-            let displs = displacements(&counts);
-            let mut all = vec![0u8; counts.iter().sum::<i32>() as usize];
-            let mut part = mpi::datatype::PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
-            root.gather_varcount_into_root(local, &mut part);
-            let parts = counts
-                .iter()
-                .zip(&displs)
-                .map(|(&n, &at)| all[at as usize..(at + n) as usize].to_vec())
-                .collect();
-            return Some(parts);
-        }
-        Some(vec![local.to_vec()])
-    }
-
-    /// Waits until every rank got here.
-    pub fn barrier(&self) {
-        #[cfg(feature = "mpi")]
-        if let Some(c) = &self.comm {
-            mpi::collective::CommunicatorCollectives::barrier(&c.0);
-        }
-    }
-
     /// Ends every rank of the run with `code`.
     pub fn abort(&self, code: i32) -> ! {
         #[cfg(feature = "mpi")]
@@ -334,7 +300,6 @@ mod tests {
         w.sum_f64(&mut v);
         assert_eq!(v, [1.5, -2.0]);
         assert_eq!(w.all_gather_f64(&[3.0]), vec![3.0]);
-        assert_eq!(w.gather_bytes(b"ab"), Some(vec![b"ab".to_vec()]));
         assert_eq!(w.share(5), 0..5);
     }
 }

@@ -404,9 +404,8 @@ impl Sums {
         let terms = p.map_or([None; 3], |p| [read(&p.ce), read(&p.kl), read(&p.jsd)]);
         let mut values = terms.map(|t| t.unwrap_or(0.0));
         backward.combine(&mut values);
-        let seen = terms.map(|t| f64::from(u8::from(t.is_some())));
-        let mut seen = seen;
-        backward.combine_counts(&mut seen);
+        let mut seen = terms.map(|t| f64::from(u8::from(t.is_some())));
+        posttrain_train::dist::world().sum_f64(&mut seen);
         for ((acc, v), n) in [&mut self.ce, &mut self.kl, &mut self.jsd]
             .into_iter()
             .zip(values)

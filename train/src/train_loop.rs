@@ -123,11 +123,6 @@ impl<M: Module> Backward<'_, M> {
         Ok(value)
     }
 
-    /// Sums counts over the ranks (the same on every rank).
-    pub fn combine_counts(&self, counts: &mut [f64]) {
-        world().sum_f64(counts);
-    }
-
     /// Turns this rank's means over its share of the last micro-batch into
     /// the means over the whole micro-batch, the same on every rank.
     pub fn combine(&self, means: &mut [f64]) {
