@@ -65,14 +65,15 @@ pub struct Session {
     _universe: Option<mpi::environment::Universe>,
 }
 
-/// How many processes the launcher started, when one did (`mpirun` of Open
-/// MPI or MPICH, Slurm's `srun`).
+/// How many processes the launcher started, when one did: `mpirun` of Open
+/// MPI or MPICH, or Slurm's `srun` (its step's task count; a batch script's
+/// own process is one process, whatever the allocation).
 pub fn launched_size() -> Option<usize> {
     let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
     var("OMPI_COMM_WORLD_SIZE")
         .or_else(|| var("PMI_SIZE"))
         .or_else(|| var("PMIX_SIZE"))
-        .or_else(|| std::env::var("SLURM_PROCID").ok().and(var("SLURM_NTASKS")))
+        .or_else(|| var("SLURM_STEP_NUM_TASKS"))
 }
 
 /// Joins the run's ranks when a launcher started this process; ranks other
