@@ -7,7 +7,7 @@ use burn::module::Module;
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::Vocab;
 use posttrain_train::logprobs::logprob_sums;
-use posttrain_train::rollout::{PromptSet, roll_out};
+use posttrain_train::rollout::{PromptSet, gather_true_scores, roll_out};
 
 use crate::rollout::Judge;
 
@@ -74,20 +74,7 @@ pub fn evaluate(
         .into_iter()
         .map(|l| l as usize)
         .collect();
-    let mut unscored = [f64::from(u8::from(scores.is_none()))];
-    world.sum_f64(&mut unscored);
-    let scores = scores.filter(|_| unscored[0] == 0.0).map(|s| {
-        let score = gather(&s.iter().map(|x| x.0).collect::<Vec<_>>());
-        let right = gather(
-            &s.iter()
-                .map(|x| f64::from(u8::from(x.1)))
-                .collect::<Vec<_>>(),
-        );
-        score
-            .into_iter()
-            .zip(right.into_iter().map(|r| r > 0.0))
-            .collect::<Vec<_>>()
-    });
+    let scores = gather_true_scores(scores);
     let n = lengths.len();
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let score = scores

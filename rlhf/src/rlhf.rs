@@ -14,7 +14,7 @@ use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::logprobs::{
     SequenceLogprobs, batch_of, logprob_sums, per_example, sequence_logprobs, token_logprobs,
 };
-use posttrain_train::rollout::{PromptSet, roll_out_share};
+use posttrain_train::rollout::{PromptSet, gather_true_scores, roll_out_share};
 use posttrain_train::{
     Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
     Schedule, Stage, StepLog, StepStats, Vocab, train,
@@ -384,18 +384,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             .into_iter()
             .map(|x| x as usize)
             .collect();
-        let true_scores = true_scores.map(|s| {
-            let score = gather(&s.iter().map(|x| x.0).collect::<Vec<_>>());
-            let right = gather(
-                &s.iter()
-                    .map(|x| f64::from(u8::from(x.1)))
-                    .collect::<Vec<_>>(),
-            );
-            score
-                .into_iter()
-                .zip(right.into_iter().map(|r| r > 0.0))
-                .collect()
-        });
+        let true_scores = gather_true_scores(true_scores);
         let tokens = lengths.iter().sum::<usize>() as u64;
         self.step = Some(StepParts {
             chunks: rounds,

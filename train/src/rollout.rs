@@ -122,6 +122,24 @@ impl Rollouts {
     }
 }
 
+/// Every rank's `(score, correct)` pairs in rank order, on every rank of a
+/// data-parallel run (`None` when any rank has none).
+pub fn gather_true_scores(local: Option<Vec<(f64, bool)>>) -> Option<Vec<(f64, bool)>> {
+    let world = posttrain_dist::world();
+    let mut unscored = [f64::from(u8::from(local.is_none()))];
+    world.sum_f64(&mut unscored);
+    let local = local.filter(|_| unscored[0] == 0.0)?;
+    let score = world.all_gather_f64(&local.iter().map(|x| x.0).collect::<Vec<_>>());
+    let right: Vec<f64> = local.iter().map(|x| f64::from(u8::from(x.1))).collect();
+    let right = world.all_gather_f64(&right);
+    Some(
+        score
+            .into_iter()
+            .zip(right.iter().map(|&r| r > 0.0))
+            .collect(),
+    )
+}
+
 /// `k` samples of each prompt in `indices` (consecutive per prompt). The
 /// sampling budget is cut so that every sequence fits the context.
 pub fn roll_out(

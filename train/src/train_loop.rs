@@ -110,17 +110,7 @@ impl<M: Module> Backward<'_, M> {
         self.fraction = 0.0;
         let mut loss = [0.0];
         w.sum_f64(&mut loss);
-        let value = loss[0];
-        if !value.is_finite() {
-            return Err(LoopError::NotFinite {
-                step: self.step + 1,
-                loss: value,
-                blame: self.blame,
-            });
-        }
-        self.sum += value;
-        self.count += 1;
-        Ok(value)
+        self.record(loss[0])
     }
 
     /// Turns this rank's means over its share of the last micro-batch into
@@ -139,7 +129,13 @@ impl<M: Module> Backward<'_, M> {
         loss: Tensor<1>,
         global: Option<f64>,
     ) -> Result<f64, LoopError> {
-        let value = global.unwrap_or_else(|| loss.clone().into_scalar::<f64>());
+        let value = self.record(global.unwrap_or_else(|| loss.clone().into_scalar::<f64>()))?;
+        self.optim.backward(model, loss);
+        Ok(value)
+    }
+
+    /// Counts a micro-batch's loss, refusing a non-finite one.
+    fn record(&mut self, value: f64) -> Result<f64, LoopError> {
         if !value.is_finite() {
             return Err(LoopError::NotFinite {
                 step: self.step + 1,
@@ -149,7 +145,6 @@ impl<M: Module> Backward<'_, M> {
         }
         self.sum += value;
         self.count += 1;
-        self.optim.backward(model, loss);
         Ok(value)
     }
 }
