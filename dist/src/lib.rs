@@ -178,6 +178,14 @@ impl Dist {
         n * self.rank / self.size..n * (self.rank + 1) / self.size
     }
 
+    /// This rank's rows of `n` rows taken in whole batches of `batch` (the
+    /// batches one process forms, shared out in contiguous runs).
+    pub fn share_batches(&self, n: usize, batch: usize) -> Range<usize> {
+        let batch = batch.max(1);
+        let own = self.share(n.div_ceil(batch));
+        (own.start * batch).min(n)..(own.end * batch).min(n)
+    }
+
     /// Refuses `count` (`what`: "--batch-size 6") unless the ranks split it evenly.
     pub fn check_divisible(&self, what: &str, count: usize) -> Result<(), DistError> {
         if count.is_multiple_of(self.size) {
@@ -225,6 +233,15 @@ impl Dist {
             return out;
         }
         local.to_vec()
+    }
+
+    /// [`Dist::all_gather_f64`] for counts (exact below 2⁵³).
+    pub fn all_gather_usize(&self, local: &[usize]) -> Vec<usize> {
+        let local: Vec<f64> = local.iter().map(|&x| x as f64).collect();
+        self.all_gather_f64(&local)
+            .into_iter()
+            .map(|x| x as usize)
+            .collect()
     }
 
     /// Ends every rank of the run with `code`.
@@ -286,6 +303,13 @@ mod tests {
         assert_eq!(d(0, 2).share(6), 0..3);
         assert_eq!(d(1, 2).share(6), 3..6);
         assert_eq!(d(2, 4).share(8), 4..6);
+        // 7 rows in batches of 2: batches 0-1 and 2-3 (the last one short)
+        assert_eq!(d(0, 2).share_batches(7, 2), 0..4);
+        assert_eq!(d(1, 2).share_batches(7, 2), 4..7);
+        // 2 batches over 4 ranks: two ranks get none
+        assert_eq!(d(0, 4).share_batches(3, 2), 0..0);
+        assert_eq!(d(1, 4).share_batches(3, 2), 0..2);
+        assert_eq!(d(3, 4).share_batches(3, 2), 2..3);
         assert!(d(0, 3).check_divisible("--batch-size", 6).is_ok());
         let e = d(0, 4).check_divisible("--batch-size", 6).unwrap_err();
         assert_eq!(
@@ -301,6 +325,7 @@ mod tests {
         w.sum_f64(&mut v);
         assert_eq!(v, [1.5, -2.0]);
         assert_eq!(w.all_gather_f64(&[3.0]), vec![3.0]);
+        assert_eq!(w.all_gather_usize(&[7, 2]), vec![7, 2]);
         assert_eq!(w.share(5), 0..5);
     }
 }

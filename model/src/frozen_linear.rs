@@ -20,7 +20,7 @@ use burn::tensor::{DType, Tensor};
 
 /// Rows of `W` converted to f32 at once: a 256k-vocabulary head never
 /// exists whole in f32.
-const BLOCK_ELEMENTS: usize = 1 << 24;
+pub(crate) const BLOCK_ELEMENTS: usize = 1 << 24;
 
 /// `x · wᵀ` for an autodiff `x` `[m, k]` and a frozen 16-bit `w` `[n, k]`
 /// on `flex`; `Err` gives the operands back on any other backend.
@@ -121,19 +121,23 @@ fn widened_rows(w: &Tensor<2>, start: usize, len: usize) -> Option<Tensor<2>> {
     Some(flex(FlexTensor::from_data(data)))
 }
 
-/// `y [m, n] = x [m, k] · wᵀ`, `w`'s rows in f32 a block at a time.
 fn forward(x: FlexTensor, w: &FlexTensor, block_elements: usize) -> FlexTensor {
-    let (x, w) = (flex(x), flex(w.clone()));
+    primitive(product_in_blocks(flex(x), &flex(w.clone()), block_elements))
+}
+
+/// `y [m, n] = x [m, k] · wᵀ` for a 16-bit `w`, its rows in f32 a block of
+/// `block_elements` at a time (outside autodiff too: frozen models).
+pub(crate) fn product_in_blocks(x: Tensor<2>, w: &Tensor<2>, block_elements: usize) -> Tensor<2> {
     let [n, k] = w.dims();
     let rows = (block_elements / k.max(1)).max(1);
     let parts: Vec<Tensor<2>> = (0..n)
         .step_by(rows)
         .map(|start| {
-            let b = block(&w, start, rows.min(n - start));
+            let b = block(w, start, rows.min(n - start));
             x.clone().matmul(b.transpose())
         })
         .collect();
-    primitive(Tensor::cat(parts, 1))
+    Tensor::cat(parts, 1)
 }
 
 /// `∂x [m, k] = ∂y [m, n] · w`, summed over blocks of `w`'s rows.

@@ -106,9 +106,9 @@ pub fn generate_batches_shared<E>(
     let batch_size = batch_size.max(1);
     // a completion on the wire: its length, its tokens, 1 when it stopped
     let mut wire = Vec::new();
-    for b in world.share(prompts.len().div_ceil(batch_size)) {
-        let first = b * batch_size;
-        let chunk = &prompts[first..(first + batch_size).min(prompts.len())];
+    let own = world.share_batches(prompts.len(), batch_size);
+    for first in own.clone().step_by(batch_size) {
+        let chunk = &prompts[first..(first + batch_size).min(own.end)];
         for c in generate(model, chunk, pad_id, config, first as u64) {
             wire.push(c.tokens.len() as f64);
             wire.extend(c.tokens.iter().map(|&t| f64::from(t)));

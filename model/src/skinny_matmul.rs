@@ -44,25 +44,11 @@ pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     x.matmul(w.transpose())
 }
 
-/// Rows of a compact (bf16) `w` converted to f32 per product, this many
-/// elements at a time: a 256k-vocabulary head never exists whole in f32.
-const COMPACT_CHUNK: usize = 1 << 24;
-
-/// `x · wᵀ` for a bf16 `w`: `w`'s rows in f32 a chunk at a time.
+/// `x · wᵀ` for a bf16 `w` outside autodiff: `w`'s rows in f32 a block at
+/// a time, so a 256k-vocabulary head never exists whole in f32.
 fn compact_product(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
-    let [n, k] = w.dims();
-    let rows = (COMPACT_CHUNK / k.max(1)).max(1);
-    let parts: Vec<Tensor<2>> = (0..n)
-        .step_by(rows)
-        .map(|start| {
-            let part = w
-                .clone()
-                .narrow(0, start, rows.min(n - start))
-                .cast(DType::F32);
-            x.clone().matmul(part.transpose())
-        })
-        .collect();
-    Tensor::cat(parts, 1)
+    use crate::frozen_linear::{BLOCK_ELEMENTS, product_in_blocks};
+    product_in_blocks(x, &w, BLOCK_ELEMENTS)
 }
 
 fn streaming_supported() -> bool {

@@ -64,9 +64,7 @@ pub fn score_examples_shared(
     batch_size: usize,
 ) -> Vec<f32> {
     let world = posttrain_train::dist::world();
-    let batch_size = batch_size.max(1);
-    let own = world.share(sequences.len().div_ceil(batch_size));
-    let rows = own.start * batch_size..(own.end * batch_size).min(sequences.len());
+    let rows = world.share_batches(sequences.len(), batch_size);
     let mine = score_examples(model, &sequences[rows], pad, padding, batch_size);
     let mine: Vec<f64> = mine.into_iter().map(f64::from).collect();
     world

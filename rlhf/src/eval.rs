@@ -70,10 +70,7 @@ pub fn evaluate(
     }
     let gather = |v: &[f64]| world.all_gather_f64(v);
     let (rewards, kls) = (gather(&rewards), gather(&kls));
-    let lengths: Vec<usize> = gather(&lengths.iter().map(|&l| l as f64).collect::<Vec<_>>())
-        .into_iter()
-        .map(|l| l as usize)
-        .collect();
+    let lengths = world.all_gather_usize(&lengths);
     let scores = gather_true_scores(scores);
     let n = lengths.len();
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);

@@ -379,11 +379,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         // every rank's samples, for the metrics and the KL stop
         let true_scores = rollouts.true_scores(prompts);
         let gather = |v: &[f64]| world.all_gather_f64(v);
-        let as_f64 = |v: &[usize]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-        let lengths: Vec<usize> = gather(&as_f64(&lengths))
-            .into_iter()
-            .map(|x| x as usize)
-            .collect();
+        let lengths = world.all_gather_usize(&lengths);
         let true_scores = gather_true_scores(true_scores);
         let tokens = lengths.iter().sum::<usize>() as u64;
         self.step = Some(StepParts {
