@@ -4,6 +4,9 @@
 # preference pairs mean new prompts rather than repeated ones.
 #
 #   bash examples/embedded/wide.sh [RUN_DIR]
+#   WIDE_UNTIL=rm bash examples/embedded/wide.sh DIR   # stop after the reward model
+#   WIDE_MPIRUN="mpirun -np 2" POSTTRAIN=BIN bash …   # training and data stages
+#                                                     # as MPI ranks (--features mpi)
 #
 # task -> 10x teacher (wide/teacher.json: the task's teacher with a 384-wide
 # MLP, 9.76x the student) -> greedy top-k completions -> live-KD student ->
@@ -13,31 +16,34 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RUN="${1:-runs/wide}"
-cargo build --release --manifest-path "$ROOT/Cargo.toml" --quiet
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/posttrain"
+if [[ -z "${POSTTRAIN:-}" ]]; then cargo build --release --manifest-path "$ROOT/Cargo.toml" --quiet; fi
+BIN="${POSTTRAIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/posttrain}"
+read -r -a PAR <<<"${WIDE_MPIRUN:-}"
 mkdir -p "$RUN"
 cd "$RUN"
 step() { local out="$1"; shift; if [[ -e "$out" ]]; then echo "[skip] $out exists"; else echo "[run] $*"; "$BIN" "$@"; fi; }
+pstep() { local out="$1"; shift; if [[ -e "$out" ]]; then echo "[skip] $out exists"; else echo "[run] $*"; "${PAR[@]}" "$BIN" "$@"; fi; }
 
 step task data synth --seed 0 --out task --vocab-size 128 --max-number 99 --train 24000
-step teacher pretrain --config "$ROOT/examples/embedded/wide/teacher.json" --tokenizer task/tokenizer.json \
+pstep teacher pretrain --config "$ROOT/examples/embedded/wide/teacher.json" --tokenizer task/tokenizer.json \
   --data task/train.jsonl --eval task/eval.jsonl --out teacher --steps 5000 --seed 0 --eval-every 1000
 step student_init init --config task/student.json --tokenizer task/tokenizer.json --seed 0 --out student_init
-step sft_pairs.jsonl generate --model teacher --prompts task/train_prompts.jsonl --out sft_pairs.jsonl \
+pstep sft_pairs.jsonl generate --model teacher --prompts task/train_prompts.jsonl --out sft_pairs.jsonl \
   --temperature 0 --max-new-tokens 32 --batch-size 32 --topk 8
-step sft_live sft --model student_init --data sft_pairs.jsonl --eval task/eval.jsonl --out sft_live \
+pstep sft_live sft --model student_init --data sft_pairs.jsonl --eval task/eval.jsonl --out sft_live \
   --steps 800 --seed 0 --kd live --teacher teacher --alpha 0.5
 
-step prefs_train.jsonl data prefs --policy sft_live teacher --prompts task/train_prompts.jsonl \
+pstep prefs_train.jsonl data prefs --policy sft_live teacher --prompts task/train_prompts.jsonl \
   --out prefs_train.jsonl --samples 4 --pairs-per-prompt 1 --seed 0
-step prefs_eval.jsonl data prefs --policy sft_live teacher --prompts task/eval_prompts.jsonl \
+pstep prefs_eval.jsonl data prefs --policy sft_live teacher --prompts task/eval_prompts.jsonl \
   --out prefs_eval.jsonl --samples 4 --seed 1
-step prefs_eval8.jsonl data prefs --policy sft_live teacher --prompts task/eval_prompts.jsonl \
+pstep prefs_eval8.jsonl data prefs --policy sft_live teacher --prompts task/eval_prompts.jsonl \
   --out prefs_eval8.jsonl --samples 8 --pairs-per-prompt 2 --seed 2
 
 RM=(--policy sft_live --data prefs_train.jsonl --eval prefs_eval.jsonl --steps 1500 --batch-size 16
   --warmup 50 --eval-every 250 --seed 0)
-step rm reward "${RM[@]}" --init teacher --lr 3e-4 --out rm
+pstep rm reward "${RM[@]}" --init teacher --lr 3e-4 --out rm
+[[ "${WIDE_UNTIL:-}" == rm ]] && exit 0
 step rm1_init reward "${RM[@]}" --init sft_live --lr 3e-4 --out rm1_init
 for r in 1 3 10; do
   step "rm${r}_scratch" reward "${RM[@]}" --size-ratio "$r" --lr 1e-3 --out "rm${r}_scratch"

@@ -165,11 +165,25 @@ impl Attention {
         let g = h / kv;
         let s = k.dims()[2];
         let scores = q.reshape([b, kv, g * t, d]).matmul(k.swap_dims(2, 3));
+        let [mb, _, mq, mk] = bias.dims();
+        let scores = match crate::kernels::softmax::capped_softmax(
+            scores.reshape([b, kv, g, t, s]),
+            &bias.clone().reshape([mb, mq, mk]),
+            self.scale,
+            self.softcap,
+        ) {
+            Ok(probs) => {
+                return probs
+                    .reshape([b, kv, g * t, s])
+                    .matmul(v)
+                    .reshape([b, h, t, d]);
+            }
+            Err(scores) => scores.reshape([b, kv, g * t, s]),
+        };
         let scores = match self.softcap {
             Some(cap) => soft_cap(scores.mul_scalar(self.scale), Some(cap)),
             None => scores.mul_scalar(self.scale),
         };
-        let [mb, _, mq, mk] = bias.dims();
         let scores = scores.reshape([b, kv, g, t, s]) + bias.reshape([mb, 1, 1, mq, mk]);
         let probs = burn::tensor::activation::softmax(scores, 4).reshape([b, kv, g * t, s]);
         probs.matmul(v).reshape([b, h, t, d])

@@ -153,6 +153,10 @@ impl RmsNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let (x, _) = match crate::kernels::rms_norm::rms_norm(x, self.weight.val(), self.eps) {
+            Ok(y) => return y,
+            Err(back) => back,
+        };
         let rms = x
             .clone()
             .square()
@@ -207,8 +211,10 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = gelu_tanh(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let hidden = crate::kernels::geglu::geglu(gate, up)
+            .unwrap_or_else(|[gate, up]| gelu_tanh(gate) * up);
+        self.down_proj.forward(hidden)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod frozen_linear;
 pub mod gemma2;
 pub mod generate;
 pub mod init;
+pub mod kernels;
 pub mod layers;
 pub mod lm_head;
 pub mod lora;

@@ -1133,20 +1133,26 @@ mod chunked_tests {
             let (want, want_g) = evaluate(None, cfg, *gkd);
             for rows in [1, 3] {
                 let (got, got_g) = evaluate(Some(rows), cfg, *gkd);
+                // a small KL is a difference of two cross-entropies ~3: its
+                // rounding is absolute (~1e-8), not relative to the KL
                 for (a, b) in got.iter().zip(&want) {
                     assert!(
-                        (a - b).abs() <= 1e-5 * b.abs().max(1e-3),
+                        (a - b).abs() <= 1e-5 * b.abs().max(1e-2),
                         "{:?}: {got:?} vs {want:?}",
                         cfg.distill
                     );
                 }
+                let largest = |w: &Vec<f32>| w.iter().fold(0f32, |a, x| a.max(x.abs()));
+                let global = want_g.iter().map(largest).fold(0f32, f32::max);
                 for (g, w) in got_g.iter().zip(&want_g) {
-                    let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
-                    assert!(scale > 0.0);
+                    assert!(largest(w) > 0.0);
+                    // a tensor whose gradient is ~0 next to the others' is
+                    // held to the others' scale, not its own rounding noise
+                    let scale = largest(w).max(global * 1e-3);
                     for (a, b) in g.iter().zip(w) {
                         assert!(
                             (a - b).abs() <= 1e-5 * scale,
-                            "{:?} gkd {gkd}: {a} vs {b}",
+                            "{:?} gkd {gkd}: {a} vs {b} (largest {scale})",
                             cfg.distill
                         );
                     }

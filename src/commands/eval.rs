@@ -50,8 +50,8 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
         }
     };
     print(format!(
-        "{:<width$} {:>8} {:>8} {:>8} {:>8} {:>7}\n",
-        "checkpoint", "reward", "score", "accuracy", "kl", "length"
+        "{:<width$} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7}\n",
+        "checkpoint", "reward", "score", "± se", "accuracy", "kl", "length"
     ));
     for dir in &args.checkpoints {
         let m = ChatModel::load(dir, &device)?;
@@ -81,10 +81,11 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
             args.batch_size,
         )?;
         print(format!(
-            "{:<width$} {:>8} {:>8} {:>8} {:>8} {:>7.1}\n",
+            "{:<width$} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7.1}\n",
             dir.display(),
             cell(e.reward),
             cell(e.score),
+            cell(e.score_se),
             cell(e.accuracy),
             cell(e.kl),
             e.length

@@ -1,0 +1,157 @@
+//! Fused CPU kernels for `flex`: Gemma's element-wise and row-wise passes
+//! (GeGLU, RMSNorm, the capped attention softmax) in one pass over memory
+//! each way, split over the cores, with their own backward under autodiff.
+//!
+//! Burn's `flex` runs each element-wise op as its own single-threaded pass
+//! (scalar `expf` included); a GeGLU is ~8 of them forward and more
+//! backward. Each kernel here is one loop written in plain `f32` arithmetic
+//! (no fused multiply-add, so the AVX2 build of a loop and the portable one
+//! give the same bits), compiled twice: for AVX2 when the CPU has it (a
+//! runtime check) and for the baseline target. Other backends, and tensors
+//! that are not contiguous f32, take Burn's unfused expression: each entry
+//! point returns its operands back (`Err`) when it does not apply.
+
+pub(crate) mod exp;
+pub mod geglu;
+pub mod rms_norm;
+pub mod softmax;
+#[cfg(test)]
+mod testing;
+
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{DType, Tensor, TensorData};
+
+/// Compiles `fn name(args) body` twice (AVX2, baseline) and picks at run
+/// time. The body must not use `mul_add`, so both give the same results.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn wide($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the running CPU has AVX2.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// Elements a core takes at once: small tensors stay on one core.
+pub(crate) const GRAIN: usize = 1 << 14;
+
+/// Whether the fused kernels are used (`POSTTRAIN_FUSED=0` turns them off,
+/// to compare against Burn's unfused expressions).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("POSTTRAIN_FUSED").map_or(true, |v| v != "0"))
+}
+
+/// A contiguous f32 flex tensor's elements.
+pub(crate) fn f32s(t: &FlexTensor) -> Option<&[f32]> {
+    if t.dtype() != DType::F32 || !t.is_contiguous() {
+        return None;
+    }
+    let n = t.layout().num_elements();
+    let at = t.layout().start_offset();
+    Some(&t.storage::<f32>()[at..at + n])
+}
+
+/// The tensor as a contiguous f32 flex tensor, copying only if needed.
+pub(crate) fn contiguous(t: FlexTensor) -> Option<FlexTensor> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    Some(if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    })
+}
+
+pub(crate) fn flex_tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
+}
+
+pub(crate) fn shape_of(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().iter().copied().collect()
+}
+
+/// A plain (not autodiff) flex tensor's primitive.
+pub(crate) fn plain<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
+    t.clone().try_into_primitive::<Flex>().ok()
+}
+
+/// A fused operation of `N` float operands on flex: its forward, and the
+/// state its [`Backward`] keeps (only built when a gradient is needed).
+pub(crate) trait Fused<const N: usize>: Backward<Flex, N> + Clone {
+    fn forward(
+        &self,
+        operands: [FlexTensor; N],
+        tracked: bool,
+    ) -> (FlexTensor, Option<Self::State>);
+}
+
+/// Applies `op` to plain flex operands or to autodiff-on-flex ones (either
+/// checkpointing strategy); `Err` gives the operands back elsewhere, for a
+/// dtype other than f32, or with the kernels turned off.
+pub(crate) fn apply<const N: usize, const D: usize, K: Fused<N>>(
+    operands: [Tensor<D>; N],
+    op: K,
+) -> Result<Tensor<D>, [Tensor<D>; N]> {
+    if !enabled() || operands.iter().any(|t| t.dtype() != DType::F32) {
+        return Err(operands);
+    }
+    if let Some(plain) = try_all(&operands, |t| t.clone().try_into_primitive::<Flex>().ok()) {
+        let (out, _) = op.forward(plain, false);
+        return Ok(Tensor::from_primitive::<Flex>(out));
+    }
+    // one arm per strategy: Burn's dispatch converts only to these two
+    macro_rules! tracked {
+        ($c:ty) => {
+            if let Some(auto) = try_all(&operands, |t| {
+                t.clone().try_into_primitive::<Autodiff<Flex, $c>>().ok()
+            }) {
+                drop(operands);
+                let mut guards = Vec::with_capacity(N);
+                let mut prims = Vec::with_capacity(N);
+                for a in auto {
+                    let (p, g) = a.into_parts();
+                    prims.push(p);
+                    guards.push(g);
+                }
+                let prims: [FlexTensor; N] = prims.try_into().expect("N operands");
+                let guards: [NodeGuard; N] = guards.try_into().expect("N operands");
+                let kernel = op.clone();
+                let out = match op.prepare::<$c>(guards).compute_bound().stateful() {
+                    OpsKind::Tracked(prep) => {
+                        let (y, state) = kernel.forward(prims, true);
+                        prep.finish(state.expect("a tracked forward keeps its state"), y)
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(kernel.forward(prims, false).0),
+                };
+                return Ok(Tensor::from_primitive::<Autodiff<Flex, $c>>(out));
+            }
+        };
+    }
+    tracked!(NoCheckpointing);
+    tracked!(BalancedCheckpointing);
+    Err(operands)
+}
+
+fn try_all<T, U, const N: usize>(items: &[T; N], f: impl Fn(&T) -> Option<U>) -> Option<[U; N]> {
+    let v: Option<Vec<U>> = items.iter().map(f).collect();
+    v.and_then(|v| v.try_into().ok())
+}
