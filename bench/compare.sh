@@ -6,7 +6,9 @@
 # PEER_VENV is made by shared/bench/peer/setup.sh. Each round runs both
 # fp32 2048³ matmuls, then, per shape, the peer's training and generation
 # benchmarks and posttrain's, one process per case (so peak RSS is per
-# case; posttrain's MFU is against its own matmul of that round). EXTRA_BACKEND (e.g.
+# case; posttrain's MFU is against its own matmul of that round), then
+# TRL's RLOO and reward-model steps (bench_trl.py) against posttrain's
+# rlhf-step and reward-step. EXTRA_BACKEND (e.g.
 # ndarray) also measures posttrain built with that feature, from
 # POSTTRAIN_EXTRA_BIN. Prints a markdown table of medians over rounds.
 # Never run this while anything else (a cargo build!) uses the CPUs.
@@ -29,6 +31,10 @@ for _ in $(seq "$ROUNDS"); do
     "$BIN" bench --shape "$shape" --case train --reps 10 --warmup 2 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     "$VENV/bin/python" "$PEER/bench_generate.py" --preset "$shape" --reps 5 >> "$OUT/peer.jsonl"
     "$BIN" bench --shape "$shape" --case sample --reps 5 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
+    "$VENV/bin/python" "$PEER/bench_trl.py" rloo --preset "$shape" --steps 8 >> "$OUT/peer.jsonl"
+    "$BIN" bench --shape "$shape" --case rlhf-step --reps 7 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
+    "$VENV/bin/python" "$PEER/bench_trl.py" reward --preset "$shape" --steps 8 >> "$OUT/peer.jsonl"
+    "$BIN" bench --shape "$shape" --case reward-step --reps 7 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     if [[ -n "$EXTRA" ]]; then
       "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case train --reps 10 --warmup 2 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
       "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case sample --reps 5 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"

@@ -16,7 +16,9 @@ def shape_name(row):
     return "tiny" if s["hidden"] == 256 else "small"
 
 
+STEPS = {"trl_rloo": "rlhf", "rlhf_step": "rlhf", "trl_reward": "reward", "reward_step": "reward"}
 runs = defaultdict(list)
+steps = defaultdict(list)
 matmul = defaultdict(list)
 for who in ("peer", "posttrain"):
     for line in (out / f"{who}.jsonl").read_text().splitlines():
@@ -24,6 +26,8 @@ for who in ("peer", "posttrain"):
         name = who if who == "peer" else f"posttrain {row['backend']}"
         if row["bench"] == "matmul":
             matmul[name].append(row["gflops_best"])
+        elif row["bench"] in STEPS:
+            steps[(STEPS[row["bench"]], shape_name(row), name)].append(row)
         else:
             runs[(row["bench"], shape_name(row), name)].append(row)
 
@@ -54,8 +58,31 @@ if matmul:
               for n in names if n != "peer"]
     print("| fp32 2048³ matmul | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
 mfu = {k: statistics.median(r["mfu"] for r in rows) for k, rows in runs.items()
-       if all("mfu" in r for r in rows)}
+       if all(isinstance(r.get("mfu"), float) for r in rows)}
 if mfu:
     print("\nMFU (model FLOPs / that process's or round's matmul peak): " + "; ".join(
         f"{b} {s} {n} {v:.2f}" for (b, s, n), v in sorted(mfu.items())))
 print(f"\n{len(next(iter(runs.values())))} rounds; medians; peak RSS is the largest seen.")
+if steps:
+    print("\n| step | " + " | ".join(f"{n} s/step (peak RSS MB)" for n in names) + " | "
+          + " | ".join(f"peer / {n}" for n in names if n != "peer") + " | parts (median s) |")
+    print("|---" * (2 + 2 * len(names) - 1) + "|")
+    for kind, shape in sorted({(k, s) for k, s, _ in steps}):
+        med, cells, parts = {}, [], []
+        for n in names:
+            rows = steps.get((kind, shape, n), [])
+            if not rows:
+                cells.append("–")
+                continue
+            med[n] = statistics.median(r["step_s_median"] for r in rows)
+            cells.append(f"{med[n]:.3f} ({max(r['peak_rss_mb'] for r in rows):,.0f})")
+            split = [k for k in ("rollout_s_median", "reward_s_median", "logprob_s_median", "update_s_median")
+                     if all(r.get(k) is not None for r in rows)]
+            if split:
+                parts.append(f"{n}: " + ", ".join(
+                    f"{k[:-9]} {statistics.median(r[k] for r in rows):.3f}" for k in split))
+        ratios = [f"{med['peer'] / med[n]:.2f}x" if n in med and "peer" in med else "–"
+                  for n in names if n != "peer"]
+        label = "RLHF (RLOO)" if kind == "rlhf" else "reward model"
+        print(f"| {label} `{shape}` | " + " | ".join(cells) + " | " + " | ".join(ratios) + " | "
+              + "; ".join(parts) + " |")

@@ -221,6 +221,10 @@ pub enum BenchCase {
     Sample,
     /// An fp32 2048³ matmul through the backend: the practical peak that MFU is measured against.
     Matmul,
+    /// `rlhf` steps (the stage's own loop: RLOO, KL to an EMA anchor, the task's scorer as reward) split into rollout / reward / reference log-probs / update, as TRL's RLOOTrainer is measured.
+    RlhfStep,
+    /// `reward` steps (Bradley–Terry on random pairs through the stage's own loop), as TRL's RewardTrainer is measured.
+    RewardStep,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +245,21 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub new: usize,
     /// Timed repetitions (median reported).
+    /// rlhf-step: prompts per step.
+    #[arg(long, default_value_t = 2)]
+    pub prompts_per_step: usize,
+    /// rlhf-step: samples per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub samples: usize,
+    /// rlhf-step: new tokens per sample at most.
+    #[arg(long, default_value_t = 32)]
+    pub rl_new: usize,
+    /// reward-step: preference pairs per step.
+    #[arg(long, default_value_t = 8)]
+    pub pairs: usize,
+    /// reward-step: tokens per side of a pair.
+    #[arg(long, default_value_t = 64)]
+    pub pair_len: usize,
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
     /// Untimed repetitions first.

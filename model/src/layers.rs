@@ -153,9 +153,9 @@ impl RmsNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let (x, _) = match crate::kernels::rms_norm::rms_norm(x, self.weight.val(), self.eps) {
+        let x = match crate::kernels::rms_norm::rms_norm(x, self.weight.val(), self.eps) {
             Ok(y) => return y,
-            Err(back) => back,
+            Err(back) => back.0,
         };
         let rms = x
             .clone()
@@ -212,8 +212,10 @@ impl Mlp {
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        let hidden = crate::kernels::geglu::geglu(gate, up)
-            .unwrap_or_else(|[gate, up]| gelu_tanh(gate) * up);
+        let hidden = crate::kernels::geglu::geglu(gate, up).unwrap_or_else(|back| {
+            let [gate, up] = *back;
+            gelu_tanh(gate) * up
+        });
         self.down_proj.forward(hidden)
     }
 }

@@ -2,18 +2,31 @@
 //! the PyTorch peer benchmark (`tiny`, `small`), one JSON line per case.
 //! Definitions follow the peer: training tokens/s = batch·seq / median step
 //! time; sampling tokens/s = batch·new / median wall time, prefill included.
+//! The RLHF and reward-model steps run the stages' own loops on the peer's
+//! shapes (`bench_trl.py`: RLOO 2 prompts × 4 samples × 32 tokens;
+//! RewardTrainer 8 pairs × 64 tokens) and report the median of their
+//! metrics rows' `step_s` and, for RLHF, its parts.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
+use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
+use posttrain_datasets::{ChatTokenizer, Prompt};
 use posttrain_model::{
-    Gemma2Config, Gemma2ForCausalLM, RandomInit, SamplingConfig, TokenBatch, generate,
+    Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification, RandomInit, SamplingConfig,
+    TokenBatch, generate,
 };
+use posttrain_reward::{PairIds, RewardConfig, train_reward};
+use posttrain_rlhf::{
+    Advantage, Anchor, KlEstimator, KlIn, PromptSet, Reward, RlhfConfig, train_rlhf,
+};
+use posttrain_train::{MetricsLog, OptimConfig, Vocab};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::backend::Env;
 use crate::cli::{BenchArgs, BenchCase, BenchShape};
@@ -174,6 +187,161 @@ fn bench_sample(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serd
     }))
 }
 
+fn optim(steps: usize) -> OptimConfig {
+    // TRL's defaults: lr 1e-4, no weight decay, β₂ 0.999
+    OptimConfig {
+        steps,
+        lr: 1e-4,
+        warmup: 0,
+        min_lr_ratio: 1.0,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        clip: 1.0,
+        accumulation: 1,
+    }
+}
+
+/// Medians of `keys` over the rows after the first `warmup`.
+fn row_medians(
+    path: &Path,
+    warmup: usize,
+    keys: &[&str],
+) -> Result<serde_json::Map<String, Value>> {
+    let text = fs_err::read_to_string(path)?;
+    let rows: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let timed = &rows[warmup.min(rows.len())..];
+    let mut out = serde_json::Map::new();
+    for &key in keys {
+        let v: Vec<f64> = timed.iter().filter_map(|r| r[key].as_f64()).collect();
+        if !v.is_empty() {
+            out.insert(format!("{key}_median"), median(v).into());
+        }
+    }
+    Ok(out)
+}
+
+fn bench_rlhf_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<Value> {
+    let (items, _) = posttrain_datasets::task::synth(0, 256, 1, 99);
+    let mut corpus: Vec<&str> = items
+        .iter()
+        .flat_map(|i| [i.prompt.as_str(), i.completion.as_str()])
+        .collect();
+    corpus.push("user\nmodel\n");
+    let tokenizer = ChatTokenizer::train(corpus.into_iter(), c.vocab_size)?;
+    let prompts: Vec<Prompt> = items
+        .iter()
+        .map(|i| Prompt::Text(i.prompt.clone()))
+        .collect();
+    let max_len = c.max_position_embeddings;
+    let set = PromptSet::new(&prompts, &tokenizer, max_len, Path::new("bench prompts"))?
+        .with_scorer(super::task_scorer);
+    let vocab = Vocab {
+        tokenizer: &tokenizer,
+        stop_ids: super::stop_ids(c, &tokenizer),
+        max_len,
+    };
+    let policy = Gemma2ForCausalLM::new(c, &mut RandomInit::new(0), &device.clone().autodiff())?;
+    let init = policy.valid();
+    let steps = a.warmup + a.reps;
+    let cfg = RlhfConfig {
+        optim: optim(steps),
+        prompts_per_step: a.prompts_per_step,
+        samples: a.samples,
+        temperature: 1.0,
+        max_new_tokens: a.rl_new,
+        beta: 0.1,
+        advantage: Advantage::Rloo,
+        kl_estimator: KlEstimator::K1,
+        kl_in: KlIn::Reward,
+        mu: 0.01,
+        anchor: Anchor::Ema,
+        length_penalty: 0.0,
+        max_kl: None,
+        seed: 0,
+        batch_size: 64,
+        snapshot_every: 0,
+    };
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("metrics.jsonl");
+    let mut log = MetricsLog::create(&path)?;
+    train_rlhf(
+        policy,
+        &init,
+        &Reward::Scorer,
+        &set,
+        &vocab,
+        &cfg,
+        &mut log,
+        &mut |_, _| Ok(()),
+        None,
+        None,
+    )?;
+    let keys = [
+        "step_s",
+        "rollout_s",
+        "reward_s",
+        "logprob_s",
+        "update_s",
+        "length",
+    ];
+    let mut line = json!({
+        "bench": "rlhf_step",
+        "prompts_per_step": a.prompts_per_step, "samples": a.samples, "max_new_tokens": a.rl_new,
+        "beta": cfg.beta, "anchor": "ema", "reward": "task scorer",
+        "steps": a.reps, "warmup": a.warmup,
+        "n_params": c.num_params(),
+    });
+    line.as_object_mut()
+        .expect("object")
+        .extend(row_medians(&path, a.warmup, &keys)?);
+    line["peak_rss_mb"] = peak_rss_mb().into();
+    Ok(line)
+}
+
+fn bench_reward_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<Value> {
+    let mut rng = StdRng::seed_from_u64(0);
+    let steps = a.warmup + a.reps;
+    let pairs: Vec<PairIds> = (0..steps * a.pairs)
+        .map(|_| PairIds {
+            chosen: random_ids(&mut rng, a.pair_len, c.vocab_size),
+            rejected: random_ids(&mut rng, a.pair_len, c.vocab_size),
+        })
+        .collect();
+    let model = Gemma2ForSequenceClassification::new(
+        c,
+        &mut RandomInit::new(0),
+        &device.clone().autodiff(),
+    )?;
+    let cfg = RewardConfig {
+        optim: optim(steps),
+        batch_size: a.pairs,
+        eval_every: 0,
+        seed: 0,
+        margin: 0.0,
+    };
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("metrics.jsonl");
+    let mut log = MetricsLog::create(&path)?;
+    train_reward(model, (&pairs, &[]), 0, &cfg, &mut log, None, None)?;
+    let mut line = json!({
+        "bench": "reward_step",
+        "pairs": a.pairs, "pair_len": a.pair_len,
+        "steps": a.reps, "warmup": a.warmup,
+        "n_params": c.num_params(),
+    });
+    line.as_object_mut().expect("object").extend(row_medians(
+        &path,
+        a.warmup,
+        &["step_s", "loss"],
+    )?);
+    line["peak_rss_mb"] = peak_rss_mb().into();
+    Ok(line)
+}
+
 pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
     let (device, backend) = (env.device()?, env.backend());
     const PEAK_N: usize = 2048;
@@ -201,6 +369,8 @@ pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
             let mut line = match case {
                 BenchCase::Train => bench_train(&config, &args, &device)?,
                 BenchCase::Sample => bench_sample(&config, &args, &device)?,
+                BenchCase::RlhfStep => bench_rlhf_step(&config, &args, &device)?,
+                BenchCase::RewardStep => bench_reward_step(&config, &args, &device)?,
                 BenchCase::Matmul => continue,
             };
             line["mfu"] = (line["achieved_gflops"].as_f64().unwrap_or(f64::NAN) / peak).into();

@@ -278,6 +278,7 @@ pub fn train<M: Module, S: Stage<M>>(
             let stream = schedule.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             device.seed(stream ^ rank.wrapping_mul(0xD1B5_4A32_D192_ED03));
         }
+        let step_start = Instant::now();
         // micro-batches → losses → backward (gradients accumulate)
         let mut backward = Backward {
             optim: &mut optim,
@@ -294,6 +295,7 @@ pub fn train<M: Module, S: Stage<M>>(
         let (next, stats) = optim.step(step, model);
         model = next;
         stage.after_update(&model)?;
+        let step_s = step_start.elapsed().as_secs_f64();
 
         // loss summary and the metrics row
         let summary = stage.report().loss_summary();
@@ -306,6 +308,7 @@ pub fn train<M: Module, S: Stage<M>>(
             line,
             stop,
         } = stage.metrics(step, loss, &stats)?;
+        row.insert("step_s".into(), step_s.into());
         if world().size() > 1 {
             row.insert("all_reduce_s".into(), stats.all_reduce_s.into());
         }

@@ -19,11 +19,14 @@ const C: f32 = 2.0 * 0.797_884_6;
 const A: f32 = 0.044_715;
 
 /// `gelu_tanh(gate) · up` on flex; `Err` gives the operands back elsewhere.
-pub fn geglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Result<Tensor<D>, [Tensor<D>; 2]> {
+pub fn geglu<const D: usize>(
+    gate: Tensor<D>,
+    up: Tensor<D>,
+) -> Result<Tensor<D>, Box<[Tensor<D>; 2]>> {
     if gate.dims() != up.dims() {
-        return Err([gate, up]);
+        return Err(Box::new([gate, up]));
     }
-    apply([gate, up], Geglu)
+    apply([gate, up], Geglu).map_err(Box::new)
 }
 
 multiversion! {

@@ -20,16 +20,16 @@ pub fn rms_norm<const D: usize>(
     x: Tensor<D>,
     w: Tensor<1>,
     eps: f64,
-) -> Result<Tensor<D>, (Tensor<D>, Tensor<1>)> {
+) -> Result<Tensor<D>, Box<(Tensor<D>, Tensor<1>)>> {
     let n = w.dims()[0];
     if x.dims()[D - 1] != n || n == 0 {
-        return Err((x, w));
+        return Err(Box::new((x, w)));
     }
     // one operand shape for `apply`: w as a row of x's rank
     let mut row = [1; D];
     row[D - 1] = n;
     let w = w.reshape(row);
-    apply([x, w], RmsNorm { eps: eps as f32 }).map_err(|[x, w]| (x, w.reshape([n])))
+    apply([x, w], RmsNorm { eps: eps as f32 }).map_err(|[x, w]| Box::new((x, w.reshape([n]))))
 }
 
 multiversion! {

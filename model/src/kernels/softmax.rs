@@ -23,21 +23,21 @@ pub fn capped_softmax(
     bias: &Tensor<3>,
     scale: f64,
     cap: Option<f64>,
-) -> Result<Tensor<5>, Tensor<5>> {
+) -> Result<Tensor<5>, Box<Tensor<5>>> {
     let [b, _, _, t, s] = scores.dims();
     let [mb, mt, ms] = bias.dims();
     if (mb != 1 && mb != b) || mt != t || ms != s {
-        return Err(scores);
+        return Err(Box::new(scores));
     }
     let Some(bias) = super::plain(&bias.clone().inner()).and_then(super::contiguous) else {
-        return Err(scores);
+        return Err(Box::new(scores));
     };
     let op = CappedSoftmax {
         bias,
         scale: scale as f32,
         cap: cap.map(|c| c as f32),
     };
-    apply([scores], op).map_err(|[s]| s)
+    apply([scores], op).map_err(|[s]| Box::new(s))
 }
 
 /// Below this, `e^x` is 0 to f32 (and the bias's `f32::MIN` lands here).
@@ -88,14 +88,14 @@ fn rows_per_task(s: usize) -> usize {
 }
 
 /// The bias row of score row `row` (`[b, heads, t]` rows of `[.., s]`).
-fn bias_row<'a>(
-    bias: &'a [f32],
+fn bias_row(
+    bias: &[f32],
     row: usize,
     heads_t: usize,
     t: usize,
     s: usize,
     per_batch: bool,
-) -> &'a [f32] {
+) -> &[f32] {
     let (bi, ti) = (row / heads_t, row % t);
     let at = (if per_batch { bi * t } else { 0 } + ti) * s;
     &bias[at..at + s]
