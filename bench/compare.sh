@@ -31,9 +31,10 @@ for _ in $(seq "$ROUNDS"); do
     "$BIN" bench --shape "$shape" --case train --reps 10 --warmup 2 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     "$VENV/bin/python" "$PEER/bench_generate.py" --preset "$shape" --reps 5 >> "$OUT/peer.jsonl"
     "$BIN" bench --shape "$shape" --case sample --reps 5 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
-    "$VENV/bin/python" "$PEER/bench_trl.py" rloo --preset "$shape" --steps 8 >> "$OUT/peer.jsonl"
+    # TRL prints its log dicts to stdout too: keep the JSON line
+    "$VENV/bin/python" "$PEER/bench_trl.py" rloo --preset "$shape" --steps 8 | grep '^{"' >> "$OUT/peer.jsonl"
     "$BIN" bench --shape "$shape" --case rlhf-step --reps 7 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
-    "$VENV/bin/python" "$PEER/bench_trl.py" reward --preset "$shape" --steps 8 >> "$OUT/peer.jsonl"
+    "$VENV/bin/python" "$PEER/bench_trl.py" reward --preset "$shape" --steps 8 | grep '^{"' >> "$OUT/peer.jsonl"
     "$BIN" bench --shape "$shape" --case reward-step --reps 7 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     if [[ -n "$EXTRA" ]]; then
       "$POSTTRAIN_EXTRA_BIN" --backend "$EXTRA" bench --shape "$shape" --case train --reps 10 --warmup 2 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"

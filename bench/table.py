@@ -22,6 +22,8 @@ steps = defaultdict(list)
 matmul = defaultdict(list)
 for who in ("peer", "posttrain"):
     for line in (out / f"{who}.jsonl").read_text().splitlines():
+        if not line.startswith('{"'):
+            continue  # TRL prints its log dicts to stdout too
         row = json.loads(line)
         name = who if who == "peer" else f"posttrain {row['backend']}"
         if row["bench"] == "matmul":

@@ -360,6 +360,9 @@ pub struct RewardArgs {
     /// m in −log σ(r⁺ − r⁻ − m).
     #[arg(long, default_value_t = 0.0)]
     pub margin: f64,
+    /// Seed of a new `score` head (or of all new weights without --init); default: --seed. Reward models meant for one WARM average (`warp average`) share it and differ in --seed (data order).
+    #[arg(long)]
+    pub head_seed: Option<u64>,
     #[command(flatten)]
     pub train: TrainArgs,
 }

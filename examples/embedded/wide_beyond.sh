@@ -7,12 +7,14 @@
 #   bash examples/embedded/wide_beyond.sh DIR
 #   WIDE_MPIRUN="mpirun -np 2" POSTTRAIN=BIN bash …   # as MPI ranks
 #
-# 1. WARM: rm (seed 0) and four more reward models with rm's recipe and
-#    seeds 1-4 -> weight averages of the first 3 and of all 5 (warp average);
-#    pairwise accuracy of members, prediction ensembles and WARM models on
-#    the held-out pairs and on pairs sampled from the RL policies below
-#    (a distribution shift); rlhf from sft_live against rm vs against the
-#    5-model WARM, same steps, two seeds.
+# 1. WARM: rm (seed 0, score head of seed 0) and four more reward models
+#    with rm's recipe and seeds 1-4, once with new score heads of their own
+#    seeds (rm_s*) and once sharing rm's head initialisation (--head-seed 0,
+#    rm_h*: WARM's one shared initialisation) -> weight averages of the
+#    first 3 and of all 5 (warp average); pairwise accuracy of members,
+#    prediction ensembles and WARM models on the held-out pairs and on pairs
+#    sampled from RL policies (a distribution shift); rlhf from sft_live
+#    against rm vs against each 5-model average, same steps, two seeds.
 # 2. rlhf against rm with each advantage / KL placement, two seeds.
 # 3. DPO from sft_live on rm's training pairs, two seeds.
 # 4. One held-out eval, 16 samples per prompt, and the tables
@@ -35,8 +37,11 @@ RM=(--policy ../sft_live --init ../teacher --data ../prefs_train.jsonl --eval ..
   --batch-size 16 --warmup 50 --eval-every 250 --lr 3e-4)
 [[ -e rm_s0 ]] || ln -s ../rm rm_s0
 for s in 1 2 3 4; do step "rm_s$s" reward "${RM[@]}" --seed "$s" --out "rm_s$s"; done
+for s in 1 2 3 4; do step "rm_h$s" reward "${RM[@]}" --seed "$s" --head-seed 0 --out "rm_h$s"; done
 serial warm3 warp average --models rm_s0 rm_s1 rm_s2 --out warm3
 serial warm5 warp average --models rm_s0 rm_s1 rm_s2 rm_s3 rm_s4 --out warm5
+serial warmh3 warp average --models rm_s0 rm_h1 rm_h2 --out warmh3
+serial warmh5 warp average --models rm_s0 rm_h1 rm_h2 rm_h3 rm_h4 --out warmh5
 
 echo "== rlhf: advantages and KL placement against rm; member vs WARM =="
 RL=(--policy ../sft_live --prompts ../task/train_prompts.jsonl --steps "$RL_STEPS" --lr 3e-4 --snapshot-every 100)
@@ -61,6 +66,11 @@ for s in $SEEDS; do
     for snap in "$run-s$s"/snapshots/step-*; do CKPTS+=("$snap"); done
   done
 done
+WARMH=()
+for s in $SEEDS; do
+  timed "rl-warmh5-s$s" rlhf "${RL[@]}" --reward warmh5 --seed "$s" --out "rl-warmh5-s$s"
+  WARMH+=("rl-warmh5-s$s" "rl-warmh5-s$s"/snapshots/step-*)
+done
 
 echo "== DPO =="
 for s in $SEEDS; do
@@ -83,7 +93,7 @@ for side in ("chosen", "rejected"):
         for r in rows:
             f.write(json.dumps({"prompt": r["prompt"], "completion": r[side]}) + "\n")
 EOF
-  for m in rm_s0 rm_s1 rm_s2 rm_s3 rm_s4 warm3 warm5; do
+  for m in rm_s0 rm_s1 rm_s2 rm_s3 rm_s4 warm3 warm5 rm_h1 rm_h2 rm_h3 rm_h4 warmh3 warmh5; do
     for side in chosen rejected; do
       out="scores/$m.$pairs.$side.jsonl"
       mkdir -p scores
@@ -98,5 +108,11 @@ step eval16.jsonl eval --checkpoints "${CKPTS[@]}" --prompts ../task/eval_prompt
 step eval16_warm5.jsonl eval --checkpoints ../sft_live rl-warm5-s0 rl-warm5-s1 rl-rloo-k1-reward-s0 \
   rl-rloo-k1-reward-s1 --prompts ../task/eval_prompts.jsonl --reward warm5 --samples 16 --seed 7 \
   --out eval16_warm5.jsonl
+
+step eval16_h.jsonl eval --checkpoints "${WARMH[@]}" --prompts ../task/eval_prompts.jsonl \
+  --reward ../rm --reference ../sft_live --samples 16 --seed 7 --out eval16_h.jsonl
+step eval16_warmh5.jsonl eval --checkpoints ../sft_live rl-warmh5-s0 rl-warmh5-s1 rl-rloo-k1-reward-s0 \
+  rl-rloo-k1-reward-s1 --prompts ../task/eval_prompts.jsonl --reward warmh5 --samples 16 --seed 7 \
+  --out eval16_warmh5.jsonl
 
 python3 "$ROOT/examples/embedded/wide_beyond_tables.py" . | tee tables.md

@@ -19,6 +19,7 @@ def wall(run):
 
 
 MEMBERS = [f"rm_s{s}" for s in range(5)]
+SHARED = ["rm_s0"] + [f"rm_h{s}" for s in range(1, 5)]
 PAIRS = [("prefs_eval", "held-out pairs"), ("prefs_eval8", "held-out, 8 samples"),
          ("prefs_shift", "shifted: RL policies' samples")]
 
@@ -44,12 +45,19 @@ print("### WARM: pairwise accuracy (± binomial standard error)\n")
 n = {p: accuracy(*scores("rm_s0", p))[2] for p, _ in PAIRS}
 print("| reward model | " + " | ".join(f"{label} ({n[p]})" for p, label in PAIRS) + " |")
 print("|---|" + "---|" * len(PAIRS))
-rows = [(f"member, seed {m[-1]}", lambda p, m=m: scores(m, p)) for m in MEMBERS]
+rows = [(f"member, seed {m[-1]} (head seed {m[-1]})", lambda p, m=m: scores(m, p)) for m in MEMBERS]
 rows += [
     ("prediction ensemble of 3 (mean score)", lambda p: ensemble(MEMBERS[:3], p)),
     ("prediction ensemble of 5", lambda p: ensemble(MEMBERS, p)),
-    ("WARM of 3 (weight average)", lambda p: scores("warm3", p)),
-    ("WARM of 5", lambda p: scores("warm5", p)),
+    ("weight average of 3", lambda p: scores("warm3", p)),
+    ("weight average of 5", lambda p: scores("warm5", p)),
+]
+rows += [(f"member, seed {m[-1]}, head seed 0", lambda p, m=m: scores(m, p)) for m in SHARED[1:]]
+rows += [
+    ("prediction ensemble of 3, head seed 0", lambda p: ensemble(SHARED[:3], p)),
+    ("prediction ensemble of 5, head seed 0", lambda p: ensemble(SHARED, p)),
+    ("**WARM of 3** (weight average, head seed 0)", lambda p: scores("warmh3", p)),
+    ("**WARM of 5** (weight average, head seed 0)", lambda p: scores("warmh5", p)),
 ]
 for name, get in rows:
     cells = []
@@ -58,8 +66,10 @@ for name, get in rows:
         cells.append(f"{a:.3f} ± {se:.3f}")
     print(f"| {name} | " + " | ".join(cells) + " |")
 
-ev = {os.path.normpath(r["checkpoint"]): r for r in jsonl("eval16.jsonl")}
+ev = {os.path.normpath(r["checkpoint"]): r for f in ("eval16.jsonl", "eval16_h.jsonl")
+      for r in jsonl(f)}
 ev_warm = {os.path.normpath(r["checkpoint"]): r for r in jsonl("eval16_warm5.jsonl")}
+ev_warmh = {os.path.normpath(r["checkpoint"]): r for r in jsonl("eval16_warmh5.jsonl")}
 
 
 def pm(row, key, digits=3):
@@ -76,20 +86,22 @@ def cols(name):
 
 print("\n### RL against one reward model vs against WARM (16 samples per held-out prompt)\n")
 print("Held-out eval: `rm` reward is the member's score (the seed-0 reward model); WARM reward the")
-print("5-model average's. Mean ± standard error over the 200 prompts.\n")
+print("5-model average's (head seed 0) and, for the run against it, the average of members with")
+print("their own heads'. Mean ± standard error over the 200 prompts.\n")
 print("| policy | step | rm reward | WARM reward | true score | accuracy | KL to SFT | length |")
 print("|---|---|---|---|---|---|---|---|")
 for s in (0, 1):
-    for run, label in ((f"rl-rloo-k1-reward-s{s}", f"against rm, seed {s}"),
-                       (f"rl-warm5-s{s}", f"against WARM of 5, seed {s}")):
+    for run, label, wev in ((f"rl-rloo-k1-reward-s{s}", f"against rm, seed {s}", ev_warmh),
+                            (f"rl-warmh5-s{s}", f"against WARM of 5, seed {s}", ev_warmh),
+                            (f"rl-warm5-s{s}", f"against the own-head average of 5, seed {s}", ev_warm)):
         snaps = sorted(os.listdir(f"{run}/snapshots")) if os.path.isdir(f"{run}/snapshots") else []
         for ck in [f"{run}/snapshots/{x}" for x in snaps] + [run]:
             r = ev[os.path.normpath(ck)]
             step = int(ck.rsplit("-", 1)[1]) if "snapshots" in ck else "final"
-            w = ev_warm.get(os.path.normpath(ck))
+            w = wev.get(os.path.normpath(ck))
             print(f"| {label} | {step} | {pm(r, 'reward')} | {pm(w, 'reward') if w else '–'} | "
                   f"{pm(r, 'score')} | {r['accuracy']:.3f} | {pm(r, 'kl', 2)} | {r['length']:.1f} |")
-r, w = ev["../sft_live"], ev_warm.get("../sft_live")
+r, w = ev["../sft_live"], ev_warmh.get("../sft_live")
 print(f"| SFT policy | 0 | {pm(r, 'reward')} | {pm(w, 'reward') if w else '–'} | {pm(r, 'score')} | "
       f"{r['accuracy']:.3f} | 0 | {r['length']:.1f} |")
 

@@ -60,15 +60,22 @@ fn load_pairs(
 }
 
 /// The reward model to train: a checkpoint's trunk (`--init`) or new
-/// weights scaled from the policy's config; with a line saying which.
+/// weights scaled from the policy's config; with a line saying which, and
+/// the seed of the weights drawn new (`None` when `--init` had a head).
 fn initial_model(
     args: &RewardArgs,
     policy: &Gemma2Config,
     device: &Device,
-) -> Result<(Gemma2Config, Gemma2ForSequenceClassification, String)> {
+) -> Result<(
+    Gemma2Config,
+    Gemma2ForSequenceClassification,
+    String,
+    Option<u64>,
+)> {
+    let head_seed = args.head_seed.unwrap_or(args.train.seed);
     Ok(match &args.init {
         Some(dir) => {
-            let (config, model, fresh) = load_reward_trunk(dir, args.train.seed, device)?;
+            let (config, model, fresh) = load_reward_trunk(dir, head_seed, device)?;
             if config.vocab_size != policy.vocab_size {
                 bail!(
                     "{}: vocab_size {} differs from the policy's {}",
@@ -78,23 +85,30 @@ fn initial_model(
                 );
             }
             let head = if fresh {
-                "new score head"
+                format!("new score head of seed {head_seed}")
             } else {
-                "its score head"
+                "its score head".into()
             };
-            (config, model, format!("from {} ({head})", dir.display()))
+            let drawn = fresh.then_some(head_seed);
+            (
+                config,
+                model,
+                format!("from {} ({head})", dir.display()),
+                drawn,
+            )
         }
         None => {
             let (config, _) = scale_config(policy, args.size_ratio);
             let model = Gemma2ForSequenceClassification::new(
                 &config,
-                &mut RandomInit::new(args.train.seed),
+                &mut RandomInit::new(head_seed),
                 device,
             )?;
             (
                 config,
                 model,
                 format!("new weights for --size-ratio {}", args.size_ratio),
+                Some(head_seed),
             )
         }
     })
@@ -137,7 +151,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         compact_base: false,
     };
     let memory = super::check_memory(&plan, args.train.memory.force)?;
-    let (mut config, model, origin) = initial_model(
+    let (mut config, model, origin, drawn) = initial_model(
         &args,
         &policy,
         &super::train_device(&device, args.train.memory.checkpoint_activations),
@@ -172,6 +186,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
             "train": cfg,
             "policy": args.policy,
             "init": args.init,
+            "head_seed": drawn,
             "size_ratio": args.size_ratio,
             "data": args.data,
             "eval": args.eval,
@@ -197,6 +212,7 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         json!({
             "train": cfg,
             "init": args.init,
+            "head_seed": drawn,
             "size_ratio_requested": args.init.is_none().then_some(args.size_ratio),
             "size_ratio": ratio,
             "policy_params": policy.num_params(),

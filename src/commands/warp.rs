@@ -57,20 +57,30 @@ fn load_params(dir: &Path, device: &Device) -> Result<(Gemma2Config, ParamMap)> 
 }
 
 /// What a reward model was fine-tuned from, as its `posttrain.json` says:
-/// the `--init` checkpoint's hash, or new weights of a seed.
+/// the `--init` checkpoint's hash and the seed of a new score head, or new
+/// weights of a seed.
 fn initialisation(dir: &Path) -> Option<String> {
     let text = fs_err::read_to_string(dir.join(PROVENANCE_FILE)).ok()?;
     let p: Provenance = serde_json::from_str(&text).ok()?;
     if p.stage != "reward" {
         return None;
     }
+    let drawn = &p.params["head_seed"];
     match p.params["init"].as_str() {
-        Some(init) => p
-            .parents
-            .iter()
-            .find(|parent| parent.path == init)
-            .map(|parent| format!("{init} (sha256 {})", parent.sha256)),
-        None => Some(format!("new weights of seed {}", p.params["train"]["seed"])),
+        Some(init) => {
+            let parent = p.parents.iter().find(|parent| parent.path == init)?;
+            let head = match drawn.as_u64() {
+                Some(seed) => format!(" with a new score head of seed {seed}"),
+                None => String::new(),
+            };
+            Some(format!("{init} (sha256 {}){head}", parent.sha256))
+        }
+        None => {
+            let seed = drawn
+                .as_u64()
+                .map_or(p.params["train"]["seed"].clone(), Into::into);
+            Some(format!("new weights of seed {seed}"))
+        }
     }
 }
 

@@ -662,9 +662,16 @@ fn warm_averages_reward_models_from_one_initialisation() {
     let m = Micro::new("200", "24", "200");
     let policy = m.policy();
     let prefs = m.prefs(&policy);
-    // two reward models from the policy's trunk (one shared initialisation), other data orders
-    let rms: Vec<PathBuf> = ["rm_a", "rm_b"].iter().map(|n| m.path(n)).collect();
-    for (seed, rm) in rms.iter().enumerate() {
+    // two reward models from the policy's trunk and one score head (one
+    // shared initialisation), other data orders; two more with heads of
+    // their own seeds
+    let rms: Vec<PathBuf> = ["rm_a", "rm_b", "rm_e", "rm_f"]
+        .iter()
+        .map(|n| m.path(n))
+        .collect();
+    for (i, rm) in rms.iter().enumerate() {
+        let seed = (i % 2).to_string();
+        let head = if i < 2 { "7" } else { &seed };
         ok(&[
             "reward",
             "--policy",
@@ -680,7 +687,9 @@ fn warm_averages_reward_models_from_one_initialisation() {
             "--batch-size",
             "8",
             "--seed",
-            &seed.to_string(),
+            &seed,
+            "--head-seed",
+            head,
         ]);
     }
     let warm = m.path("warm");
@@ -715,6 +724,23 @@ fn warm_averages_reward_models_from_one_initialisation() {
     let stats: serde_json::Value =
         serde_json::from_str(&ok(&["score", "--reward", s(&warm), "--pairs", s(&prefs)])).unwrap();
     assert!(stats["accuracy"].as_f64().unwrap() > 0.5, "{stats}");
+    // new score heads of different seeds were not one initialisation: warned
+    let out = crate::posttrain(&[
+        "warp",
+        "average",
+        "--models",
+        s(&rms[2]),
+        s(&rms[3]),
+        "--out",
+        s(&m.path("w1")),
+    ]);
+    let err = crate::stderr(&out);
+    assert!(
+        out.status.success()
+            && err.contains("score head of seed 1")
+            && err.contains("shared initialisation"),
+        "{err}"
+    );
     // members from new weights of different seeds were not one initialisation: warned
     let fresh: Vec<PathBuf> = ["rm_c", "rm_d"].iter().map(|n| m.path(n)).collect();
     for (seed, rm) in fresh.iter().enumerate() {
