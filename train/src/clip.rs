@@ -13,7 +13,8 @@ struct SquaredNorm<'a> {
 impl ModuleVisitor for SquaredNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
-            self.total += g.square().sum().into_scalar::<f64>();
+            self.total += posttrain_model::kernels::sum_squares::sum_of_squares(&g)
+                .unwrap_or_else(|| g.square().sum().into_scalar::<f64>());
         }
     }
 }

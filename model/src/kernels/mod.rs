@@ -15,6 +15,7 @@ pub(crate) mod exp;
 pub mod geglu;
 pub mod rms_norm;
 pub mod softmax;
+pub mod sum_squares;
 #[cfg(test)]
 mod testing;
 

@@ -1,0 +1,64 @@
+//! `Σ x²` of a tensor on all cores, for the global gradient norm: each
+//! chunk of 16k elements sums in f32 lanes, the chunks add in f64 in order
+//! (so the result does not depend on the thread count).
+
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use super::{GRAIN, f32s, multiversion};
+
+multiversion! {
+    fn chunk(x: &[f32], out: &mut f64) {
+        let mut lanes = [0f32; 16];
+        let mut blocks = x.chunks_exact(16);
+        for b in &mut blocks {
+            for (l, v) in lanes.iter_mut().zip(b) {
+                *l += v * v;
+            }
+        }
+        let tail: f32 = blocks.remainder().iter().map(|v| v * v).sum();
+        *out = lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + f64::from(tail);
+    }
+}
+
+/// `Σ x²` in f64 for a contiguous f32 tensor on flex (autodiff or not);
+/// `None` elsewhere.
+pub fn sum_of_squares<const D: usize>(x: &Tensor<D>) -> Option<f64> {
+    if !super::enabled() {
+        return None;
+    }
+    let t = super::plain(&x.clone().inner())?;
+    let values = f32s(&t)?;
+    let parts: Vec<f64> = values
+        .par_chunks(GRAIN)
+        .map(|c| {
+            let mut s = 0.0;
+            chunk(c, &mut s);
+            s
+        })
+        .collect();
+    Some(parts.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::random;
+
+    #[test]
+    fn matches_burn_and_a_hand_sum() {
+        let x = random([3, 20001], 2.0, 9);
+        let got = sum_of_squares(&x).unwrap();
+        let want: f64 = x
+            .clone()
+            .into_data()
+            .iter::<f32>()
+            .map(|v| f64::from(v) * f64::from(v))
+            .sum();
+        assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+        let burn = x.square().sum().into_scalar::<f64>();
+        assert!((got - burn).abs() <= 1e-4 * want, "{got} vs {burn}");
+        let small = burn::tensor::Tensor::<1>::from_data([3.0f32, 4.0], &Default::default());
+        assert_eq!(sum_of_squares(&small), Some(25.0));
+    }
+}
