@@ -156,3 +156,36 @@ fn try_all<T, U, const N: usize>(items: &[T; N], f: impl Fn(&T) -> Option<U>) ->
     let v: Option<Vec<U>> = items.iter().map(f).collect();
     v.and_then(|v| v.try_into().ok())
 }
+
+/// Lanes a reduction keeps apart, so that the compiler can vectorise it
+/// (f32 addition is not reassociated otherwise).
+pub(crate) const LANES: usize = 16;
+
+/// `Σ f(a_i, b_i)` in [`LANES`] partial sums added in a fixed order.
+#[inline(always)]
+pub(crate) fn sum_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            lanes[i] += f(x[i], y[i]);
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(&x, &y)| f(x, y)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The largest element (`f32::MIN` for none), in [`LANES`] partial maxima.
+#[inline(always)]
+pub(crate) fn max_of(x: &[f32]) -> f32 {
+    let mut lanes = [f32::MIN; LANES];
+    let c = x.chunks_exact(LANES);
+    let rest = c.remainder();
+    for v in c {
+        for i in 0..LANES {
+            lanes[i] = lanes[i].max(v[i]);
+        }
+    }
+    rest.iter().chain(&lanes).fold(f32::MIN, |m, &v| m.max(v))
+}

@@ -12,7 +12,9 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::{Fused, GRAIN, apply, contiguous, f32s, flex_tensor, multiversion, shape_of};
+use super::{
+    Fused, GRAIN, LANES, apply, contiguous, f32s, flex_tensor, multiversion, shape_of, sum_pairs,
+};
 
 /// `x / √(mean(x²) + eps) · (1 + w)` over the last axis on flex; `Err` gives
 /// the operands back elsewhere.
@@ -36,10 +38,7 @@ multiversion! {
     fn forward_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], r: &mut [f32]) {
         let n = w.len();
         for ((x, y), r) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)).zip(r.iter_mut()) {
-            let mut ss = 0f32;
-            for &v in x {
-                ss += v * v;
-            }
+            let ss = sum_pairs(x, x, |a, b| a * b);
             let inv = 1.0 / (ss / n as f32 + eps).sqrt();
             *r = inv;
             for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
@@ -53,10 +52,7 @@ multiversion! {
     fn backward_rows(x: &[f32], w: &[f32], r: &[f32], d: &[f32], dx: &mut [f32], dw: &mut [f32]) {
         let n = w.len();
         for (((x, d), dx), &r) in x.chunks_exact(n).zip(d.chunks_exact(n)).zip(dx.chunks_exact_mut(n)).zip(r) {
-            let mut dot = 0f32;
-            for ((&x, &d), &w) in x.iter().zip(d).zip(w) {
-                dot += d * (1.0 + w) * x;
-            }
+            let dot = dot_weighted(x, d, w);
             let k = r * r * r * dot / n as f32;
             for i in 0..n {
                 dx[i] = r * d[i] * (1.0 + w[i]) - x[i] * k;
@@ -64,6 +60,30 @@ multiversion! {
             }
         }
     }
+}
+
+/// `Σ d·(1 + w)·x` in [`LANES`] partial sums.
+#[inline(always)]
+fn dot_weighted(x: &[f32], d: &[f32], w: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (cx, cd, cw) = (
+        x.chunks_exact(LANES),
+        d.chunks_exact(LANES),
+        w.chunks_exact(LANES),
+    );
+    let (rx, rd, rw) = (cx.remainder(), cd.remainder(), cw.remainder());
+    for ((x, d), w) in cx.zip(cd).zip(cw) {
+        for i in 0..LANES {
+            lanes[i] += d[i] * (1.0 + w[i]) * x[i];
+        }
+    }
+    let tail: f32 = rx
+        .iter()
+        .zip(rd)
+        .zip(rw)
+        .map(|((&x, &d), &w)| d * (1.0 + w) * x)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 fn rows_per_chunk(n: usize) -> usize {

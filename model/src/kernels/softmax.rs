@@ -14,7 +14,9 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::exp::{exp, soft_cap};
-use super::{Fused, GRAIN, apply, contiguous, f32s, flex_tensor, multiversion, shape_of};
+use super::{
+    Fused, GRAIN, apply, contiguous, f32s, flex_tensor, max_of, multiversion, shape_of, sum_pairs,
+};
 
 /// `scores` `[b, kv, g, t, s]` (query heads grouped by key/value head) and
 /// `bias` `[1 or b, t, s]`, on flex; `Err` gives `scores` back elsewhere.
@@ -45,18 +47,21 @@ const UNDERFLOW: f32 = -87.3;
 
 multiversion! {
     fn forward_row(x: &[f32], bias: &[f32], scale: f32, cap: f32, p: &mut [f32]) {
-        let mut max = f32::MIN;
-        for ((p, &x), &b) in p.iter_mut().zip(x).zip(bias) {
-            let c = if cap > 0.0 { soft_cap(scale * x, cap) } else { scale * x };
-            *p = c + b;
-            max = max.max(*p);
+        if cap > 0.0 {
+            for ((p, &x), &b) in p.iter_mut().zip(x).zip(bias) {
+                *p = soft_cap(scale * x, cap) + b;
+            }
+        } else {
+            for ((p, &x), &b) in p.iter_mut().zip(x).zip(bias) {
+                *p = scale * x + b;
+            }
         }
-        let mut sum = 0f32;
+        let max = max_of(p);
         for p in p.iter_mut() {
             let z = *p - max;
             *p = if z < UNDERFLOW { 0.0 } else { exp(z) };
-            sum += *p;
         }
+        let sum = sum_pairs(p, p, |a, _| a);
         let inv = 1.0 / sum;
         for p in p.iter_mut() {
             *p *= inv;
@@ -66,10 +71,7 @@ multiversion! {
 
 multiversion! {
     fn backward_row(x: &[f32], p: &[f32], d: &[f32], scale: f32, cap: f32, dx: &mut [f32]) {
-        let mut dot = 0f32;
-        for (&p, &d) in p.iter().zip(d) {
-            dot += p * d;
-        }
+        let dot = sum_pairs(p, d, |p, d| p * d);
         for i in 0..dx.len() {
             let slope = if cap > 0.0 {
                 let c = soft_cap(scale * x[i], cap) / cap;

@@ -5,19 +5,11 @@
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::{GRAIN, f32s, multiversion};
+use super::{GRAIN, f32s, multiversion, sum_pairs};
 
 multiversion! {
     fn chunk(x: &[f32], out: &mut f64) {
-        let mut lanes = [0f32; 16];
-        let mut blocks = x.chunks_exact(16);
-        for b in &mut blocks {
-            for (l, v) in lanes.iter_mut().zip(b) {
-                *l += v * v;
-            }
-        }
-        let tail: f32 = blocks.remainder().iter().map(|v| v * v).sum();
-        *out = lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + f64::from(tail);
+        *out = f64::from(sum_pairs(x, x, |a, b| a * b));
     }
 }
 
