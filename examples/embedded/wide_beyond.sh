@@ -13,8 +13,10 @@
 #    rm_h*: WARM's one shared initialisation) -> weight averages of the
 #    first 3 and of all 5 (warp average); pairwise accuracy of members,
 #    prediction ensembles and WARM models on the held-out pairs and on pairs
-#    sampled from RL policies (a distribution shift); rlhf from sft_live
-#    against rm vs against each 5-model average, same steps, two seeds.
+#    sampled from RL policies (a distribution shift); three more members
+#    continue from rm itself (rm_f*, 500 steps, lr 1e-4) -> warmf3; rlhf from
+#    sft_live against rm vs against each 5-model average, same steps, two
+#    seeds.
 # 2. rlhf against rm with each advantage / KL placement, two seeds.
 # 3. DPO from sft_live on rm's training pairs, two seeds.
 # 4. One held-out eval, 16 samples per prompt, and the tables
@@ -42,6 +44,13 @@ serial warm3 warp average --models rm_s0 rm_s1 rm_s2 --out warm3
 serial warm5 warp average --models rm_s0 rm_s1 rm_s2 rm_s3 rm_s4 --out warm5
 serial warmh3 warp average --models rm_s0 rm_h1 rm_h2 --out warmh3
 serial warmh5 warp average --models rm_s0 rm_h1 rm_h2 rm_h3 rm_h4 --out warmh5
+# members that start from one trained reward model (its trunk and head: WARM's
+# fine-tuned shared initialisation) and continue 500 steps on other data orders
+for s in 1 2 3; do
+  step "rm_f$s" reward --policy ../sft_live --init ../rm --data ../prefs_train.jsonl --eval ../prefs_eval.jsonl \
+    --steps 500 --batch-size 16 --warmup 50 --eval-every 250 --lr 1e-4 --seed "$s" --out "rm_f$s"
+done
+serial warmf3 warp average --models rm_f1 rm_f2 rm_f3 --out warmf3
 
 echo "== rlhf: advantages and KL placement against rm; member vs WARM =="
 RL=(--policy ../sft_live --prompts ../task/train_prompts.jsonl --steps "$RL_STEPS" --lr 3e-4 --snapshot-every 100)
@@ -93,7 +102,7 @@ for side in ("chosen", "rejected"):
         for r in rows:
             f.write(json.dumps({"prompt": r["prompt"], "completion": r[side]}) + "\n")
 EOF
-  for m in rm_s0 rm_s1 rm_s2 rm_s3 rm_s4 warm3 warm5 rm_h1 rm_h2 rm_h3 rm_h4 warmh3 warmh5; do
+  for m in rm_s0 rm_s1 rm_s2 rm_s3 rm_s4 warm3 warm5 rm_h1 rm_h2 rm_h3 rm_h4 warmh3 warmh5 rm_f1 rm_f2 rm_f3 warmf3; do
     for side in chosen rejected; do
       out="scores/$m.$pairs.$side.jsonl"
       mkdir -p scores

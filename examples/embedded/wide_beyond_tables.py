@@ -59,6 +59,12 @@ rows += [
     ("**WARM of 3** (weight average, head seed 0)", lambda p: scores("warmh3", p)),
     ("**WARM of 5** (weight average, head seed 0)", lambda p: scores("warmh5", p)),
 ]
+FROM_RM = [f"rm_f{s}" for s in range(1, 4)]
+rows += [(f"member continued from rm, seed {m[-1]}", lambda p, m=m: scores(m, p)) for m in FROM_RM]
+rows += [
+    ("prediction ensemble of the 3 continued", lambda p: ensemble(FROM_RM, p)),
+    ("**WARM of the 3 continued** (weight average)", lambda p: scores("warmf3", p)),
+]
 for name, get in rows:
     cells = []
     for p, _ in PAIRS:
