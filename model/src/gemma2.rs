@@ -321,7 +321,7 @@ impl Gemma2ForCausalLM {
 pub fn next_token_logprobs(logits: Tensor<3>, batch: &TokenBatch) -> Tensor<2> {
     let [b, t, _] = logits.dims();
     let device = logits.device();
-    let logp = burn::tensor::activation::log_softmax(logits.narrow(1, 0, t - 1), 2);
+    let logp = crate::kernels::log_softmax::log_softmax(logits.narrow(1, 0, t - 1));
     let targets: Vec<i64> = (0..b)
         .flat_map(|r| batch.row(r)[1..].iter().map(|&x| x as i64))
         .collect();

@@ -240,6 +240,10 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 /// `cap · tanh(x / cap)`, written as `cap − 2·cap / (e^{2x/cap} + 1)`.
 pub fn soft_cap<const D: usize>(x: Tensor<D>, cap: Option<f64>) -> Tensor<D> {
+    let x = match cap.map(|cap| crate::kernels::log_softmax::soft_cap(x.clone(), cap)) {
+        Some(Ok(y)) => return y,
+        _ => x,
+    };
     match cap {
         Some(cap) => x
             .mul_scalar(2.0 / cap)

@@ -236,14 +236,14 @@ pub fn target_ids(
 /// `log_softmax(z)[target]` per row: `z` `[1, m, vocab]`, targets `[m]`.
 pub fn target_logprobs(z: Tensor<3>, targets: Tensor<1, Int>) -> Tensor<1> {
     let [_, m, _] = z.dims();
-    let logp = burn::tensor::activation::log_softmax(z, 2);
+    let logp = crate::kernels::log_softmax::log_softmax(z);
     logp.gather(2, targets.reshape([1, m, 1])).reshape([m])
 }
 
 /// Entropy of `softmax(z)` per row: `z` `[1, m, vocab]` → `[m]`.
 pub fn row_entropy(z: Tensor<3>) -> Tensor<1> {
     let [_, m, _] = z.dims();
-    let logp = burn::tensor::activation::log_softmax(z, 2);
+    let logp = crate::kernels::log_softmax::log_softmax(z);
     logp.clone().exp().mul(logp).sum_dim(2).reshape([m]).neg()
 }
 

@@ -2,10 +2,10 @@
 //! answer) under any causal LM: per sequence, per token, with or without
 //! gradients.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
 use posttrain_datasets::Example;
 use posttrain_model::gemma2::next_token_logprobs;
+use posttrain_model::kernels::log_softmax::log_softmax;
 use posttrain_model::lm_head::{RowTerms, Slots, row_entropy, target_ids, target_logprobs};
 use posttrain_model::{Gemma2ForCausalLM, TokenBatch};
 
@@ -87,7 +87,7 @@ pub fn sequence_logprobs(
 /// that predict a sampled token (no gradient).
 pub fn mean_entropy(logits: Tensor<3>, weights: Tensor<2>) -> f64 {
     let [b, t, _] = logits.dims();
-    let logp = log_softmax(logits.inner().narrow(1, 0, t - 1), 2);
+    let logp = log_softmax(logits.inner().narrow(1, 0, t - 1));
     let h = logp
         .clone()
         .exp()

@@ -13,6 +13,7 @@
 
 pub(crate) mod exp;
 pub mod geglu;
+pub mod log_softmax;
 pub mod rms_norm;
 pub mod softmax;
 pub mod sum_squares;
