@@ -244,6 +244,12 @@ pub fn soft_cap<const D: usize>(x: Tensor<D>, cap: Option<f64>) -> Tensor<D> {
         Some(Ok(y)) => return y,
         _ => x,
     };
+    soft_cap_unfused(x, cap)
+}
+
+/// [`soft_cap`] in Burn's element-wise ops (other backends; the fused
+/// kernel's reference).
+pub(crate) fn soft_cap_unfused<const D: usize>(x: Tensor<D>, cap: Option<f64>) -> Tensor<D> {
     match cap {
         Some(cap) => x
             .mul_scalar(2.0 / cap)

@@ -23,12 +23,13 @@ const UNDERFLOW: f32 = -87.3;
 
 /// `log_softmax` over the last axis on flex; Burn's elsewhere.
 pub fn log_softmax<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    apply([x], LogSoftmax).unwrap_or_else(|[x]| burn::tensor::activation::log_softmax(x, D - 1))
+    apply([x], OutputOp(LogSoftmax))
+        .unwrap_or_else(|[x]| burn::tensor::activation::log_softmax(x, D - 1))
 }
 
 /// `cap·tanh(x/cap)` on flex; `Err` gives `x` back elsewhere.
 pub fn soft_cap<const D: usize>(x: Tensor<D>, cap: f64) -> Result<Tensor<D>, Box<Tensor<D>>> {
-    apply([x], SoftCap { cap: cap as f32 }).map_err(|[x]| Box::new(x))
+    apply([x], OutputOp(SoftCap { cap: cap as f32 })).map_err(|[x]| Box::new(x))
 }
 
 multiversion! {
@@ -72,7 +73,8 @@ multiversion! {
     }
 }
 
-/// Rows of `n` at a time per task (whole rows for the row-wise passes).
+/// Rows of `n` at a time per task (whole rows for the row-wise passes; a
+/// length that is not a multiple of `n` ends in one shorter row).
 fn per_task(n: usize) -> usize {
     (GRAIN / n.max(1)).max(1) * n.max(1)
 }
@@ -82,7 +84,7 @@ fn rows_map(x: &[f32], n: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f
     y.par_chunks_mut(per_task(n))
         .zip(x.par_chunks(per_task(n)))
         .for_each(|(y, x)| {
-            for (y, x) in y.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+            for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
                 f(x, y);
             }
         });
@@ -99,32 +101,35 @@ fn rows_zip(
     y.par_chunks_mut(per_task(n))
         .zip(a.par_chunks(per_task(n)).zip(b.par_chunks(per_task(n))))
         .for_each(|(y, (a, b))| {
-            for ((y, a), b) in y
-                .chunks_exact_mut(n)
-                .zip(a.chunks_exact(n))
-                .zip(b.chunks_exact(n))
-            {
+            for ((y, a), b) in y.chunks_mut(n).zip(a.chunks(n)).zip(b.chunks(n)) {
                 f(a, b, y);
             }
         });
     y
 }
 
-#[derive(Debug, Clone)]
-struct LogSoftmax;
+/// A unary op whose backward needs only its output: `∂x = g(y, ∂y)`,
+/// over rows of the last axis (`n`).
+trait FromOutput: Clone + std::fmt::Debug + Send + 'static {
+    fn forward(&self, x: &[f32], n: usize) -> Vec<f32>;
+    fn backward(&self, y: &[f32], d: &[f32], n: usize) -> Vec<f32>;
+}
 
-impl Fused<1> for LogSoftmax {
+#[derive(Debug, Clone)]
+struct OutputOp<K>(K);
+
+impl<K: FromOutput> Fused<1> for OutputOp<K> {
     fn forward(&self, [x]: [FlexTensor; 1], tracked: bool) -> (FlexTensor, Option<Self::State>) {
         let x = contiguous(x).expect("f32");
         let shape = shape_of(&x);
         let n = *shape.last().expect("a last axis");
-        let y = flex_tensor(rows_map(f32s(&x).unwrap(), n, log_softmax_row), &shape);
+        let y = flex_tensor(self.0.forward(f32s(&x).unwrap(), n), &shape);
         let state = tracked.then(|| y.clone());
         (y, state)
     }
 }
 
-impl Backward<Flex, 1> for LogSoftmax {
+impl<K: FromOutput> Backward<Flex, 1> for OutputOp<K> {
     /// The output.
     type State = FlexTensor;
 
@@ -135,8 +140,21 @@ impl Backward<Flex, 1> for LogSoftmax {
         let y = ops.state;
         let shape = shape_of(&y);
         let n = *shape.last().expect("a last axis");
-        let dx = rows_zip(f32s(&y).unwrap(), f32s(&d).unwrap(), n, log_softmax_back);
+        let dx = self.0.backward(f32s(&y).unwrap(), f32s(&d).unwrap(), n);
         grads.register::<Flex>(node.id, flex_tensor(dx, &shape));
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LogSoftmax;
+
+impl FromOutput for LogSoftmax {
+    fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        rows_map(x, n, log_softmax_row)
+    }
+
+    fn backward(&self, y: &[f32], d: &[f32], n: usize) -> Vec<f32> {
+        rows_zip(y, d, n, log_softmax_back)
     }
 }
 
@@ -145,36 +163,18 @@ struct SoftCap {
     cap: f32,
 }
 
-impl Fused<1> for SoftCap {
-    fn forward(&self, [x]: [FlexTensor; 1], tracked: bool) -> (FlexTensor, Option<Self::State>) {
-        let x = contiguous(x).expect("f32");
-        let shape = shape_of(&x);
-        let xs = f32s(&x).unwrap();
-        let mut y = vec![0f32; xs.len()];
-        y.par_chunks_mut(GRAIN)
-            .zip(xs.par_chunks(GRAIN))
-            .for_each(|(y, x)| cap_chunk(x, self.cap, y));
-        let y = flex_tensor(y, &shape);
-        let state = tracked.then(|| y.clone());
-        (y, state)
+/// Element-wise ops need no whole rows.
+impl FromOutput for SoftCap {
+    fn forward(&self, x: &[f32], _: usize) -> Vec<f32> {
+        rows_map(x, GRAIN.min(x.len()).max(1), |x, y| {
+            cap_chunk(x, self.cap, y)
+        })
     }
-}
 
-impl Backward<Flex, 1> for SoftCap {
-    /// The output.
-    type State = FlexTensor;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d = contiguous(grads.consume::<Flex>(&ops.node)).expect("f32 gradient");
-        let [parent] = &ops.parents;
-        let Some(node) = parent else { return };
-        let y = ops.state;
-        let (ys, ds) = (f32s(&y).unwrap(), f32s(&d).unwrap());
-        let mut dx = vec![0f32; ys.len()];
-        dx.par_chunks_mut(GRAIN)
-            .zip(ys.par_chunks(GRAIN).zip(ds.par_chunks(GRAIN)))
-            .for_each(|(dx, (y, d))| cap_back(y, d, self.cap, dx));
-        grads.register::<Flex>(node.id, flex_tensor(dx, &shape_of(&y)));
+    fn backward(&self, y: &[f32], d: &[f32], _: usize) -> Vec<f32> {
+        rows_zip(y, d, GRAIN.min(y.len()).max(1), |y, d, dx| {
+            cap_back(y, d, self.cap, dx)
+        })
     }
 }
 
@@ -200,7 +200,7 @@ mod tests {
         let fused = value_and_grads([x.clone()], |[x]| {
             soft_cap(x, 30.0).unwrap_or_else(|_| panic!("flex takes the fused kernel"))
         });
-        let reference = value_and_grads([x], |[x]| crate::layers::soft_cap(x, Some(30.0)));
+        let reference = value_and_grads([x], |[x]| crate::layers::soft_cap_unfused(x, Some(30.0)));
         // `cap − 2cap/(e^{2x/cap} + 1)` rounds at the scale of the cap (30·2⁻²⁴ per
         // operation) in both forms, so small outputs agree to ~1e-5 relative
         assert_close(&fused, &reference, 1e-5);

@@ -185,7 +185,7 @@ impl Backward<Flex, 1> for CappedSoftmax {
 mod tests {
     use super::*;
     use crate::kernels::testing::{assert_close, random, value_and_grads};
-    use crate::layers::soft_cap as soft_cap_tensor;
+    use crate::layers::soft_cap_unfused as soft_cap_tensor;
     use burn::tensor::{Device, TensorData};
 
     /// A causal bias `[b, t, s]` with the first `pad[i]` keys of row `i` masked.
