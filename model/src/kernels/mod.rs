@@ -1,15 +1,17 @@
 //! Fused CPU kernels for `flex`: Gemma's element-wise and row-wise passes
-//! (GeGLU, RMSNorm, the capped attention softmax) in one pass over memory
-//! each way, split over the cores, with their own backward under autodiff.
+//! (GeGLU, RMSNorm, the capped attention softmax, the vocabulary
+//! log-softmax and final soft-cap, the gradient norm's sum of squares) in
+//! one pass over memory each way, split over the cores, with their own
+//! backward under autodiff.
 //!
 //! Burn's `flex` runs each element-wise op as its own single-threaded pass
 //! (scalar `expf` included); a GeGLU is ~8 of them forward and more
 //! backward. Each kernel here is one loop written in plain `f32` arithmetic
 //! (no fused multiply-add, so the AVX2 build of a loop and the portable one
 //! give the same bits), compiled twice: for AVX2 when the CPU has it (a
-//! runtime check) and for the baseline target. Other backends, and tensors
-//! that are not contiguous f32, take Burn's unfused expression: each entry
-//! point returns its operands back (`Err`) when it does not apply.
+//! runtime check) and for the baseline target. Other backends, dtypes other
+//! than f32, and `POSTTRAIN_FUSED=0` take Burn's unfused expression: each
+//! entry point returns its operands back (`Err`) when it does not apply.
 
 pub(crate) mod exp;
 pub mod geglu;
