@@ -2,6 +2,7 @@
 //! gradient accumulation and global-norm clipping, the metrics log and the
 //! progress display.
 
+pub mod adamw;
 pub mod all_reduce;
 pub mod batch;
 pub mod clip;

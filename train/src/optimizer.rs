@@ -5,7 +5,7 @@
 //! gradient as one batch of `accumulation·n` rows with equal token counts.
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 
 use crate::state::StateError;
@@ -45,12 +45,12 @@ pub struct Optimizer<M> {
 }
 
 fn adamw(cfg: &OptimConfig) -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_beta_1(cfg.beta1 as f32)
-        .with_beta_2(cfg.beta2 as f32)
-        .with_epsilon(1e-8)
-        .with_weight_decay(cfg.weight_decay as f32)
-        .init()
+    ModuleOptimizer::from(crate::adamw::FusedAdamW::new(
+        cfg.beta1 as f32,
+        cfg.beta2 as f32,
+        1e-8,
+        cfg.weight_decay as f32,
+    ))
 }
 
 impl<M: Module> Optimizer<M> {

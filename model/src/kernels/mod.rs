@@ -1,6 +1,7 @@
 //! Fused CPU kernels for `flex`: Gemma's element-wise and row-wise passes
 //! (GeGLU, RMSNorm, the capped attention softmax, the vocabulary
-//! log-softmax and final soft-cap, the gradient norm's sum of squares) in
+//! log-softmax and final soft-cap, the gradient norm's sum of squares, the
+//! AdamW step) in
 //! one pass over memory each way, split over the cores, with their own
 //! backward under autodiff.
 //!
@@ -13,6 +14,7 @@
 //! than f32, and `POSTTRAIN_FUSED=0` take Burn's unfused expression: each
 //! entry point returns its operands back (`Err`) when it does not apply.
 
+pub mod adamw;
 pub(crate) mod exp;
 pub mod geglu;
 pub mod log_softmax;
@@ -191,4 +193,26 @@ pub(crate) fn max_of(x: &[f32]) -> f32 {
         }
     }
     rest.iter().chain(&lanes).fold(f32::MIN, |m, &v| m.max(v))
+}
+
+/// A plain f32 tensor's elements on the host, without a copy when it is a
+/// contiguous flex tensor (for kernels called from other crates).
+pub struct HostF32(FlexTensor);
+
+impl HostF32 {
+    pub fn of<const D: usize>(t: &Tensor<D>) -> Option<Self> {
+        if !enabled() {
+            return None;
+        }
+        contiguous(plain(&t.clone().inner())?).map(Self)
+    }
+
+    pub fn values(&self) -> &[f32] {
+        f32s(&self.0).expect("contiguous f32")
+    }
+}
+
+/// A plain flex tensor of these values.
+pub fn flex_f32<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
+    Tensor::from_primitive::<Flex>(flex_tensor(values, &shape))
 }
