@@ -642,18 +642,8 @@ fn report(m: &Micro) {
 
 /// The named f32 tensors of a checkpoint's `model.safetensors`.
 pub(crate) fn tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
+    crate::safetensors_f32(&dir.join("model.safetensors"))
         .into_iter()
-        .map(|(name, view)| {
-            let v = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (name, v)
-        })
         .collect()
 }
 
