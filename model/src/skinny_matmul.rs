@@ -62,6 +62,12 @@ fn streaming_supported() -> bool {
     }
 }
 
+/// Whether the AVX-512 build of the kernel runs (16 lanes instead of 8).
+#[cfg(target_arch = "x86_64")]
+fn wide_kernel() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+}
+
 fn streamed(x: Tensor<2>, w: Tensor<2>, m: usize, k: usize) -> Option<Tensor<2>> {
     let x: FlexTensor = x.try_into_primitive::<Flex>().ok()?;
     let w: FlexTensor = w.try_into_primitive::<Flex>().ok()?;
@@ -96,8 +102,9 @@ fn streamed(x: Tensor<2>, w: Tensor<2>, m: usize, k: usize) -> Option<Tensor<2>>
     Some(Tensor::from_primitive::<Flex>(out))
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major: the AVX2/FMA kernel
-/// where the CPU has both (checked at run time), plain loops elsewhere.
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major: the AVX-512 or
+/// AVX2/FMA kernel where the CPU has them (checked at run time), plain
+/// loops elsewhere.
 fn multiply<W: Weight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, n: usize) {
     assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
     if !streaming_supported() {
@@ -110,12 +117,16 @@ fn multiply<W: Weight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, 
     }
     let out = OutPtr(out.as_mut_ptr());
     let columns = |range: std::ops::Range<usize>| {
-        // SAFETY: AVX2 and FMA are checked above, and so are the slices'
-        // lengths; each call writes only the output columns in `range`, and
+        // SAFETY: AVX2 and FMA are checked above (and AVX-512F before its
+        // kernel), and so are the slices' lengths; each call writes only the output columns in `range`, and
         // the two ranges are disjoint.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx2::columns(x, w, { out }.0, m, k, n, range)
+            if wide_kernel() {
+                avx512::columns(x, w, { out }.0, m, k, n, range)
+            } else {
+                avx2::columns(x, w, { out }.0, m, k, n, range)
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("{range:?}")
@@ -138,6 +149,12 @@ pub(crate) trait Weight: Copy + Sync {
     /// AVX2 is available and `p` points to eight readable elements.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen consecutive weights as f32 lanes.
+    ///
+    /// # Safety
+    /// AVX-512F is available and `p` points to sixteen readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Weight for f32 {
@@ -150,6 +167,13 @@ impl Weight for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's contract.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -168,6 +192,17 @@ impl Weight for half::bf16 {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; bf16 is the high half of an f32.
+        unsafe {
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -176,133 +211,153 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// The streaming kernel for one vector width: `columns`, `rows` and
+/// `block` compiled with `$features`, a vector holding `$lanes` floats.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::Weight;
-    use std::arch::x86_64::*;
-    /// Floats of `w` prefetched ahead of the loads in long rows.
-    const PF: usize = 128;
-    /// Rows up to this long prefetch the next block of rows instead.
-    const SHORT_ROW: usize = 512;
+macro_rules! streaming_kernel {
+    ($name:ident, $features:literal, $lanes:literal, $load:ident, $zero:ident,
+     $loadx:ident, $fma:ident, $sum:expr) => {
+        mod $name {
+            use super::Weight;
+            #[allow(unused_imports)]
+            use std::arch::x86_64::*;
+            /// Floats of `w` prefetched ahead of the loads in long rows.
+            const PF: usize = 128;
+            /// Rows up to this long prefetch the next block of rows instead.
+            const SHORT_ROW: usize = 512;
 
-    /// Output columns `range` of `x · wᵀ`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA are available, `x` is `m·k`, `w` is `n·k` and `out`
-    /// points to `m·n` floats, and `range` lies within `0..n`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn columns<W: Weight>(
-        x: &[f32],
-        w: &[W],
-        out: *mut f32,
-        m: usize,
-        k: usize,
-        n: usize,
-        range: std::ops::Range<usize>,
-    ) {
-        let (x, w) = (x.as_ptr(), w.as_ptr());
-        let mut j = range.start;
-        // SAFETY: the caller's contract; `rows` reads rows `j..j + J` of `w`
-        // and writes columns `j..j + J` of `out`, all within `range`.
-        unsafe {
-            while j + 4 <= range.end {
-                rows::<W, 2, 4>(x, w.add(j * k), out.add(j), m, k, n);
-                j += 4;
-            }
-            while j < range.end {
-                rows::<W, 1, 1>(x, w.add(j * k), out.add(j), m, k, n);
-                j += 1;
-            }
-        }
-    }
-
-    /// `x · wᵀ` for the `J` rows of `w` at `w` into the columns at `out`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA are available, `x` points to `m·k` floats, `w` to `J`
-    /// rows of `k`, and `out` to `m` rows of `n` floats with `J` columns left.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<W: Weight, const R: usize, const J: usize>(
-        x: *const f32,
-        w: *const W,
-        out: *mut f32,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) {
-        let mut r = 0;
-        // SAFETY: the caller's contract; each block reads `R` rows of `x`
-        // below `m` and writes `R` rows of `out`.
-        unsafe {
-            while r + R <= m {
-                block::<W, R, J>(x.add(r * k), w, out.add(r * n), k, n);
-                r += R;
-            }
-            while r < m {
-                block::<W, 1, J>(x.add(r * k), w, out.add(r * n), k, n);
-                r += 1;
-            }
-        }
-    }
-
-    /// `R` rows of `x` against `J` rows of `w`, accumulated in `R·J` registers.
-    ///
-    /// # Safety
-    /// AVX2 and FMA are available, `x` points to `R` rows of `k` floats, `w`
-    /// to `J` rows of `k`, and `out` to `R` rows of stride `n` with `J`
-    /// columns left.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn block<W: Weight, const R: usize, const J: usize>(
-        x: *const f32,
-        w: *const W,
-        out: *mut f32,
-        k: usize,
-        n: usize,
-    ) {
-        let k8 = k / 8 * 8;
-        let ahead = if k <= SHORT_ROW { J * k } else { PF };
-        let mut acc = [[_mm256_setzero_ps(); J]; R];
-        let mut p = 0;
-        // SAFETY: the caller's contract; loads stay below `k8 ≤ k` in each
-        // row and the tail below `k`; prefetches may point past `w` but never
-        // fault (`wrapping_add`).
-        unsafe {
-            while p < k8 {
-                let mut wv = [_mm256_setzero_ps(); J];
-                for j in 0..J {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * k + p + ahead) as *const i8);
-                }
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = W::load8(w.add(j * k + p));
-                }
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(x.add(r * k + p));
-                    for (a, &v) in row.iter_mut().zip(&wv) {
-                        *a = _mm256_fmadd_ps(xv, v, *a);
+            /// Output columns `range` of `x · wᵀ`.
+            ///
+            /// # Safety
+            /// The CPU has the kernel's features, `x` is `m·k`, `w` is `n·k`
+            /// and `out` points to `m·n` floats, and `range` lies within `0..n`.
+            #[target_feature(enable = $features)]
+            pub unsafe fn columns<W: Weight>(
+                x: &[f32],
+                w: &[W],
+                out: *mut f32,
+                m: usize,
+                k: usize,
+                n: usize,
+                range: std::ops::Range<usize>,
+            ) {
+                let (x, w) = (x.as_ptr(), w.as_ptr());
+                let mut j = range.start;
+                // SAFETY: the caller's contract; `rows` reads rows `j..j + J`
+                // of `w` and writes columns `j..j + J` of `out`, all within
+                // `range`.
+                unsafe {
+                    while j + 4 <= range.end {
+                        rows::<W, 2, 4>(x, w.add(j * k), out.add(j), m, k, n);
+                        j += 4;
+                    }
+                    while j < range.end {
+                        rows::<W, 1, 1>(x, w.add(j * k), out.add(j), m, k, n);
+                        j += 1;
                     }
                 }
-                p += 8;
             }
-            for (r, row) in acc.iter().enumerate() {
-                for (j, &a) in row.iter().enumerate() {
-                    let mut s = sum(a);
-                    for q in k8..k {
-                        s += *x.add(r * k + q) * (*w.add(j * k + q)).to_f32();
+
+            /// `x · wᵀ` for the `J` rows of `w` at `w` into the columns at `out`.
+            ///
+            /// # Safety
+            /// The CPU has the kernel's features, `x` points to `m·k` floats,
+            /// `w` to `J` rows of `k`, and `out` to `m` rows of `n` floats
+            /// with `J` columns left.
+            #[target_feature(enable = $features)]
+            unsafe fn rows<W: Weight, const R: usize, const J: usize>(
+                x: *const f32,
+                w: *const W,
+                out: *mut f32,
+                m: usize,
+                k: usize,
+                n: usize,
+            ) {
+                let mut r = 0;
+                // SAFETY: the caller's contract; each block reads `R` rows of
+                // `x` below `m` and writes `R` rows of `out`.
+                unsafe {
+                    while r + R <= m {
+                        block::<W, R, J>(x.add(r * k), w, out.add(r * n), k, n);
+                        r += R;
                     }
-                    *out.add(r * n + j) = s;
+                    while r < m {
+                        block::<W, 1, J>(x.add(r * k), w, out.add(r * n), k, n);
+                        r += 1;
+                    }
+                }
+            }
+
+            /// `R` rows of `x` against `J` rows of `w`, accumulated in `R·J`
+            /// registers.
+            ///
+            /// # Safety
+            /// The CPU has the kernel's features, `x` points to `R` rows of
+            /// `k` floats, `w` to `J` rows of `k`, and `out` to `R` rows of
+            /// stride `n` with `J` columns left.
+            #[target_feature(enable = $features)]
+            unsafe fn block<W: Weight, const R: usize, const J: usize>(
+                x: *const f32,
+                w: *const W,
+                out: *mut f32,
+                k: usize,
+                n: usize,
+            ) {
+                let kv = k / $lanes * $lanes;
+                let ahead = if k <= SHORT_ROW { J * k } else { PF };
+                let mut acc = [[$zero(); J]; R];
+                let mut p = 0;
+                // SAFETY: the caller's contract; loads stay below `kv ≤ k` in
+                // each row and the tail below `k`; prefetches may point past
+                // `w` but never fault (`wrapping_add`).
+                unsafe {
+                    while p < kv {
+                        let mut wv = [$zero(); J];
+                        for j in 0..J {
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                w.wrapping_add(j * k + p + ahead) as *const i8
+                            );
+                        }
+                        for (j, v) in wv.iter_mut().enumerate() {
+                            *v = W::$load(w.add(j * k + p));
+                        }
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            let xv = $loadx(x.add(r * k + p));
+                            for (a, &v) in row.iter_mut().zip(&wv) {
+                                *a = $fma(xv, v, *a);
+                            }
+                        }
+                        p += $lanes;
+                    }
+                    // a closure in this function: it has the kernel's features
+                    let sum = $sum;
+                    for (r, row) in acc.iter().enumerate() {
+                        for (j, &a) in row.iter().enumerate() {
+                            let mut s = sum(a);
+                            for q in kv..k {
+                                s += *x.add(r * k + q) * (*w.add(j * k + q)).to_f32();
+                            }
+                            *out.add(r * n + j) = s;
+                        }
+                    }
                 }
             }
         }
-    }
+    };
+}
 
-    #[target_feature(enable = "avx2,fma")]
-    fn sum(v: __m256) -> f32 {
+#[cfg(target_arch = "x86_64")]
+streaming_kernel!(avx2, "avx2,fma", 8, load8, _mm256_setzero_ps, _mm256_loadu_ps,
+    _mm256_fmadd_ps, |v| {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
-    }
-}
+    });
+
+#[cfg(target_arch = "x86_64")]
+streaming_kernel!(avx512, "avx512f", 16, load16, _mm512_setzero_ps, _mm512_loadu_ps,
+    _mm512_fmadd_ps, |v| _mm512_reduce_add_ps(v));
 
 #[cfg(test)]
 mod tests {
@@ -408,6 +463,31 @@ mod tests {
         }
     }
 
+    /// Both vector widths (the AVX-512 one where the CPU has it) agree with
+    /// the reference on every remainder of their lanes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_vector_width_matches_a_float64_reference() {
+        assert!(streaming_supported(), "the kernels need AVX2/FMA");
+        for (m, k, n) in [(1, 1, 3), (3, 17, 7), (2, 40, 9), (5, 300, 13)] {
+            let (x, w) = (values(m * k, 7), values(n * k, 8));
+            let want = reference(&x, &w, m, k, n);
+            let mut got = vec![vec![0.0; m * n]];
+            // SAFETY: AVX2/FMA checked above, sizes as documented.
+            unsafe { avx2::columns(&x, &w, got[0].as_mut_ptr(), m, k, n, 0..n) };
+            if wide_kernel() {
+                got.push(vec![0.0; m * n]);
+                // SAFETY: AVX-512F checked, sizes as documented.
+                unsafe { avx512::columns(&x, &w, got[1].as_mut_ptr(), m, k, n, 0..n) };
+            }
+            for out in &got {
+                for (g, r) in out.iter().zip(&want) {
+                    assert!((*g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()), "{m}x{k}x{n}: {g} vs {r}");
+                }
+            }
+        }
+    }
+
     /// Splitting the columns between two threads leaves every output's
     /// arithmetic unchanged, so samples do not depend on the thread count.
     #[cfg(target_arch = "x86_64")]
@@ -423,8 +503,14 @@ mod tests {
         let mut split = vec![0.0; m * n];
         multiply(&x, &w, &mut split, m, k, n);
         let mut whole = vec![0.0; m * n];
-        // SAFETY: AVX2/FMA checked above, sizes as documented.
-        unsafe { avx2::columns(&x, &w, whole.as_mut_ptr(), m, k, n, 0..n) };
+        // SAFETY: the kernel's features checked above, sizes as documented.
+        unsafe {
+            if wide_kernel() {
+                avx512::columns(&x, &w, whole.as_mut_ptr(), m, k, n, 0..n)
+            } else {
+                avx2::columns(&x, &w, whole.as_mut_ptr(), m, k, n, 0..n)
+            }
+        };
         assert_eq!(split, whole);
     }
 }

@@ -30,8 +30,9 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
 
-/// Compiles `fn name(args) body` twice (AVX2, baseline) and picks at run
-/// time. The body must not use `mul_add`, so both give the same results.
+/// Compiles `fn name(args) body` three times (AVX-512F, AVX2, baseline) and
+/// picks at run time. The body must not use `mul_add`, so all give the same
+/// results.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
@@ -40,9 +41,17 @@ macro_rules! multiversion {
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn widest($($arg: $ty),*) {
+                    body($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 unsafe fn wide($($arg: $ty),*) {
                     body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the running CPU has AVX-512F.
+                    return unsafe { widest($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") {
                     // SAFETY: the running CPU has AVX2.
