@@ -347,17 +347,33 @@ macro_rules! streaming_kernel {
 }
 
 #[cfg(target_arch = "x86_64")]
-streaming_kernel!(avx2, "avx2,fma", 8, load8, _mm256_setzero_ps, _mm256_loadu_ps,
-    _mm256_fmadd_ps, |v| {
+streaming_kernel!(
+    avx2,
+    "avx2,fma",
+    8,
+    load8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_fmadd_ps,
+    |v| {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
-    });
+    }
+);
 
 #[cfg(target_arch = "x86_64")]
-streaming_kernel!(avx512, "avx512f", 16, load16, _mm512_setzero_ps, _mm512_loadu_ps,
-    _mm512_fmadd_ps, |v| _mm512_reduce_add_ps(v));
+streaming_kernel!(
+    avx512,
+    "avx512f",
+    16,
+    load16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_fmadd_ps,
+    |v| _mm512_reduce_add_ps(v)
+);
 
 #[cfg(test)]
 mod tests {
@@ -482,7 +498,10 @@ mod tests {
             }
             for out in &got {
                 for (g, r) in out.iter().zip(&want) {
-                    assert!((*g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()), "{m}x{k}x{n}: {g} vs {r}");
+                    assert!(
+                        (*g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                        "{m}x{k}x{n}: {g} vs {r}"
+                    );
                 }
             }
         }

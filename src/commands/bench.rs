@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
 use posttrain_datasets::{ChatTokenizer, Prompt};
 use posttrain_model::{
@@ -23,7 +22,7 @@ use posttrain_reward::{PairIds, RewardConfig, train_reward};
 use posttrain_rlhf::{
     Advantage, Anchor, KlEstimator, KlIn, PromptSet, Reward, RlhfConfig, train_rlhf,
 };
-use posttrain_train::{MetricsLog, OptimConfig, Vocab};
+use posttrain_train::{MetricsLog, OptimConfig, Optimizer, Vocab};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -90,11 +89,19 @@ fn random_ids(rng: &mut StdRng, n: usize, vocab: usize) -> Vec<u32> {
 fn bench_train(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serde_json::Value> {
     let device = device.clone().autodiff();
     let mut model = Gemma2ForCausalLM::new(c, &mut RandomInit::new(0), &device)?;
-    let mut optim = AdamWConfig::new()
-        .with_beta_2(0.95)
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.1)
-        .init();
+    // the stages' optimizer with the peer's settings: AdamW, β₂ 0.95,
+    // weight decay 0.1, constant lr 3e-4, no clipping
+    let mut optim = Optimizer::new(&OptimConfig {
+        steps: a.warmup + a.reps,
+        lr: 3e-4,
+        warmup: 0,
+        min_lr_ratio: 1.0,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        clip: 0.0,
+        accumulation: 1,
+    });
     let mut rng = StdRng::seed_from_u64(0);
     let mut times = Vec::new();
     let mut losses = Vec::new();
@@ -106,9 +113,9 @@ fn bench_train(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serde
         );
         let t0 = Instant::now();
         let loss = model.causal_lm_loss(&batch);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(3e-4, model, grads);
-        let value = loss.into_scalar::<f32>();
+        let value = loss.clone().into_scalar::<f32>();
+        optim.backward(&model, loss);
+        model = optim.step(i, model).0;
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
             losses.push(value);

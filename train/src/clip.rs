@@ -27,7 +27,9 @@ struct Scale<'a> {
 impl ModuleVisitor for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
-            self.grads.register(param.id, g.mul_scalar(self.factor));
+            let g = posttrain_model::kernels::scale::scale(g, self.factor)
+                .unwrap_or_else(|g| g.mul_scalar(self.factor));
+            self.grads.register(param.id, g);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Fused CPU kernels for `flex`: Gemma's element-wise and row-wise passes
 //! (GeGLU, RMSNorm, the capped attention softmax, the vocabulary
-//! log-softmax and final soft-cap, the gradient norm's sum of squares, the
-//! AdamW step) in
+//! log-softmax and final soft-cap, the gradient norm's sum of squares and
+//! the clipping scale, the AdamW step) in
 //! one pass over memory each way, split over the cores, with their own
 //! backward under autodiff.
 //!
@@ -19,6 +19,7 @@ pub(crate) mod exp;
 pub mod geglu;
 pub mod log_softmax;
 pub mod rms_norm;
+pub mod scale;
 pub mod softmax;
 pub mod sum_squares;
 #[cfg(test)]
@@ -82,6 +83,34 @@ pub(crate) fn f32s(t: &FlexTensor) -> Option<&[f32]> {
     let n = t.layout().num_elements();
     let at = t.layout().start_offset();
     Some(&t.storage::<f32>()[at..at + n])
+}
+
+/// The elements of an f32 flex tensor that fills a span of its storage
+/// densely in some order of its dimensions (contiguous, or permuted as a
+/// transposed gradient is), in memory order.
+pub(crate) fn dense_f32s(t: &FlexTensor) -> Option<&[f32]> {
+    let layout = t.layout();
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let mut dims: Vec<(isize, usize)> = layout
+        .strides()
+        .iter()
+        .copied()
+        .zip(layout.shape().iter().copied())
+        .filter(|&(_, size)| size != 1)
+        .collect();
+    dims.sort_unstable();
+    let mut expected = 1isize;
+    for (stride, size) in dims {
+        if stride != expected {
+            return None;
+        }
+        expected = expected.checked_mul(size as isize)?;
+    }
+    let n = layout.num_elements();
+    let at = layout.start_offset();
+    t.storage::<f32>().get(at..at + n)
 }
 
 /// The tensor as a contiguous f32 flex tensor, copying only if needed.

@@ -5,7 +5,7 @@
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::{GRAIN, f32s, multiversion, sum_pairs};
+use super::{GRAIN, dense_f32s, multiversion, sum_pairs};
 
 multiversion! {
     fn chunk(x: &[f32], out: &mut f64) {
@@ -13,14 +13,15 @@ multiversion! {
     }
 }
 
-/// `Σ x²` in f64 for a contiguous f32 tensor on flex (autodiff or not);
-/// `None` elsewhere.
+/// `Σ x²` in f64 for an f32 tensor on flex (autodiff or not) that fills its
+/// storage densely (contiguous or permuted, as a transposed gradient is),
+/// summed in memory order; `None` elsewhere.
 pub fn sum_of_squares<const D: usize>(x: &Tensor<D>) -> Option<f64> {
     if !super::enabled() {
         return None;
     }
     let t = super::plain(&x.clone().inner())?;
-    let values = f32s(&t)?;
+    let values = dense_f32s(&t)?;
     let parts: Vec<f64> = values
         .par_chunks(GRAIN)
         .map(|c| {
@@ -48,9 +49,16 @@ mod tests {
             .map(|v| f64::from(v) * f64::from(v))
             .sum();
         assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
-        let burn = x.square().sum().into_scalar::<f64>();
+        let burn = x.clone().square().sum().into_scalar::<f64>();
         assert!((got - burn).abs() <= 1e-4 * want, "{got} vs {burn}");
         let small = burn::tensor::Tensor::<1>::from_data([3.0f32, 4.0], &Default::default());
         assert_eq!(sum_of_squares(&small), Some(25.0));
+        // a transposed view (how a linear weight's gradient comes back)
+        let t = x.clone().transpose();
+        assert!(!super::super::plain(&t).unwrap().is_contiguous());
+        let got_t = sum_of_squares(&t).expect("a permuted dense tensor is summed");
+        assert_eq!(got_t, got, "the same memory, the same order");
+        // a strided slice leaves gaps in its storage: not summed here
+        assert_eq!(sum_of_squares(&x.clone().narrow(1, 0, 100)), None);
     }
 }
