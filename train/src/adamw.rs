@@ -1,14 +1,14 @@
 //! AdamW (Loshchilov & Hutter) as Burn's `AdamW` computes it, one pass per
-//! parameter on `flex` (`posttrain_model::kernels::adamw`); Burn's own step
-//! elsewhere. The state is Burn's `AdamWState`, so saved optimizer states
+//! parameter on `flex`, in place (`posttrain_model::kernels::adamw`); Burn's
+//! own step elsewhere. The state is Burn's `AdamWState`, so saved optimizer states
 //! read back either way:
 //! `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
 //! `θ ← θ·(1 − lr·λ) − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)`.
 
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::tensor::{Device, Tensor};
-use posttrain_model::kernels::adamw::{AdamWStep, Moments, adamw_step};
-use posttrain_model::kernels::{HostF32, flex_f32};
+use posttrain_model::kernels::adamw::{AdamWStep, adamw_step};
+use posttrain_model::kernels::{HostF32, OwnedF32, flex_f32};
 
 #[derive(Clone)]
 pub struct FusedAdamW {
@@ -36,47 +36,72 @@ impl FusedAdamW {
         }
     }
 
+    /// The fused step, in place on the parameter and moments where nothing
+    /// else holds them; `Err` gives the operands back where it does not
+    /// apply (another backend or dtype, AMSGrad state).
+    #[allow(clippy::type_complexity)]
     fn fused<const D: usize>(
         &self,
         lr: LearningRate,
-        tensor: &Tensor<D>,
+        tensor: Tensor<D>,
         grad: &Tensor<D>,
-        state: Option<&AdamWState<D>>,
-    ) -> Option<(Tensor<D>, AdamWState<D>)> {
-        let (p, g) = (HostF32::of(tensor)?, HostF32::of(grad)?);
-        let moments = match state {
-            Some(s) if s.momentum.max_moment_2.is_none() => Some((
-                HostF32::of(&s.momentum.moment_1)?,
-                HostF32::of(&s.momentum.moment_2)?,
-                s.momentum.time + 1,
-            )),
-            Some(_) => return None,
-            None => None,
+        state: Option<AdamWState<D>>,
+    ) -> Result<(Tensor<D>, AdamWState<D>), (Tensor<D>, Option<AdamWState<D>>)> {
+        let Some(g) = HostF32::of(grad) else {
+            return Err((tensor, state));
         };
-        let t = moments.as_ref().map_or(1, |m| m.2) as i32;
+        let fits =
+            |t: &Tensor<D>| HostF32::of(t).is_some_and(|h| h.values().len() == g.values().len());
+        let fused = fits(&tensor)
+            && state.as_ref().is_none_or(|s| {
+                s.momentum.max_moment_2.is_none()
+                    && fits(&s.momentum.moment_1)
+                    && fits(&s.momentum.moment_2)
+            });
+        if !fused {
+            return Err((tensor, state));
+        }
+        let owned =
+            |t: Tensor<D>| OwnedF32::of(t).unwrap_or_else(|_| unreachable!("checked above"));
+        let shape = tensor.dims();
+        let mut p = owned(tensor);
+        let (t, first, mut m, mut v) = match state {
+            Some(s) => (
+                s.momentum.time + 1,
+                false,
+                owned(s.momentum.moment_1),
+                owned(s.momentum.moment_2),
+            ),
+            None => {
+                let zeros = || owned(flex_f32(vec![0.0; g.values().len()], shape));
+                (1, true, zeros(), zeros())
+            }
+        };
+        let ti = t as i32;
         let step = AdamWStep {
             lr: lr as f32,
             beta1: self.beta1,
             beta2: self.beta2,
             eps: self.eps,
             decay: (1.0 - lr * f64::from(self.weight_decay)) as f32,
-            c1: 1.0 - self.beta1.powi(t),
-            c2: 1.0 - self.beta2.powi(t),
+            c1: 1.0 - self.beta1.powi(ti),
+            c2: 1.0 - self.beta2.powi(ti),
         };
-        let x = Moments {
-            p: p.values(),
-            m: moments.as_ref().map_or(&[][..], |m| m.0.values()),
-            v: moments.as_ref().map_or(&[][..], |m| m.1.values()),
-        };
-        let (p, m, v) = adamw_step(&step, &x, g.values());
-        let shape = tensor.dims();
+        adamw_step(
+            &step,
+            first,
+            g.values(),
+            p.values_mut(),
+            m.values_mut(),
+            v.values_mut(),
+        );
         let momentum = AdaptiveMomentumState {
-            time: t as usize,
-            moment_1: flex_f32(m, shape),
-            moment_2: flex_f32(v, shape),
+            time: t,
+            moment_1: m.into_tensor(),
+            moment_2: v.into_tensor(),
             max_moment_2: None,
         };
-        Some((flex_f32(p, shape), AdamWState { momentum }))
+        Ok((p.into_tensor(), AdamWState { momentum }))
     }
 }
 
@@ -90,9 +115,9 @@ impl Optimizer for FusedAdamW {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
-        match self.fused(lr, &tensor, &grad, state.as_ref()) {
-            Some((t, s)) => (t, Some(s)),
-            None => self.burn.step(lr, tensor, grad, state),
+        match self.fused(lr, tensor, &grad, state) {
+            Ok((t, s)) => (t, Some(s)),
+            Err((tensor, state)) => self.burn.step(lr, tensor, grad, state),
         }
     }
 
@@ -129,10 +154,13 @@ mod tests {
                 .map(|i| ((i * 13 + step * 7) % 29) as f32 / 7.0 - 2.0)
                 .collect();
             let lr = 0.01 / (step + 1) as f64;
+            let (shared, before) = (a.clone(), vec(&a));
             assert!(
-                ours.fused(lr, &a, &t(&g), sa.as_ref()).is_some(),
+                ours.fused(lr, a.clone(), &t(&g), sa.clone()).is_ok(),
                 "flex takes the fused step"
             );
+            assert_eq!(vec(&shared), before, "a parameter held elsewhere stays");
+            drop(shared);
             (a, sa) = ours.step(lr, a, t(&g), sa);
             (b, sb) = burn.step(lr, b, t(&g), sb);
             assert_eq!(vec(&a), vec(&b), "step {step}");

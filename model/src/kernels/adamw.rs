@@ -1,5 +1,6 @@
 //! One AdamW step over a parameter, its gradient and both moments in one
-//! pass (Burn's `AdamW` makes ~16 single-threaded passes):
+//! pass, in place (Burn's `AdamW` makes ~16 single-threaded passes, each
+//! into a new tensor):
 //! `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
 //! `p ← p·(1 − lr·λ) − lr·(m/c₁) / (√(v/c₂) + ε)`, `cᵢ = 1 − βᵢᵗ`.
 
@@ -21,52 +22,40 @@ pub struct AdamWStep {
     pub c2: f32,
 }
 
-/// The parameter and both moments, before or after a step.
-pub struct Moments<'a> {
-    pub p: &'a [f32],
-    /// Empty before the first step (zeros).
-    pub m: &'a [f32],
-    pub v: &'a [f32],
-}
-
 multiversion! {
-    fn chunk(s: &AdamWStep, x: &Moments, g: &[f32], p: &mut [f32], m: &mut [f32], v: &mut [f32]) {
+    fn chunk(s: &AdamWStep, first: bool, g: &[f32], p: &mut [f32], m: &mut [f32], v: &mut [f32]) {
         let (f1, f2) = (1.0 - s.beta1, 1.0 - s.beta2);
-        let first = x.m.is_empty();
         for i in 0..p.len() {
             let g = g[i];
             // the same operations in the same order as Burn's AdamW
             let (mi, vi) = if first {
                 (g * f1, (g * g) * f2)
             } else {
-                (x.m[i] * s.beta1 + g * f1, x.v[i] * s.beta2 + (g * g) * f2)
+                (m[i] * s.beta1 + g * f1, v[i] * s.beta2 + (g * g) * f2)
             };
             m[i] = mi;
             v[i] = vi;
             let delta = (mi / s.c1) / ((vi / s.c2).sqrt() + s.eps);
-            p[i] = x.p[i] * s.decay - delta * s.lr;
+            p[i] = p[i] * s.decay - delta * s.lr;
         }
     }
 }
 
-/// The parameter and moments after one step from `x` with gradient `g`.
-pub fn adamw_step(s: &AdamWStep, x: &Moments, g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let n = g.len();
-    let (mut p, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    let first = x.m.is_empty();
+/// One step with gradient `g`, in place on the parameter `p` and the moments
+/// `m`, `v` (whose values are not read on the `first` step).
+pub fn adamw_step(
+    s: &AdamWStep,
+    first: bool,
+    g: &[f32],
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len());
     p.par_chunks_mut(GRAIN)
         .zip(m.par_chunks_mut(GRAIN).zip(v.par_chunks_mut(GRAIN)))
-        .enumerate()
-        .for_each(|(c, (p, (m, v)))| {
-            let r = c * GRAIN..c * GRAIN + p.len();
-            let part = Moments {
-                p: &x.p[r.clone()],
-                m: if first { &[] } else { &x.m[r.clone()] },
-                v: if first { &[] } else { &x.v[r.clone()] },
-            };
-            chunk(s, &part, &g[r], p, m, v);
-        });
-    (p, m, v)
+        .zip(g.par_chunks(GRAIN))
+        .for_each(|((p, (m, v)), g)| chunk(s, first, g, p, m, v));
 }
 
 #[cfg(test)]
@@ -86,12 +75,8 @@ mod tests {
             c1: 0.1,
             c2: 0.01,
         };
-        let x = Moments {
-            p: &[1.0],
-            m: &[],
-            v: &[],
-        };
-        let (p, m, v) = adamw_step(&s, &x, &[2.0]);
+        let (mut p, mut m, mut v) = ([1.0], [f32::NAN], [f32::NAN]);
+        adamw_step(&s, true, &[2.0], &mut p, &mut m, &mut v);
         assert!(
             (m[0] - 0.2).abs() < 1e-7 && (v[0] - 0.04).abs() < 1e-7,
             "{m:?} {v:?}"
@@ -103,12 +88,8 @@ mod tests {
             c2: 1.0 - 0.9801,
             ..s
         };
-        let x = Moments {
-            p: &p,
-            m: &m,
-            v: &v,
-        };
-        let (p2, m2, v2) = adamw_step(&s2, &x, &[0.0]);
+        let (mut p2, mut m2, mut v2) = (p, m, v);
+        adamw_step(&s2, false, &[0.0], &mut p2, &mut m2, &mut v2);
         assert!((m2[0] - 0.18).abs() < 1e-7 && (v2[0] - 0.0396).abs() < 1e-7);
         let want = 0.85 * 0.95 - 0.1 * (0.18 / 0.19) / (0.0396f32 / 0.0199).sqrt();
         assert!((p2[0] - want).abs() < 1e-6, "{p2:?} vs {want}");

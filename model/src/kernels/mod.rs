@@ -250,6 +250,35 @@ impl HostF32 {
     }
 }
 
+/// A plain contiguous f32 flex tensor's elements to overwrite: its own
+/// storage when nothing else holds it, a copy otherwise (copy on write), so
+/// a tensor shared with another model is never changed under it.
+pub struct OwnedF32(FlexTensor);
+
+impl OwnedF32 {
+    /// `Err` gives the tensor back when it is not a plain contiguous f32 flex
+    /// tensor, or with the kernels turned off.
+    pub fn of<const D: usize>(t: Tensor<D>) -> Result<Self, Tensor<D>> {
+        let fits = enabled() && plain(&t).is_some_and(|p| f32s(&p).is_some());
+        if !fits {
+            return Err(t);
+        }
+        Ok(Self(t.try_into_primitive::<Flex>().expect("checked above")))
+    }
+
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        let (at, n) = (
+            self.0.layout().start_offset(),
+            self.0.layout().num_elements(),
+        );
+        &mut self.0.storage_mut::<f32>()[at..at + n]
+    }
+
+    pub fn into_tensor<const D: usize>(self) -> Tensor<D> {
+        Tensor::from_primitive::<Flex>(self.0)
+    }
+}
+
 /// A plain flex tensor of these values.
 pub fn flex_f32<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(flex_tensor(values, &shape))
