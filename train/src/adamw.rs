@@ -46,9 +46,9 @@ impl FusedAdamW {
         tensor: Tensor<D>,
         grad: &Tensor<D>,
         state: Option<AdamWState<D>>,
-    ) -> Result<(Tensor<D>, AdamWState<D>), (Tensor<D>, Option<AdamWState<D>>)> {
+    ) -> Result<(Tensor<D>, AdamWState<D>), Box<(Tensor<D>, Option<AdamWState<D>>)>> {
         let Some(g) = HostF32::of(grad) else {
-            return Err((tensor, state));
+            return Err(Box::new((tensor, state)));
         };
         let fits =
             |t: &Tensor<D>| HostF32::of(t).is_some_and(|h| h.values().len() == g.values().len());
@@ -59,7 +59,7 @@ impl FusedAdamW {
                     && fits(&s.momentum.moment_2)
             });
         if !fused {
-            return Err((tensor, state));
+            return Err(Box::new((tensor, state)));
         }
         let owned =
             |t: Tensor<D>| OwnedF32::of(t).unwrap_or_else(|_| unreachable!("checked above"));
@@ -117,7 +117,10 @@ impl Optimizer for FusedAdamW {
     ) -> (Tensor<D>, Option<Self::State<D>>) {
         match self.fused(lr, tensor, &grad, state) {
             Ok((t, s)) => (t, Some(s)),
-            Err((tensor, state)) => self.burn.step(lr, tensor, grad, state),
+            Err(back) => {
+                let (tensor, state) = *back;
+                self.burn.step(lr, tensor, grad, state)
+            }
         }
     }
 

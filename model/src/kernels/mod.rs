@@ -258,10 +258,10 @@ pub struct OwnedF32(FlexTensor);
 impl OwnedF32 {
     /// `Err` gives the tensor back when it is not a plain contiguous f32 flex
     /// tensor, or with the kernels turned off.
-    pub fn of<const D: usize>(t: Tensor<D>) -> Result<Self, Tensor<D>> {
+    pub fn of<const D: usize>(t: Tensor<D>) -> Result<Self, Box<Tensor<D>>> {
         let fits = enabled() && plain(&t).is_some_and(|p| f32s(&p).is_some());
         if !fits {
-            return Err(t);
+            return Err(Box::new(t));
         }
         Ok(Self(t.try_into_primitive::<Flex>().expect("checked above")))
     }

@@ -20,12 +20,12 @@ multiversion! {
 
 /// `x · s` for a plain f32 flex tensor that fills its storage densely
 /// (contiguous or permuted); `Err` gives it back elsewhere.
-pub fn scale<const D: usize>(x: Tensor<D>, s: f64) -> Result<Tensor<D>, Tensor<D>> {
+pub fn scale<const D: usize>(x: Tensor<D>, s: f64) -> Result<Tensor<D>, Box<Tensor<D>>> {
     let Some(t) = super::enabled().then(|| super::plain(&x)).flatten() else {
-        return Err(x);
+        return Err(Box::new(x));
     };
     let Some(values) = dense_f32s(&t) else {
-        return Err(x);
+        return Err(Box::new(x));
     };
     drop(x);
     let s = s as f32;
