@@ -41,7 +41,13 @@ pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         }
         return compact_product(x, w);
     }
-    x.matmul(w.transpose())
+    match crate::kernels::linear::linear(x, w) {
+        Ok(y) => y,
+        Err(operands) => {
+            let [x, w] = *operands;
+            x.matmul(w.transpose())
+        }
+    }
 }
 
 /// `x · wᵀ` for a bf16 `w` outside autodiff: `w`'s rows in f32 a block at

@@ -17,6 +17,7 @@
 pub mod adamw;
 pub(crate) mod exp;
 pub mod geglu;
+pub mod linear;
 pub mod log_softmax;
 pub mod rms_norm;
 pub mod scale;
