@@ -3,7 +3,8 @@
 //! log-softmax and final soft-cap, the gradient norm's sum of squares and
 //! the clipping scale, the AdamW step) in
 //! one pass over memory each way, split over the cores, with their own
-//! backward under autodiff.
+//! backward under autodiff; and the linear layers' products as one gemm
+//! call each way (`linear`).
 //!
 //! Burn's `flex` runs each element-wise op as its own single-threaded pass
 //! (scalar `expf` included); a GeGLU is ~8 of them forward and more
