@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Two posttrain binaries against each other, alternating, in one sitting.
+# Two posttrain binaries (or one binary under two environments) against
+# each other, alternating, in one sitting.
 #
-#   bash bench/ab.sh ROUNDS OUT.jsonl NAME=BINARY NAME=BINARY
+#   bash bench/ab.sh ROUNDS OUT.jsonl NAME=COMMAND NAME=COMMAND
+#   bash bench/ab.sh 3 ab.jsonl before=/tmp/old/posttrain after=target/release/posttrain
+#   bash bench/ab.sh 3 ab.jsonl unfused="env POSTTRAIN_FUSED=0 $BIN" fused="$BIN"
 #
 # Each round runs, per binary and shape, the train, sample, rlhf-step and
 # reward-step cases (one process per case) and appends their JSON lines,
@@ -9,15 +12,15 @@
 # medians (tokens/s for train and sample, seconds per step for the steps).
 # Never run this while anything else (a cargo build!) uses the CPUs.
 set -euo pipefail
-ROUNDS="${1:?usage: bash bench/ab.sh ROUNDS OUT.jsonl NAME=BINARY NAME=BINARY}"
-OUT="${2:?usage: bash bench/ab.sh ROUNDS OUT.jsonl NAME=BINARY NAME=BINARY}"
+ROUNDS="${1:?usage: bash bench/ab.sh ROUNDS OUT.jsonl NAME=COMMAND NAME=COMMAND}"
+OUT="${2:?usage: bash bench/ab.sh ROUNDS OUT.jsonl NAME=COMMAND NAME=COMMAND}"
 shift 2
 for _ in $(seq "$ROUNDS"); do
   for spec in "$@"; do
     name=${spec%%=*}
-    bin=${spec#*=}
+    read -ra cmd <<< "${spec#*=}"
     for shape in tiny small; do
-      run() { "$bin" bench --shape "$shape" --peak-gflops 1 "$@" 2>/dev/null |
+      run() { "${cmd[@]}" bench --shape "$shape" --peak-gflops 1 "$@" 2>/dev/null |
         sed "s/^{/{\"variant\":\"$name\",/" >> "$OUT"; }
       run --case train --reps 10 --warmup 2
       run --case sample --reps 5 --warmup 1
