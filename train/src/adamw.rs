@@ -50,8 +50,8 @@ impl FusedAdamW {
         let Some(g) = HostF32::of(grad) else {
             return Err(Box::new((tensor, state)));
         };
-        let fits =
-            |t: &Tensor<D>| HostF32::of(t).is_some_and(|h| h.values().len() == g.values().len());
+        let n = g.values().len();
+        let fits = |t: &Tensor<D>| OwnedF32::fits(t) && t.shape().num_elements() == n;
         let fused = fits(&tensor)
             && state.as_ref().is_none_or(|s| {
                 s.momentum.max_moment_2.is_none()
@@ -73,7 +73,7 @@ impl FusedAdamW {
                 owned(s.momentum.moment_2),
             ),
             None => {
-                let zeros = || owned(flex_f32(vec![0.0; g.values().len()], shape));
+                let zeros = || owned(flex_f32(vec![0.0; n], shape));
                 (1, true, zeros(), zeros())
             }
         };
@@ -176,5 +176,17 @@ mod tests {
             assert_eq!(vec(&ma.moment_2), vec(&mb.moment_2));
         }
         assert_ne!(vec(&a), p0);
+    }
+
+    #[test]
+    fn a_strided_parameter_takes_burns_step() {
+        let ours = FusedAdamW::new(0.9, 0.95, 1e-8, 0.1);
+        let p: Vec<f32> = (0..60).map(|i| i as f32 / 10.0).collect();
+        let p = Tensor::<2>::from_data(TensorData::new(p, [6, 10]), &Device::default()).transpose();
+        let g = p.clone().mul_scalar(0.5);
+        let (a, _) = ours.step(0.01, p.clone(), g.clone(), None);
+        let (b, _) = ours.burn.step(0.01, p, g, None);
+        let flat = |t: Tensor<2>| t.into_data().iter::<f32>().collect::<Vec<_>>();
+        assert_eq!(flat(a), flat(b));
     }
 }

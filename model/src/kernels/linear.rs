@@ -62,6 +62,9 @@ impl<'a> View<'a> {
 /// `out [m, n] = a [m, k] · b [k, n]`, row-major out.
 fn product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
     assert!(a.data.len() >= m * k && b.data.len() >= k * n);
+    if k == 0 {
+        return vec![0.0; m * n];
+    }
     let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN {
         gemm::Parallelism::Rayon(0)
     } else {

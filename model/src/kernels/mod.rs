@@ -261,11 +261,15 @@ impl OwnedF32 {
     /// `Err` gives the tensor back when it is not a plain contiguous f32 flex
     /// tensor, or with the kernels turned off.
     pub fn of<const D: usize>(t: Tensor<D>) -> Result<Self, Box<Tensor<D>>> {
-        let fits = enabled() && plain(&t).is_some_and(|p| f32s(&p).is_some());
-        if !fits {
+        if !Self::fits(&t) {
             return Err(Box::new(t));
         }
         Ok(Self(t.try_into_primitive::<Flex>().expect("checked above")))
+    }
+
+    /// Whether [`OwnedF32::of`] takes `t`.
+    pub fn fits<const D: usize>(t: &Tensor<D>) -> bool {
+        enabled() && plain(t).is_some_and(|p| f32s(&p).is_some())
     }
 
     pub fn values_mut(&mut self) -> &mut [f32] {
