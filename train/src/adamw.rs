@@ -10,6 +10,9 @@ use burn::tensor::{Device, Tensor};
 use posttrain_model::kernels::adamw::{AdamWStep, adamw_step};
 use posttrain_model::kernels::{HostF32, OwnedF32, flex_f32};
 
+/// A parameter and its optimizer state, as a step takes them.
+type Operands<const D: usize> = (Tensor<D>, Option<AdamWState<D>>);
+
 #[derive(Clone)]
 pub struct FusedAdamW {
     burn: AdamW,
@@ -39,14 +42,13 @@ impl FusedAdamW {
     /// The fused step, in place on the parameter and moments where nothing
     /// else holds them; `Err` gives the operands back where it does not
     /// apply (another backend or dtype, AMSGrad state).
-    #[allow(clippy::type_complexity)]
     fn fused<const D: usize>(
         &self,
         lr: LearningRate,
         tensor: Tensor<D>,
         grad: &Tensor<D>,
         state: Option<AdamWState<D>>,
-    ) -> Result<(Tensor<D>, AdamWState<D>), Box<(Tensor<D>, Option<AdamWState<D>>)>> {
+    ) -> Result<(Tensor<D>, AdamWState<D>), Box<Operands<D>>> {
         let Some(g) = HostF32::of(grad) else {
             return Err(Box::new((tensor, state)));
         };
