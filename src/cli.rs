@@ -257,8 +257,11 @@ pub struct BenchArgs {
     /// reward-step: preference pairs per step.
     #[arg(long, default_value_t = 8)]
     pub pairs: usize,
-    /// reward-step: tokens per side of a pair.
-    #[arg(long, default_value_t = 64)]
+    /// reward-step: tokens of a pair's longest side. Chosen sides take
+    /// `pair-len − 16 ..= pair-len` tokens (uniform), rejected sides
+    /// `pair-len − 8`, and a batch pads to its longest row: the lengths
+    /// `bench_trl.py`'s reward data tokenizes to at 40.
+    #[arg(long, default_value_t = 40)]
     pub pair_len: usize,
     #[arg(long, default_value_t = 10)]
     pub reps: usize,

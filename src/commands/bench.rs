@@ -246,6 +246,7 @@ fn bench_rlhf_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<V
     let max_len = c.max_position_embeddings;
     let set = PromptSet::new(&prompts, &tokenizer, max_len, Path::new("bench prompts"))?
         .with_scorer(super::task_scorer);
+    let prompt_len_mean = set.ids.iter().map(Vec::len).sum::<usize>() as f64 / set.len() as f64;
     let vocab = Vocab {
         tokenizer: &tokenizer,
         stop_ids: super::stop_ids(c, &tokenizer),
@@ -299,6 +300,7 @@ fn bench_rlhf_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<V
         "bench": "rlhf_step",
         "prompts_per_step": a.prompts_per_step, "samples": a.samples, "max_new_tokens": a.rl_new,
         "beta": cfg.beta, "anchor": "ema", "reward": "task scorer",
+        "prompt_len_mean": prompt_len_mean,
         "steps": a.reps, "warmup": a.warmup,
         "n_params": c.num_params(),
     });
@@ -312,10 +314,15 @@ fn bench_rlhf_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<V
 fn bench_reward_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<Value> {
     let mut rng = StdRng::seed_from_u64(0);
     let steps = a.warmup + a.reps;
+    let (longest, rejected) = (a.pair_len.max(1), a.pair_len.saturating_sub(8).max(1));
+    let shortest = a.pair_len.saturating_sub(16).max(1);
     let pairs: Vec<PairIds> = (0..steps * a.pairs)
-        .map(|_| PairIds {
-            chosen: random_ids(&mut rng, a.pair_len, c.vocab_size),
-            rejected: random_ids(&mut rng, a.pair_len, c.vocab_size),
+        .map(|_| {
+            let chosen = rng.random_range(shortest..=longest);
+            PairIds {
+                chosen: random_ids(&mut rng, chosen, c.vocab_size),
+                rejected: random_ids(&mut rng, rejected, c.vocab_size),
+            }
         })
         .collect();
     let model = Gemma2ForSequenceClassification::new(
@@ -337,6 +344,7 @@ fn bench_reward_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result
     let mut line = json!({
         "bench": "reward_step",
         "pairs": a.pairs, "pair_len": a.pair_len,
+        "chosen_len": [shortest, longest], "rejected_len": rejected,
         "steps": a.reps, "warmup": a.warmup,
         "n_params": c.num_params(),
     });
