@@ -10,10 +10,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
-use rayon::prelude::*;
 
 use super::exp::sigmoid;
-use super::{Fused, GRAIN, apply, contiguous, f32s, flex_tensor, multiversion, shape_of};
+use super::{
+    Fused, GRAIN, apply, chunk, contiguous, f32s, flex_tensor, multiversion, par_outputs, shape_of,
+};
 
 const C: f32 = 2.0 * 0.797_884_6;
 const A: f32 = 0.044_715;
@@ -51,23 +52,17 @@ multiversion! {
 }
 
 pub(crate) fn forward(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; g.len()];
-    y.par_chunks_mut(GRAIN)
-        .zip(g.par_chunks(GRAIN).zip(u.par_chunks(GRAIN)))
-        .for_each(|(y, (g, u))| forward_rows(g, u, y));
+    let ([y], _) = par_outputs([g.len()], [GRAIN], |i, [y]| {
+        forward_rows(chunk(g, i, GRAIN), chunk(u, i, GRAIN), y)
+    });
     y
 }
 
 pub(crate) fn backward(g: &[f32], u: &[f32], d: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
-    dg.par_chunks_mut(GRAIN)
-        .zip(du.par_chunks_mut(GRAIN))
-        .zip(
-            g.par_chunks(GRAIN)
-                .zip(u.par_chunks(GRAIN))
-                .zip(d.par_chunks(GRAIN)),
-        )
-        .for_each(|((dg, du), ((g, u), d))| backward_rows(g, u, d, dg, du));
+    let ([dg, du], _) = par_outputs([g.len(); 2], [GRAIN; 2], |i, [dg, du]| {
+        let [g, u, d] = [g, u, d].map(|x| chunk(x, i, GRAIN));
+        backward_rows(g, u, d, dg, du)
+    });
     (dg, du)
 }
 

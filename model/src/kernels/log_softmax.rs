@@ -11,11 +11,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
-use rayon::prelude::*;
 
 use super::exp::{exp, soft_cap as cap_one};
 use super::{
-    Fused, GRAIN, apply, contiguous, f32s, flex_tensor, max_of, multiversion, shape_of, sum_pairs,
+    Fused, GRAIN, apply, chunk, contiguous, f32s, flex_tensor, max_of, multiversion, par_outputs,
+    shape_of, sum_pairs,
 };
 
 /// Below this, `e^x` is 0 to f32.
@@ -80,14 +80,12 @@ fn per_task(n: usize) -> usize {
 }
 
 fn rows_map(x: &[f32], n: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(per_task(n))
-        .zip(x.par_chunks(per_task(n)))
-        .for_each(|(y, x)| {
-            for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
-                f(x, y);
-            }
-        });
+    let task = per_task(n);
+    let ([y], _) = par_outputs([x.len()], [task], |i, [y]| {
+        for (y, x) in y.chunks_mut(n).zip(chunk(x, i, task).chunks(n)) {
+            f(x, y);
+        }
+    });
     y
 }
 
@@ -97,14 +95,13 @@ fn rows_zip(
     n: usize,
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; a.len()];
-    y.par_chunks_mut(per_task(n))
-        .zip(a.par_chunks(per_task(n)).zip(b.par_chunks(per_task(n))))
-        .for_each(|(y, (a, b))| {
-            for ((y, a), b) in y.chunks_mut(n).zip(a.chunks(n)).zip(b.chunks(n)) {
-                f(a, b, y);
-            }
-        });
+    let task = per_task(n);
+    let ([y], _) = par_outputs([a.len()], [task], |i, [y]| {
+        let (a, b) = (chunk(a, i, task), chunk(b, i, task));
+        for ((y, a), b) in y.chunks_mut(n).zip(a.chunks(n)).zip(b.chunks(n)) {
+            f(a, b, y);
+        }
+    });
     y
 }
 

@@ -77,6 +77,60 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("POSTTRAIN_FUSED").map_or(true, |v| v != "0"))
 }
 
+/// Kernel outputs of `lens[j]` floats each, filled in parallel by
+/// `fill(i, chunks)` with chunk `i` (`grains[j]` floats) of every output;
+/// returns the outputs and each chunk's result in chunk order. Each chunk is
+/// zeroed just before, by the thread that fills it: `vec![0.0; len]` would
+/// zero (and page-fault) the whole buffer first on the calling thread, a
+/// serial pass as long as a kernel's own while the other cores wait.
+pub(crate) fn par_outputs<const N: usize, R: Send>(
+    lens: [usize; N],
+    grains: [usize; N],
+    fill: impl Fn(usize, [&mut [f32]; N]) -> R + Sync,
+) -> ([Vec<f32>; N], Vec<R>) {
+    use rayon::prelude::*;
+    let chunks = lens[0].div_ceil(grains[0].max(1));
+    for j in 0..N {
+        assert_eq!(
+            lens[j].div_ceil(grains[j].max(1)),
+            chunks,
+            "output {j}'s chunks"
+        );
+    }
+    let mut outs: [Vec<f32>; N] = std::array::from_fn(|j| Vec::with_capacity(lens[j]));
+    // addresses, so the closure is Sync; each chunk is written by one task
+    let bases: [usize; N] = std::array::from_fn(|j| outs[j].as_mut_ptr() as usize);
+    let results: Vec<R> = (0..chunks)
+        .into_par_iter()
+        .map(|i| {
+            let slices = std::array::from_fn(|j| {
+                let from = (i * grains[j]).min(lens[j]);
+                let len = ((i + 1) * grains[j]).min(lens[j]) - from;
+                // SAFETY: `from + len ≤ lens[j]`, within the capacity; chunk
+                // `i` of output `j` is disjoint from every other chunk, and it
+                // is zeroed before the slice is made.
+                unsafe {
+                    let at = (bases[j] as *mut f32).add(from);
+                    std::ptr::write_bytes(at, 0, len);
+                    std::slice::from_raw_parts_mut(at, len)
+                }
+            });
+            fill(i, slices)
+        })
+        .collect();
+    for (out, &len) in outs.iter_mut().zip(&lens) {
+        // SAFETY: every chunk of `0..len` was zeroed, then filled, above.
+        unsafe { out.set_len(len) };
+    }
+    (outs, results)
+}
+
+/// Chunk `i` of `grain` elements of `x`.
+pub(crate) fn chunk(x: &[f32], i: usize, grain: usize) -> &[f32] {
+    let from = (i * grain).min(x.len());
+    &x[from..((i + 1) * grain).min(x.len())]
+}
+
 /// A contiguous f32 flex tensor's elements.
 pub(crate) fn f32s(t: &FlexTensor) -> Option<&[f32]> {
     if t.dtype() != DType::F32 || !t.is_contiguous() {

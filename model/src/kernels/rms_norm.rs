@@ -10,10 +10,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
-use rayon::prelude::*;
 
 use super::{
-    Fused, GRAIN, LANES, apply, contiguous, f32s, flex_tensor, multiversion, shape_of, sum_pairs,
+    Fused, GRAIN, LANES, apply, chunk, contiguous, f32s, flex_tensor, multiversion, par_outputs,
+    shape_of, sum_pairs,
 };
 
 /// `x / √(mean(x²) + eps) · (1 + w)` over the last axis on flex; `Err` gives
@@ -93,12 +93,9 @@ fn rows_per_chunk(n: usize) -> usize {
 pub(crate) fn forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let n = w.len();
     let rows = rows_per_chunk(n);
-    let mut y = vec![0f32; x.len()];
-    let mut r = vec![0f32; x.len() / n];
-    y.par_chunks_mut(rows * n)
-        .zip(r.par_chunks_mut(rows))
-        .zip(x.par_chunks(rows * n))
-        .for_each(|((y, r), x)| forward_rows(x, w, eps, y, r));
+    let ([y, r], _) = par_outputs([x.len(), x.len() / n], [rows * n, rows], |i, [y, r]| {
+        forward_rows(chunk(x, i, rows * n), w, eps, y, r)
+    });
     (y, r)
 }
 
@@ -107,17 +104,12 @@ pub(crate) fn forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
 pub(crate) fn backward(x: &[f32], w: &[f32], r: &[f32], d: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let n = w.len();
     let rows = rows_per_chunk(n);
-    let mut dx = vec![0f32; x.len()];
-    let partial: Vec<Vec<f32>> = dx
-        .par_chunks_mut(rows * n)
-        .zip(x.par_chunks(rows * n).zip(d.par_chunks(rows * n)))
-        .zip(r.par_chunks(rows))
-        .map(|((dx, (x, d)), r)| {
-            let mut dw = vec![0f32; n];
-            backward_rows(x, w, r, d, dx, &mut dw);
-            dw
-        })
-        .collect();
+    let ([dx], partial) = par_outputs([x.len()], [rows * n], |i, [dx]| {
+        let [x, d] = [x, d].map(|v| chunk(v, i, rows * n));
+        let mut dw = vec![0f32; n];
+        backward_rows(x, w, chunk(r, i, rows), d, dx, &mut dw);
+        dw
+    });
     let mut dw = vec![0f32; n];
     for p in partial {
         for (a, b) in dw.iter_mut().zip(p) {

@@ -6,7 +6,6 @@
 use burn::backend::Flex;
 use burn::backend::flex::Layout;
 use burn::tensor::Tensor;
-use rayon::prelude::*;
 
 use super::{GRAIN, dense_f32s, multiversion};
 
@@ -29,10 +28,9 @@ pub fn scale<const D: usize>(x: Tensor<D>, s: f64) -> Result<Tensor<D>, Box<Tens
     };
     drop(x);
     let s = s as f32;
-    let mut out = vec![0.0f32; values.len()];
-    out.par_chunks_mut(GRAIN)
-        .zip(values.par_chunks(GRAIN))
-        .for_each(|(y, x)| chunk(x, s, y));
+    let ([out], _) = super::par_outputs([values.len()], [GRAIN], |i, [y]| {
+        chunk(super::chunk(values, i, GRAIN), s, y)
+    });
     // the same strides over a buffer that starts at the first element
     let layout = t.layout();
     let layout = Layout::new(layout.shape().clone(), layout.strides().to_vec(), 0);

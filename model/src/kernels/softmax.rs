@@ -11,11 +11,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
-use rayon::prelude::*;
 
 use super::exp::{exp, soft_cap};
 use super::{
-    Fused, GRAIN, apply, contiguous, f32s, flex_tensor, max_of, multiversion, shape_of, sum_pairs,
+    Fused, GRAIN, apply, chunk, contiguous, f32s, flex_tensor, max_of, multiversion, par_outputs,
+    shape_of, sum_pairs,
 };
 
 /// `scores` `[b, kv, g, t, s]` (query heads grouped by key/value head) and
@@ -129,17 +129,14 @@ impl Fused<1> for CappedSoftmax {
         let (heads_t, t, s, per_batch) = self.geometry(&shape);
         let (xs, bias) = (f32s(&x).unwrap(), f32s(&self.bias).unwrap());
         let cap = self.cap.unwrap_or(0.0);
-        let mut p = vec![0f32; xs.len()];
         let rows = rows_per_task(s);
-        p.par_chunks_mut(rows * s)
-            .zip(xs.par_chunks(rows * s))
-            .enumerate()
-            .for_each(|(task, (p, x))| {
-                for (i, (p, x)) in p.chunks_exact_mut(s).zip(x.chunks_exact(s)).enumerate() {
-                    let b = bias_row(bias, task * rows + i, heads_t, t, s, per_batch);
-                    forward_row(x, b, self.scale, cap, p);
-                }
-            });
+        let ([p], _) = par_outputs([xs.len()], [rows * s], |task, [p]| {
+            let x = chunk(xs, task, rows * s);
+            for (i, (p, x)) in p.chunks_exact_mut(s).zip(x.chunks_exact(s)).enumerate() {
+                let b = bias_row(bias, task * rows + i, heads_t, t, s, per_batch);
+                forward_row(x, b, self.scale, cap, p);
+            }
+        });
         let p = flex_tensor(p, &shape);
         let state = tracked.then(|| (x, p.clone()));
         (p, state)
@@ -159,24 +156,18 @@ impl Backward<Flex, 1> for CappedSoftmax {
         let s = shape[4];
         let cap = self.cap.unwrap_or(0.0);
         let (xs, ps, ds) = (f32s(&x).unwrap(), f32s(&p).unwrap(), f32s(&d).unwrap());
-        let mut dx = vec![0f32; xs.len()];
         let rows = rows_per_task(s);
-        dx.par_chunks_mut(rows * s)
-            .zip(
-                xs.par_chunks(rows * s)
-                    .zip(ps.par_chunks(rows * s))
-                    .zip(ds.par_chunks(rows * s)),
-            )
-            .for_each(|(dx, ((x, p), d))| {
-                for (((dx, x), p), d) in dx
-                    .chunks_exact_mut(s)
-                    .zip(x.chunks_exact(s))
-                    .zip(p.chunks_exact(s))
-                    .zip(d.chunks_exact(s))
-                {
-                    backward_row(x, p, d, self.scale, cap, dx);
-                }
-            });
+        let ([dx], _) = par_outputs([xs.len()], [rows * s], |task, [dx]| {
+            let [x, p, d] = [xs, ps, ds].map(|v| chunk(v, task, rows * s));
+            for (((dx, x), p), d) in dx
+                .chunks_exact_mut(s)
+                .zip(x.chunks_exact(s))
+                .zip(p.chunks_exact(s))
+                .zip(d.chunks_exact(s))
+            {
+                backward_row(x, p, d, self.scale, cap, dx);
+            }
+        });
         grads.register::<Flex>(node.id, flex_tensor(dx, &shape));
     }
 }
