@@ -164,7 +164,7 @@ impl Attention {
         let kv = self.kv_heads;
         let g = h / kv;
         let s = k.dims()[2];
-        let scores = q.reshape([b, kv, g * t, d]).matmul(k.swap_dims(2, 3));
+        let scores = product(q.reshape([b, kv, g * t, d]), k.swap_dims(2, 3));
         let [mb, _, mq, mk] = bias.dims();
         let scores = match crate::kernels::softmax::capped_softmax(
             scores.reshape([b, kv, g, t, s]),
@@ -173,10 +173,7 @@ impl Attention {
             self.softcap,
         ) {
             Ok(probs) => {
-                return probs
-                    .reshape([b, kv, g * t, s])
-                    .matmul(v)
-                    .reshape([b, h, t, d]);
+                return product(probs.reshape([b, kv, g * t, s]), v).reshape([b, h, t, d]);
             }
             Err(scores) => scores.reshape([b, kv, g * t, s]),
         };
@@ -186,8 +183,16 @@ impl Attention {
         };
         let scores = scores.reshape([b, kv, g, t, s]) + bias.reshape([mb, 1, 1, mq, mk]);
         let probs = burn::tensor::activation::softmax(scores, 4).reshape([b, kv, g * t, s]);
-        probs.matmul(v).reshape([b, h, t, d])
+        product(probs, v).reshape([b, h, t, d])
     }
+}
+
+/// `a · b` over the last two axes, by the batched kernel where it applies.
+fn product(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    crate::kernels::matmul::matmul(a, b).unwrap_or_else(|operands| {
+        let [a, b] = *operands;
+        a.matmul(b)
+    })
 }
 
 impl LayerCache {

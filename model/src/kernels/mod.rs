@@ -20,6 +20,7 @@ pub(crate) mod exp;
 pub mod geglu;
 pub mod linear;
 pub mod log_softmax;
+pub mod matmul;
 pub mod rms_norm;
 pub mod scale;
 pub mod softmax;
