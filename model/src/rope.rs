@@ -47,6 +47,10 @@ impl Rope {
 
     /// `x` is `[batch, heads, len, head_dim]`.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = match crate::kernels::rope::rope(x, &self.cos, &self.sin) {
+            Ok(y) => return y,
+            Err(x) => *x,
+        };
         let [_, _, _, d] = x.dims();
         let half = d / 2;
         let x1 = x.clone().narrow(3, 0, half);

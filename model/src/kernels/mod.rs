@@ -22,6 +22,7 @@ pub mod linear;
 pub mod log_softmax;
 pub mod matmul;
 pub mod rms_norm;
+pub mod rope;
 pub mod scale;
 pub mod softmax;
 pub mod sum_squares;
