@@ -71,6 +71,10 @@ fn product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
         gemm::Parallelism::None
     };
     let mut out = Vec::<f32>::with_capacity(m * n);
+    if matches!(parallelism, gemm::Parallelism::Rayon(_)) && b.rs == 1 && b.cs != 1 {
+        by_column_blocks(m, n, k, a, b, &mut out);
+        return out;
+    }
     // SAFETY: the views hold `m·k` and `k·n` elements read through their
     // strides (asserted); gemm writes each of the `m·n` outputs once
     // without reading them (`read_dst` false), so all are set after it.
@@ -99,6 +103,54 @@ fn product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
         out.set_len(m * n);
     }
     out
+}
+
+/// `out = a · b` for a `b` stored by columns (a weight read transposed),
+/// one block of output columns per core. gemm, given the whole product,
+/// packs all of `b` on the calling thread before the cores start (it packs
+/// a left operand of up to 1024 rows that is not stored by columns up
+/// front, and it computes a row-major product as its transpose); a block
+/// each, the cores pack their own parts at once. The sums run in the same
+/// order either way.
+fn by_column_blocks(m: usize, n: usize, k: usize, a: View, b: View, out: &mut Vec<f32>) {
+    use rayon::prelude::*;
+    let width = n
+        .div_ceil(rayon::current_num_threads())
+        .next_multiple_of(16);
+    let base = out.as_mut_ptr() as usize;
+    (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
+        let from = block * width;
+        let cols = width.min(n - from);
+        // SAFETY: block `block` writes columns `from..from + cols` of the
+        // `m × n` output (within its capacity), which no other block writes,
+        // each once without reading (`read_dst` false); `b`'s columns from
+        // `from` on are within `b.data` (asserted by the caller).
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                (base as *mut f32).add(from),
+                1,
+                n as isize,
+                false,
+                a.data.as_ptr(),
+                a.cs,
+                a.rs,
+                b.data.as_ptr().offset(from as isize * b.cs),
+                b.cs,
+                b.rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+    // SAFETY: every block's columns were written above.
+    unsafe { out.set_len(m * n) };
 }
 
 fn dims(t: &FlexTensor) -> (usize, usize) {
