@@ -7,8 +7,8 @@
 # fp32 2048³ matmuls, then, per shape, the peer's training and generation
 # benchmarks and posttrain's, one process per case (so peak RSS is per
 # case; posttrain's MFU is against its own matmul of that round), then
-# TRL's RLOO and reward-model steps (bench_trl.py) against posttrain's
-# rlhf-step and reward-step. EXTRA_BACKEND (e.g.
+# TRL's RLOO (at β 0 and at posttrain's β 0.1) and reward-model steps
+# (bench_trl.py) against posttrain's rlhf-step and reward-step. EXTRA_BACKEND (e.g.
 # ndarray) also measures posttrain built with that feature, from
 # POSTTRAIN_EXTRA_BIN. Prints a markdown table of medians over rounds.
 # Never run this while anything else (a cargo build!) uses the CPUs.
@@ -33,6 +33,8 @@ for _ in $(seq "$ROUNDS"); do
     "$BIN" bench --shape "$shape" --case sample --reps 5 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     # TRL prints its log dicts to stdout too: keep the JSON line
     "$VENV/bin/python" "$PEER/bench_trl.py" rloo --preset "$shape" --steps 8 | grep '^{"' >> "$OUT/peer.jsonl"
+    # posttrain's KL weight (β 0.1): TRL then runs its reference model too
+    "$VENV/bin/python" "$PEER/bench_trl.py" rloo --preset "$shape" --steps 8 --beta 0.1 | grep '^{"' >> "$OUT/peer.jsonl"
     "$BIN" bench --shape "$shape" --case rlhf-step --reps 7 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"
     "$VENV/bin/python" "$PEER/bench_trl.py" reward --preset "$shape" --steps 8 | grep '^{"' >> "$OUT/peer.jsonl"
     "$BIN" bench --shape "$shape" --case reward-step --reps 7 --warmup 1 --peak-gflops "$PEAK" >> "$OUT/posttrain.jsonl"

@@ -28,6 +28,13 @@ for who in ("peer", "posttrain"):
         name = who if who == "peer" else f"posttrain {row['backend']}"
         if row["bench"] == "matmul":
             matmul[name].append(row["gflops_best"])
+        elif row["bench"] == "trl_rloo":
+            # TRL at β 0 runs no reference model; at β 0.1 it runs one, as posttrain does
+            kind = "rlhf" if row.get("beta", 0.0) > 0 else "rlhf-b0"
+            steps[(kind, shape_name(row), name)].append(row)
+        elif row["bench"] == "rlhf_step":
+            for kind in ("rlhf", "rlhf-b0"):
+                steps[(kind, shape_name(row), name)].append(row)
         elif row["bench"] in STEPS:
             steps[(STEPS[row["bench"]], shape_name(row), name)].append(row)
         else:
@@ -85,6 +92,7 @@ if steps:
                     f"{k[:-9]} {statistics.median(r[k] for r in rows):.3f}" for k in split))
         ratios = [f"{med['peer'] / med[n]:.2f}x" if n in med and "peer" in med else "–"
                   for n in names if n != "peer"]
-        label = "RLHF (RLOO)" if kind == "rlhf" else "reward model"
+        label = {"rlhf": "RLHF (RLOO), both β 0.1", "rlhf-b0": "RLHF (RLOO), TRL at β 0",
+                 "reward": "reward model"}[kind]
         print(f"| {label} `{shape}` | " + " | ".join(cells) + " | " + " | ".join(ratios) + " | "
               + "; ".join(parts) + " |")
