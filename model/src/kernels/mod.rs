@@ -1,10 +1,10 @@
 //! Fused CPU kernels for `flex`: Gemma's element-wise and row-wise passes
-//! (GeGLU, RMSNorm, the capped attention softmax, the vocabulary
+//! (GeGLU, RMSNorm, RoPE, the capped attention softmax, the vocabulary
 //! log-softmax and final soft-cap, the gradient norm's sum of squares and
 //! the clipping scale, the AdamW step) in
 //! one pass over memory each way, split over the cores, with their own
-//! backward under autodiff; and the linear layers' products as one gemm
-//! call each way (`linear`).
+//! backward under autodiff; and the linear layers' and attention's products
+//! as direct gemm calls each way (`linear`, `matmul`).
 //!
 //! Burn's `flex` runs each element-wise op as its own single-threaded pass
 //! (scalar `expf` included); a GeGLU is ~8 of them forward and more
