@@ -59,6 +59,66 @@ impl<'a> View<'a> {
     }
 }
 
+/// A matrix as gemm reads it: its first element and the strides between
+/// rows and between columns.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// Writes `dst (i, j) = Σ_l a(i, l)·b(l, j)` for an `m × n` product with
+/// inner dimension `k`, without reading `dst` first.
+///
+/// # Safety
+/// `dst` must be valid for writes at `i·dst_rs + j·dst_cs` for every `i < m`,
+/// `j < n`, with no other thread writing those elements meanwhile, and `a`,
+/// `b` valid for reads through their strides over `m × k` and `k × n`.
+pub(crate) unsafe fn write_product(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    [dst_rs, dst_cs]: [isize; 2],
+    a: Strided,
+    b: Strided,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract is gemm's with `read_dst` false.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs,
+            dst_rs,
+            false,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+impl View<'_> {
+    fn strided(&self, offset: isize) -> Strided {
+        Strided {
+            ptr: self.data.as_ptr().wrapping_offset(offset),
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+}
+
 /// `out [m, n] = a [m, k] · b [k, n]`, row-major out.
 fn product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
     assert!(a.data.len() >= m * k && b.data.len() >= k * n);
@@ -76,28 +136,16 @@ fn product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
         return out;
     }
     // SAFETY: the views hold `m·k` and `k·n` elements read through their
-    // strides (asserted); gemm writes each of the `m·n` outputs once
-    // without reading them (`read_dst` false), so all are set after it.
+    // strides (asserted); each of the `m·n` outputs (within the capacity) is
+    // written once, so all are set after it.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        let (a, b) = (a.strided(0), b.strided(0));
+        write_product(
+            [m, n, k],
             out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.cs,
-            a.rs,
-            b.data.as_ptr(),
-            b.cs,
-            b.rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+            [n as isize, 1],
+            a,
+            b,
             parallelism,
         );
         out.set_len(m * n);
@@ -126,25 +174,14 @@ fn by_column_blocks(m: usize, n: usize, k: usize, a: View, b: View, out: &mut Ve
         // each once without reading (`read_dst` false); `b`'s columns from
         // `from` on are within `b.data` (asserted by the caller).
         unsafe {
-            gemm::gemm(
-                m,
-                cols,
-                k,
-                (base as *mut f32).add(from),
-                1,
-                n as isize,
-                false,
-                a.data.as_ptr(),
-                a.cs,
-                a.rs,
-                b.data.as_ptr().offset(from as isize * b.cs),
-                b.cs,
-                b.rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            let dst = (base as *mut f32).add(from);
+            let (a, b) = (a.strided(0), b.strided(from as isize * b.cs));
+            write_product(
+                [m, cols, k],
+                dst,
+                [n as isize, 1],
+                a,
+                b,
                 gemm::Parallelism::None,
             )
         }

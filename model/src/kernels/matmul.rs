@@ -17,6 +17,7 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::linear::{Strided, write_product};
 use super::{Fused, apply, contiguous};
 
 /// Matrices with at least this many multiply-adds are split over the cores
@@ -76,9 +77,13 @@ impl<'a> Operand<'a> {
         }
     }
 
-    fn matrix(&self, i: usize, j: usize) -> *const f32 {
+    fn matrix(&self, i: usize, j: usize) -> Strided {
         let at = self.at as isize + i as isize * self.batch[0] + j as isize * self.batch[1];
-        self.data[at as usize..].as_ptr()
+        Strided {
+            ptr: self.data[at as usize..].as_ptr(),
+            rs: self.rs,
+            cs: self.cs,
+        }
     }
 }
 
@@ -123,25 +128,12 @@ impl Output {
             // (`read_dst` false); the operands' extents were checked in
             // `Operand::of`.
             unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
+                write_product(
+                    [m, n, k],
                     (base as *mut f32).offset(at),
-                    strides[3],
-                    strides[2],
-                    false,
+                    [strides[2], strides[3]],
                     lhs.matrix(i, j),
-                    lhs.cs,
-                    lhs.rs,
                     rhs.matrix(i, j),
-                    rhs.cs,
-                    rhs.rs,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
                     parallelism,
                 )
             }
