@@ -13,12 +13,12 @@ use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
-use burn::backend::flex::{FlexTensor, Layout};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::linear::{Strided, write_product};
-use super::{Fused, apply, contiguous};
+use super::{Fused, apply, axis_order, contiguous, dense_strides, dims, laid_out};
 
 /// Matrices with at least this many multiply-adds are split over the cores
 /// one at a time; smaller ones run one per core.
@@ -91,32 +91,23 @@ impl<'a> Operand<'a> {
 /// dimension order of `like` (a view's order, or row-major).
 struct Output {
     values: Vec<f32>,
+    shape: [usize; 4],
     strides: [isize; 4],
 }
 
 impl Output {
     fn new(shape: [usize; 4], like: Option<&[isize]>) -> Self {
-        let mut order = [0usize, 1, 2, 3];
-        if let Some(s) = like {
-            // outermost first; ties (size-1 axes) keep row-major order
-            order.sort_by_key(|&d| std::cmp::Reverse((s[d], usize::from(shape[d] > 1), 3 - d)));
-        }
-        let mut strides = [0isize; 4];
-        let mut next = 1isize;
-        for &d in order.iter().rev() {
-            strides[d] = next;
-            next *= shape[d] as isize;
-        }
-        let n: usize = shape.iter().product();
+        let order = like.map_or([0, 1, 2, 3], |s| axis_order(&shape, s));
         Self {
-            values: Vec::with_capacity(n),
-            strides,
+            values: Vec::with_capacity(shape.iter().product()),
+            shape,
+            strides: dense_strides(shape, order),
         }
     }
 
     /// Fills every matrix with `lhs(i, j) · rhs(i, j)`.
-    fn fill(mut self, shape: [usize; 4], k: usize, lhs: &Operand, rhs: &Operand) -> FlexTensor {
-        let [b1, b2, m, n] = shape;
+    fn fill(mut self, k: usize, lhs: &Operand, rhs: &Operand) -> FlexTensor {
+        let [b1, b2, m, n] = self.shape;
         let base = self.values.as_mut_ptr() as usize;
         let strides = self.strides;
         let one = |idx: usize, parallelism| {
@@ -152,14 +143,8 @@ impl Output {
             // SAFETY: every element was written by one gemm call above.
             unsafe { self.values.set_len(count * m * n) };
         }
-        let layout = Layout::new(shape.to_vec().into(), self.strides.to_vec(), 0);
-        FlexTensor::from_data(TensorData::new(self.values, shape.to_vec())).with_layout(layout)
+        laid_out(self.values, &self.shape, &self.strides)
     }
-}
-
-fn dims(t: &FlexTensor) -> [usize; 4] {
-    let s = t.layout().shape();
-    [s[0], s[1], s[2], s[3]]
 }
 
 /// The operand itself when gemm can read it in place, else a contiguous copy.
@@ -179,7 +164,7 @@ impl Fused<2> for BatchedMatmul {
         let (a, b) = (readable(a), readable(b));
         let ([b1, b2, m, k], [_, _, _, n]) = (dims(&a), dims(&b));
         let (la, lb) = (Operand::of(&a).unwrap(), Operand::of(&b).unwrap());
-        let c = Output::new([b1, b2, m, n], None).fill([b1, b2, m, n], k, &la, &lb);
+        let c = Output::new([b1, b2, m, n], None).fill(k, &la, &lb);
         (c, tracked.then_some((a, b)))
     }
 }
@@ -199,14 +184,12 @@ impl Backward<Flex, 2> for BatchedMatmul {
         let [pa, pb] = &ops.parents;
         if let Some(node) = pa {
             let like = Some(a.layout().strides());
-            let da =
-                Output::new([b1, b2, m, k], like).fill([b1, b2, m, k], n, &ldc, &lb.transposed());
+            let da = Output::new([b1, b2, m, k], like).fill(n, &ldc, &lb.transposed());
             grads.register::<Flex>(node.id, da);
         }
         if let Some(node) = pb {
             let like = Some(b.layout().strides());
-            let db =
-                Output::new([b1, b2, k, n], like).fill([b1, b2, k, n], m, &la.transposed(), &ldc);
+            let db = Output::new([b1, b2, k, n], like).fill(m, &la.transposed(), &ldc);
             grads.register::<Flex>(node.id, db);
         }
     }

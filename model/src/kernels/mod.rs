@@ -31,7 +31,7 @@ mod testing;
 
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::ops::{Backward, NodeGuard, OpsKind};
-use burn::backend::flex::FlexTensor;
+use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Tensor, TensorData};
 
@@ -187,8 +187,42 @@ pub(crate) fn flex_tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
 }
 
+/// A dense buffer of `values` read through `strides` (a permutation of
+/// `shape`'s row-major layout).
+pub(crate) fn laid_out(values: Vec<f32>, shape: &[usize], strides: &[isize]) -> FlexTensor {
+    let layout = Layout::new(shape.to_vec().into(), strides.to_vec(), 0);
+    flex_tensor(values, shape).with_layout(layout)
+}
+
 pub(crate) fn shape_of(t: &FlexTensor) -> Vec<usize> {
     t.layout().shape().iter().copied().collect()
+}
+
+/// The shape of an `N`-dimensional tensor.
+pub(crate) fn dims<const N: usize>(t: &FlexTensor) -> [usize; N] {
+    let s = t.layout().shape();
+    std::array::from_fn(|i| s[i])
+}
+
+/// The first `N` axes in memory order, outermost first, by `strides`;
+/// ties put longer axes first, then row-major order, so a size-1 axis
+/// (whose stride means nothing) never splits the others.
+pub(crate) fn axis_order<const N: usize>(shape: &[usize], strides: &[isize]) -> [usize; N] {
+    let mut order = std::array::from_fn(|i| i);
+    order.sort_by_key(|&a| std::cmp::Reverse((strides[a], usize::from(shape[a] > 1), N - a)));
+    order
+}
+
+/// The strides of a dense `shape` whose axes lie in memory in `order`
+/// (outermost first).
+pub(crate) fn dense_strides<const N: usize>(shape: [usize; N], order: [usize; N]) -> [isize; N] {
+    let mut strides = [0isize; N];
+    let mut next = 1isize;
+    for &axis in order.iter().rev() {
+        strides[axis] = next;
+        next *= shape[axis] as isize;
+    }
+    strides
 }
 
 /// A plain (not autodiff) flex tensor's primitive.

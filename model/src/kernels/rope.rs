@@ -14,10 +14,13 @@ use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
-use burn::backend::flex::{FlexTensor, Layout};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{DType, Tensor};
 
-use super::{Fused, GRAIN, apply, contiguous, f32s, multiversion, par_outputs};
+use super::{
+    Fused, GRAIN, apply, axis_order, contiguous, dense_strides, dims, f32s, laid_out, multiversion,
+    par_outputs,
+};
 
 /// `x [b, h, t, d] · cos + rotate_half(x) · sin` for tables `[b or 1, 1, t, d]`;
 /// `Err` gives `x` back where the kernel does not apply.
@@ -127,15 +130,8 @@ impl Rope {
                 f(idx, table, y);
             }
         });
-        let mut strides = [0isize; 4];
-        strides[3] = 1;
-        let mut next = d as isize;
-        for &axis in order.iter().rev() {
-            strides[axis] = next;
-            next *= shape[axis] as isize;
-        }
-        let layout = Layout::new(shape.to_vec().into(), strides.to_vec(), 0);
-        FlexTensor::from_data(TensorData::new(y, shape.to_vec())).with_layout(layout)
+        let strides = dense_strides(shape, [order[0], order[1], order[2], 3]);
+        laid_out(y, &shape, &strides)
     }
 
     fn tables(&self) -> (&[f32], &[f32]) {
@@ -143,23 +139,15 @@ impl Rope {
     }
 }
 
-fn shape4(t: &FlexTensor) -> [usize; 4] {
-    let s = t.layout().shape();
-    [s[0], s[1], s[2], s[3]]
-}
-
 /// The order of `t`'s first three axes in memory, outermost first.
 fn order_of(t: &FlexTensor) -> [usize; 3] {
-    let (s, n) = (t.layout().strides(), t.layout().shape());
-    let mut order = [0usize, 1, 2];
-    order.sort_by_key(|&a| std::cmp::Reverse((s[a], usize::from(n[a] > 1), 2 - a)));
-    order
+    axis_order(t.layout().shape(), t.layout().strides())
 }
 
 impl Fused<1> for Rope {
     fn forward(&self, [x]: [FlexTensor; 1], tracked: bool) -> (FlexTensor, Option<Self::State>) {
         let x = readable(x);
-        let shape = shape4(&x);
+        let shape = dims(&x);
         let d = shape[3];
         let order = order_of(&x);
         let rows = Rows::of(&x).unwrap();

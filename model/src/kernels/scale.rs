@@ -4,7 +4,6 @@
 //! element is `g · (s as f32)`, as Burn's `mul_scalar` rounds it.
 
 use burn::backend::Flex;
-use burn::backend::flex::Layout;
 use burn::tensor::Tensor;
 
 use super::{GRAIN, dense_f32s, multiversion};
@@ -32,12 +31,12 @@ pub fn scale<const D: usize>(x: Tensor<D>, s: f64) -> Result<Tensor<D>, Box<Tens
         chunk(super::chunk(values, i, GRAIN), s, y)
     });
     // the same strides over a buffer that starts at the first element
-    let layout = t.layout();
-    let layout = Layout::new(layout.shape().clone(), layout.strides().to_vec(), 0);
     let shape = super::shape_of(&t);
-    Ok(Tensor::from_primitive::<Flex>(
-        super::flex_tensor(out, &shape).with_layout(layout),
-    ))
+    Ok(Tensor::from_primitive::<Flex>(super::laid_out(
+        out,
+        &shape,
+        t.layout().strides(),
+    )))
 }
 
 #[cfg(test)]
