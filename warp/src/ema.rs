@@ -8,7 +8,7 @@
 
 use posttrain_model::params::ParamMap;
 
-use crate::{WarpError, combine};
+use crate::{WarpError, combine, weighted};
 
 pub fn ema(anchor: &ParamMap, policy: &ParamMap, mu: f64) -> Result<ParamMap, WarpError> {
     if !(0.0..=1.0).contains(&mu) {
@@ -16,9 +16,7 @@ pub fn ema(anchor: &ParamMap, policy: &ParamMap, mu: f64) -> Result<ParamMap, Wa
             "μ must lie in [0, 1], got {mu}"
         )));
     }
-    combine(anchor, policy, |a, p| {
-        a.mul_scalar(1.0 - mu).add(p.mul_scalar(mu))
-    })
+    combine(anchor, policy, |a, p| weighted(a, 1.0 - mu, p, mu))
 }
 
 #[cfg(test)]

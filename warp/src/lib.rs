@@ -53,6 +53,19 @@ pub fn check_same(a: &ParamMap, b: &ParamMap) -> Result<(), WarpError> {
     Ok(())
 }
 
+/// `a·ca + b·cb`, fused on flex.
+fn weighted(
+    a: burn::tensor::Tensor<1>,
+    ca: f64,
+    b: burn::tensor::Tensor<1>,
+    cb: f64,
+) -> burn::tensor::Tensor<1> {
+    posttrain_model::kernels::weighted_sum::weighted_sum(a, ca, b, cb).unwrap_or_else(|back| {
+        let (a, b) = *back;
+        a.mul_scalar(ca).add(b.mul_scalar(cb))
+    })
+}
+
 /// `Σ_names f(a, b)` with `f` elementwise, tensor by tensor.
 fn combine(
     a: &ParamMap,

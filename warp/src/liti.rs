@@ -7,15 +7,13 @@
 
 use posttrain_model::params::ParamMap;
 
-use crate::{WarpError, combine};
+use crate::{WarpError, combine, weighted};
 
 pub fn liti(init: &ParamMap, merged: &ParamMap, eta: f64) -> Result<ParamMap, WarpError> {
     if !eta.is_finite() {
         return Err(WarpError::Invalid(format!("η must be finite, got {eta}")));
     }
-    combine(init, merged, |i, m| {
-        i.mul_scalar(1.0 - eta).add(m.mul_scalar(eta))
-    })
+    combine(init, merged, |i, m| weighted(i, 1.0 - eta, m, eta))
 }
 
 #[cfg(test)]

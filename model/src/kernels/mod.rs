@@ -1,8 +1,8 @@
 //! Fused CPU kernels for `flex`: Gemma's element-wise and row-wise passes
 //! (GeGLU, RMSNorm, RoPE, the capped attention softmax, the vocabulary
 //! log-softmax and final soft-cap, the gradient norm's sum of squares and
-//! the clipping scale, the AdamW step) in
-//! one pass over memory each way, split over the cores, with their own
+//! the clipping scale, the AdamW step, the weighted sum of two parameter
+//! sets) in one pass over memory each way, split over the cores, with their own
 //! backward under autodiff; and the linear layers' and attention's products
 //! as direct gemm calls each way (`linear`, `matmul`).
 //!
@@ -28,6 +28,7 @@ pub mod softmax;
 pub mod sum_squares;
 #[cfg(test)]
 mod testing;
+pub mod weighted_sum;
 
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::ops::{Backward, NodeGuard, OpsKind};
