@@ -20,11 +20,15 @@ STEPS = {"trl_rloo": "rlhf", "rlhf_step": "rlhf", "trl_reward": "reward", "rewar
 runs = defaultdict(list)
 steps = defaultdict(list)
 matmul = defaultdict(list)
+bandwidth = []
 for who in ("peer", "posttrain"):
     for line in (out / f"{who}.jsonl").read_text().splitlines():
         if not line.startswith('{"'):
             continue  # TRL prints its log dicts to stdout too
         row = json.loads(line)
+        if row["bench"] == "bandwidth":
+            bandwidth.append(row["read_gbs_best"])
+            continue
         name = who if who == "peer" else f"posttrain {row['backend']}"
         if row["bench"] == "matmul":
             matmul[name].append(row["gflops_best"])
@@ -71,6 +75,12 @@ mfu = {k: statistics.median(r["mfu"] for r in rows) for k, rows in runs.items()
 if mfu:
     print("\nMFU (model FLOPs / that process's or round's matmul peak): " + "; ".join(
         f"{b} {s} {n} {v:.2f}" for (b, s, n), v in sorted(mfu.items())))
+bound = {k: statistics.median(r["of_bandwidth_bound"] for r in rows) for k, rows in runs.items()
+         if all(isinstance(r.get("of_bandwidth_bound"), float) for r in rows)}
+if bound:
+    print(f"\nSampling against its bandwidth bound (batch × read GB/s / weight bytes; read rate "
+          f"{statistics.median(bandwidth) if bandwidth else float('nan'):.1f} GB/s): " + "; ".join(
+              f"{s} {n} {v:.2f}" for (b, s, n), v in sorted(bound.items())))
 print(f"\n{len(next(iter(runs.values())))} rounds; medians; peak RSS is the largest seen.")
 if steps:
     print("\n| step | " + " | ".join(f"{n} s/step (peak RSS MB)" for n in names) + " | "

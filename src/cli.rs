@@ -221,6 +221,8 @@ pub enum BenchCase {
     Sample,
     /// An fp32 2048³ matmul through the backend: the practical peak that MFU is measured against.
     Matmul,
+    /// Memory read rate (a 512 MiB f32 buffer summed by one thread per core, best of 10): the bound a decoding step, which reads every weight once, runs against.
+    Bandwidth,
     /// `rlhf` steps (the stage's own loop: RLOO, KL to an EMA anchor, the task's scorer as reward) split into rollout / reward / reference log-probs / update, as TRL's RLOOTrainer is measured.
     RlhfStep,
     /// `reward` steps (Bradley–Terry on random pairs through the stage's own loop), as TRL's RewardTrainer is measured.
@@ -271,6 +273,9 @@ pub struct BenchArgs {
     /// Peak GFLOP/s for MFU; by default the 2048³ matmul rate is measured first (best of 10).
     #[arg(long)]
     pub peak_gflops: Option<f64>,
+    /// Memory read GB/s for sampling's bandwidth bound; by default measured first (`--case bandwidth`) when sampling is benchmarked.
+    #[arg(long)]
+    pub peak_gbs: Option<f64>,
 }
 
 #[derive(Debug, Args)]

@@ -160,6 +160,44 @@ fn matmul_gflops(n: usize, reps: usize, device: &Device) -> (f64, f64) {
     (flops / best / 1e9, flops / median(times) / 1e9)
 }
 
+/// The best rate (GB/s) at which one thread per core sums its share of a
+/// 512 MiB f32 buffer.
+fn read_bandwidth(reps: usize) -> f64 {
+    const N: usize = 1 << 27;
+    let data = vec![1.0f32; N];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let part = N.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..1 + reps {
+        let t0 = Instant::now();
+        let sum: f32 = std::thread::scope(|s| {
+            let parts: Vec<_> = data
+                .chunks(part)
+                .map(|c| s.spawn(|| lanes_sum(c)))
+                .collect();
+            parts
+                .into_iter()
+                .map(|p| p.join().expect("summing thread"))
+                .sum()
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+        std::hint::black_box(sum);
+    }
+    (N * size_of::<f32>()) as f64 / best / 1e9
+}
+
+/// `Σ x` in 16 independent lanes, so the loop vectorises.
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let mut rows = x.chunks_exact(16);
+    for row in &mut rows {
+        for (lane, v) in lanes.iter_mut().zip(row) {
+            *lane += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + rows.remainder().iter().sum::<f32>()
+}
+
 fn bench_sample(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serde_json::Value> {
     let model = Gemma2ForCausalLM::new(c, &mut RandomInit::new(0), device)?;
     let mut rng = StdRng::seed_from_u64(0);
@@ -187,6 +225,7 @@ fn bench_sample(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serd
         "bench": "generate",
         "batch": a.batch, "prompt": a.prompt, "new": a.new, "reps": a.reps,
         "n_params": c.num_params(),
+        "weight_bytes": c.num_params() * size_of::<f32>(),
         "tokens_per_s": ((a.batch * a.new) as f64 / wall * 10.0).round() / 10.0,
         "wall_s_median": wall,
         "achieved_gflops": flops / wall / 1e9,
@@ -378,6 +417,18 @@ pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
         ),
         (None, None) => unreachable!("measured when no peak is given"),
     };
+    let wants_bandwidth = args.case.contains(&BenchCase::Bandwidth);
+    let measured_gbs = (wants_bandwidth
+        || (args.peak_gbs.is_none() && args.case.contains(&BenchCase::Sample)))
+    .then(|| read_bandwidth(10));
+    if let (true, Some(gbs)) = (wants_bandwidth, measured_gbs) {
+        let line = json!({
+            "bench": "bandwidth", "bytes": 1usize << 29, "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "reps": 10, "read_gbs_best": gbs,
+        });
+        crate::print_stdout(&format!("{line}\n"))?;
+    }
+    let gbs = args.peak_gbs.or(measured_gbs);
     for &shape in &args.shape {
         let config = shape_config(shape);
         for &case in &args.case {
@@ -386,8 +437,17 @@ pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
                 BenchCase::Sample => bench_sample(&config, &args, &device)?,
                 BenchCase::RlhfStep => bench_rlhf_step(&config, &args, &device)?,
                 BenchCase::RewardStep => bench_reward_step(&config, &args, &device)?,
-                BenchCase::Matmul => continue,
+                BenchCase::Matmul | BenchCase::Bandwidth => continue,
             };
+            if let (BenchCase::Sample, Some(gbs)) = (case, gbs) {
+                // every decoding step reads all weights once
+                let steps_per_s = gbs * 1e9 / line["weight_bytes"].as_f64().unwrap_or(f64::NAN);
+                let bound = steps_per_s * args.batch as f64;
+                line["peak_gbs"] = gbs.into();
+                line["bandwidth_bound_tokens_per_s"] = bound.round().into();
+                line["of_bandwidth_bound"] =
+                    (line["tokens_per_s"].as_f64().unwrap_or(f64::NAN) / bound).into();
+            }
             line["mfu"] = (line["achieved_gflops"].as_f64().unwrap_or(f64::NAN) / peak).into();
             line["peak_gflops"] = peak.into();
             line["peak_src"] = peak_src.clone().into();
@@ -397,4 +457,18 @@ pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lanes_sum;
+
+    #[test]
+    fn lanes_sum_by_hand() {
+        let x: Vec<f32> = (1..=35).map(|i| i as f32).collect();
+        // 35 · 36 / 2, with a remainder of 3 past two rows of 16
+        assert_eq!(lanes_sum(&x), 630.0);
+        assert_eq!(lanes_sum(&x[..16]), 136.0);
+        assert_eq!(lanes_sum(&[]), 0.0);
+    }
 }
