@@ -36,11 +36,15 @@ pub enum LayerMask {
 }
 
 /// Keys and values of one layer, after RoPE and before head repetition:
-/// `[batch, kv_heads, columns, head_dim]`.
+/// buffers `[batch, kv_heads, capacity, head_dim]` holding columns
+/// `start..end`. New columns are written in place; a full buffer moves the
+/// columns it holds into one of twice their number.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
-    pub k: Option<Tensor<4>>,
-    pub v: Option<Tensor<4>>,
+    k: Option<Tensor<4>>,
+    v: Option<Tensor<4>>,
+    start: usize,
+    end: usize,
 }
 
 impl Attention {
@@ -98,12 +102,7 @@ impl Attention {
         let mut k = rope.apply(self.split_heads(self.k_proj.forward(x.clone()), self.kv_heads));
         let mut v = self.split_heads(self.v_proj.forward(x), self.kv_heads);
         if let Some(cache) = cache {
-            if let (Some(pk), Some(pv)) = (cache.k.take(), cache.v.take()) {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
-            }
-            cache.k = Some(k.clone());
-            cache.v = Some(v.clone());
+            (k, v) = cache.append(k, v);
         }
         let out = match mask {
             LayerMask::Bias(bias) => self.differentiable(q, k, v, bias.clone()),
@@ -145,8 +144,21 @@ impl Attention {
             softcap: self.softcap,
             is_causal: false,
         };
-        let mask = mask.map(|m| m.expand([b, kv, g, s]));
-        attention(q.reshape([b, kv, g, d]), k, v, mask, None, options).reshape([b, h, 1, d])
+        let q = q.reshape([b, kv, g, d]);
+        let out = crate::kernels::decode_attention::decode_attention(
+            q,
+            k,
+            v,
+            mask,
+            self.scale,
+            self.softcap,
+        )
+        .unwrap_or_else(|operands| {
+            let (q, k, v, mask) = *operands;
+            let mask = mask.map(|m| m.expand([b, kv, g, s]));
+            attention(q, k, v, mask, None, options)
+        });
+        out.reshape([b, h, 1, d])
     }
 
     /// Attention from differentiable ops, for training: the query heads that
@@ -196,21 +208,51 @@ fn product(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
 }
 
 impl LayerCache {
+    /// Appends `[batch, kv_heads, new, head_dim]` keys and values and
+    /// returns all the columns held, as views of the buffers.
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let [b, kv, new, d] = k.dims();
+        let held = self.end - self.start;
+        let capacity = self.k.as_ref().map_or(0, |k| k.dims()[2]);
+        if self.end + new > capacity {
+            let capacity = 2 * (held + new);
+            let start = self.start;
+            let grow = |old: Option<Tensor<4>>, device: &Device| {
+                let buffer = Tensor::zeros([b, kv, capacity, d], device);
+                match old {
+                    Some(old) if held > 0 => buffer
+                        .slice_assign([0..b, 0..kv, 0..held, 0..d], old.narrow(2, start, held)),
+                    _ => buffer,
+                }
+            };
+            let device = k.device();
+            self.k = Some(grow(self.k.take(), &device));
+            self.v = Some(grow(self.v.take(), &device));
+            (self.start, self.end) = (0, held);
+        }
+        let at = [0..b, 0..kv, self.end..self.end + new, 0..d];
+        let kb = self
+            .k
+            .take()
+            .expect("allocated")
+            .slice_assign(at.clone(), k);
+        let vb = self.v.take().expect("allocated").slice_assign(at, v);
+        self.end += new;
+        let held = self.end - self.start;
+        let views = (
+            kb.clone().narrow(2, self.start, held),
+            vb.clone().narrow(2, self.start, held),
+        );
+        (self.k, self.v) = (Some(kb), Some(vb));
+        views
+    }
+
     /// Drops all but the last `keep` columns.
     pub fn keep_last(&mut self, keep: usize) {
-        for slot in [&mut self.k, &mut self.v] {
-            if let Some(t) = slot.take() {
-                let s = t.dims()[2];
-                *slot = Some(if s > keep {
-                    t.narrow(2, s - keep, keep)
-                } else {
-                    t
-                });
-            }
-        }
+        self.start = self.start.max(self.end.saturating_sub(keep));
     }
 
     pub fn columns(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[2])
+        self.end - self.start
     }
 }

@@ -3,8 +3,9 @@
 //! log-softmax and final soft-cap, the gradient norm's sum of squares and
 //! the clipping scale, the AdamW step, the weighted sum of two parameter
 //! sets) in one pass over memory each way, split over the cores, with their own
-//! backward under autodiff; and the linear layers' and attention's products
-//! as direct gemm calls each way (`linear`, `matmul`).
+//! backward under autodiff; the linear layers' and attention's products
+//! as direct gemm calls each way (`linear`, `matmul`); and a decoding
+//! step's attention over the KV cache where it lies (`decode_attention`).
 //!
 //! Burn's `flex` runs each element-wise op as its own single-threaded pass
 //! (scalar `expf` included); a GeGLU is ~8 of them forward and more
@@ -16,6 +17,7 @@
 //! entry point returns its operands back (`Err`) when it does not apply.
 
 pub mod adamw;
+pub mod decode_attention;
 pub(crate) mod exp;
 pub mod geglu;
 pub mod linear;
