@@ -45,6 +45,7 @@ pub struct LayerCache {
     v: Option<Tensor<4>>,
     start: usize,
     end: usize,
+    reserve: usize,
 }
 
 impl Attention {
@@ -215,7 +216,7 @@ impl LayerCache {
         let held = self.end - self.start;
         let capacity = self.k.as_ref().map_or(0, |k| k.dims()[2]);
         if self.end + new > capacity {
-            let capacity = 2 * (held + new);
+            let capacity = (2 * (held + new)).max(self.reserve);
             let start = self.start;
             let grow = |old: Option<Tensor<4>>, device: &Device| {
                 let buffer = Tensor::zeros([b, kv, capacity, d], device);
@@ -245,6 +246,11 @@ impl LayerCache {
         );
         (self.k, self.v) = (Some(kb), Some(vb));
         views
+    }
+
+    /// Room for `columns` columns when the first buffer is made.
+    pub(crate) fn reserve(&mut self, columns: usize) {
+        self.reserve = columns;
     }
 
     /// Drops all but the last `keep` columns.

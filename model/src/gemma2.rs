@@ -119,6 +119,16 @@ impl KvCache {
         }
     }
 
+    /// The same cache with room for `columns` columns in every layer's
+    /// first buffer (a decoding loop's prompt and new tokens), so that it
+    /// never grows.
+    pub fn reserving(mut self, columns: usize) -> Self {
+        for layer in &mut self.layers {
+            layer.reserve(columns);
+        }
+        self
+    }
+
     pub fn columns(&self) -> usize {
         self.columns
     }

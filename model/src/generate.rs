@@ -159,8 +159,8 @@ pub fn generate(
         .map(|r| StdRng::seed_from_u64(row_seed(config.seed, first_row + r as u64)))
         .collect();
     let vocab = model.vocab_size();
-    let mut cache = KvCache::new(&model.model, n);
     let mut batch = TokenBatch::new(prompts, pad_id, Padding::Left);
+    let mut cache = KvCache::new(&model.model, n).reserving(batch.len + config.max_new_tokens);
     let mut done = vec![false; n];
     for _ in 0..config.max_new_tokens {
         let logits = model
@@ -210,17 +210,19 @@ pub fn sample(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> u3
         }
         return best as u32;
     }
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let by_logit_desc = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    if config.top_k > 0 && config.top_k < idx.len() {
-        idx.select_nth_unstable_by(config.top_k - 1, by_logit_desc);
-        idx.truncate(config.top_k);
+    // ids by logit, largest first (`total_cmp`), ties by id: one integer
+    // per id, sorted without looking the logits up in every comparison
+    let mut keys: Vec<u64> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| u64::from(!total_order_bits(x)) << 32 | i as u64)
+        .collect();
+    if config.top_k > 0 && config.top_k < keys.len() {
+        keys.select_nth_unstable(config.top_k - 1);
+        keys.truncate(config.top_k);
     }
-    idx.sort_unstable_by(by_logit_desc);
+    keys.sort_unstable();
+    let idx: Vec<u32> = keys.iter().map(|&k| k as u32).collect();
     let inv_t = 1.0 / config.temperature as f64;
     let max = logits[idx[0] as usize] as f64 * inv_t;
     let mut probs: Vec<f64> = idx
@@ -252,9 +254,40 @@ pub fn sample(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> u3
     idx[probs.len() - 1]
 }
 
+/// `x`'s bits as an integer that orders as `f32::total_cmp` does.
+fn total_order_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 { !b } else { b | 1 << 31 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn total_order_bits_orders_as_total_cmp() {
+        let xs = [
+            f32::NEG_INFINITY,
+            -3.5,
+            -0.0,
+            0.0,
+            f32::MIN_POSITIVE,
+            1.0,
+            1.0 + f32::EPSILON,
+            f32::INFINITY,
+            f32::NAN,
+            -f32::NAN,
+        ];
+        for a in xs {
+            for b in xs {
+                assert_eq!(
+                    total_order_bits(a).cmp(&total_order_bits(b)),
+                    a.total_cmp(&b),
+                    "{a} {b}"
+                );
+            }
+        }
+    }
 
     fn draws(logits: &[f32], config: &SamplingConfig, n: usize) -> Vec<usize> {
         let mut rng = StdRng::seed_from_u64(1);
