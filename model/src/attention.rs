@@ -99,9 +99,10 @@ impl Attention {
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
-        let q = rope.apply(self.split_heads(self.q_proj.forward(x.clone()), self.heads));
-        let mut k = rope.apply(self.split_heads(self.k_proj.forward(x.clone()), self.kv_heads));
-        let mut v = self.split_heads(self.v_proj.forward(x), self.kv_heads);
+        let [q, k, v] = Linear::forward_each(x, [&self.q_proj, &self.k_proj, &self.v_proj]);
+        let q = rope.apply(self.split_heads(q, self.heads));
+        let mut k = rope.apply(self.split_heads(k, self.kv_heads));
+        let mut v = self.split_heads(v, self.kv_heads);
         if let Some(cache) = cache {
             (k, v) = cache.append(k, v);
         }

@@ -67,6 +67,33 @@ impl Linear {
         }
     }
 
+    /// [`Linear::forward`] of each layer on the same `x`; plain layers (no
+    /// LoRA factors) share one product call (see
+    /// [`crate::skinny_matmul::matmul_transposed_each`]).
+    pub fn forward_each<const D: usize, const N: usize>(
+        x: Tensor<D>,
+        layers: [&Linear; N],
+    ) -> [Tensor<D>; N] {
+        if layers
+            .iter()
+            .any(|l| l.lora_a.is_some() || l.lora_b.is_some())
+        {
+            return layers.map(|l| l.forward(x.clone()));
+        }
+        let dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows: usize = dims[..D - 1].iter().product();
+        let ys = crate::skinny_matmul::matmul_transposed_each(
+            x.reshape([rows, d_in]),
+            layers.map(|l| l.weight.val()),
+        );
+        ys.map(|y| {
+            let mut out = dims;
+            out[D - 1] = y.dims()[1];
+            y.reshape(out)
+        })
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let d_in = dims[D - 1];
@@ -211,7 +238,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let [gate, up] = Linear::forward_each(x, [&self.gate_proj, &self.up_proj]);
         let hidden = crate::kernels::geglu::geglu(gate, up).unwrap_or_else(|back| {
             let [gate, up] = *back;
             gelu_tanh(gate) * up

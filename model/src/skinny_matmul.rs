@@ -20,6 +20,21 @@ pub const MAX_ROWS: usize = 32;
 /// Below this many multiply-adds one thread does the whole product.
 const PARALLEL_MIN: usize = 1 << 17;
 
+/// `x · wᵢᵀ` for each `wᵢ`: with few rows, one streaming pass of both
+/// threads for all (a decoding step's `q`, `k`, `v` or gate and up
+/// projections), so the threads meet once instead of once per product;
+/// otherwise [`matmul_transposed`] each.
+pub fn matmul_transposed_each<const N: usize>(x: Tensor<2>, ws: [Tensor<2>; N]) -> [Tensor<2>; N] {
+    let [m, k] = x.dims();
+    if m <= MAX_ROWS
+        && streaming_supported()
+        && let Some(ys) = streamed_each(x.clone(), ws.to_vec(), m, k)
+    {
+        return ys.try_into().expect("one output per weight");
+    }
+    ws.map(|w| matmul_transposed(x.clone(), w))
+}
+
 /// `x · wᵀ` for `x: [m, k]`, `w: [n, k]`.
 pub fn matmul_transposed(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     let [m, k] = x.dims();
@@ -75,73 +90,116 @@ fn wide_kernel() -> bool {
 }
 
 fn streamed(x: Tensor<2>, w: Tensor<2>, m: usize, k: usize) -> Option<Tensor<2>> {
-    let x: FlexTensor = x.try_into_primitive::<Flex>().ok()?;
-    let w: FlexTensor = w.try_into_primitive::<Flex>().ok()?;
-    if x.dtype() != DType::F32 || !w.is_contiguous() {
-        return None;
-    }
-    let n = w.layout().shape()[0];
-    let start = w.layout().start_offset();
-    let x = x.into_data();
-    let x = x.as_slice::<f32>().ok()?;
-    let mut out = vec![0.0f32; m * n];
-    match w.dtype() {
-        DType::F32 => multiply(
-            x,
-            &w.storage::<f32>()[start..start + n * k],
-            &mut out,
-            m,
-            k,
-            n,
-        ),
-        DType::BF16 => multiply(
-            x,
-            &w.storage::<half::bf16>()[start..start + n * k],
-            &mut out,
-            m,
-            k,
-            n,
-        ),
-        _ => return None,
-    }
-    let out = FlexTensor::from_data(TensorData::new(out, [m, n]));
-    Some(Tensor::from_primitive::<Flex>(out))
+    streamed_each(x, vec![w], m, k)?.pop()
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major: the AVX-512 or
-/// AVX2/FMA kernel where the CPU has them (checked at run time), plain
-/// loops elsewhere.
+/// `x · wᵢᵀ` for every `wᵢ` (all of one dtype) through the streaming
+/// kernel, in one pass of both threads.
+fn streamed_each(x: Tensor<2>, ws: Vec<Tensor<2>>, m: usize, k: usize) -> Option<Vec<Tensor<2>>> {
+    let x: FlexTensor = x.try_into_primitive::<Flex>().ok()?;
+    let ws: Vec<FlexTensor> = ws
+        .into_iter()
+        .map(|w| w.try_into_primitive::<Flex>().ok())
+        .collect::<Option<_>>()?;
+    let dtype = ws.first()?.dtype();
+    if x.dtype() != DType::F32
+        || ws
+            .iter()
+            .any(|w| !w.is_contiguous() || w.dtype() != dtype || w.layout().shape()[1] != k)
+    {
+        return None;
+    }
+    let ns: Vec<usize> = ws.iter().map(|w| w.layout().shape()[0]).collect();
+    let x = x.into_data();
+    let x = x.as_slice::<f32>().ok()?;
+    let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0.0f32; m * n]).collect();
+    // each weight's `n × k` elements
+    macro_rules! rows {
+        ($t:ty) => {
+            ws.iter()
+                .map(|w| {
+                    let (start, n) = (w.layout().start_offset(), w.layout().shape()[0]);
+                    &w.storage::<$t>()[start..start + n * k]
+                })
+                .collect::<Vec<&[$t]>>()
+        };
+    }
+    match dtype {
+        DType::F32 => multiply_each(x, &rows!(f32), &mut outs, m, k),
+        DType::BF16 => multiply_each(x, &rows!(half::bf16), &mut outs, m, k),
+        _ => return None,
+    }
+    Some(
+        outs.into_iter()
+            .zip(ns)
+            .map(|(out, n)| {
+                Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(out, [m, n])))
+            })
+            .collect(),
+    )
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major.
+#[cfg(test)]
 fn multiply<W: Weight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    assert!(out.len() == m * n);
+    let mut outs = [vec![0.0; m * n]];
+    multiply_each(x, &[w], &mut outs, m, k);
+    out.copy_from_slice(&outs[0]);
+}
+
+/// `outs[i] = x[m, k] · ws[i]ᵀ` for weights `[nᵢ, k]`, all row-major: the
+/// AVX-512 or AVX2/FMA kernel where the CPU has them (checked at run time),
+/// plain loops elsewhere. The products' output columns, side by side, are
+/// split between the two threads at once, so they meet once for all.
+fn multiply_each<W: Weight>(x: &[f32], ws: &[&[W]], outs: &mut [Vec<f32>], m: usize, k: usize) {
+    assert!(x.len() == m * k && ws.len() == outs.len());
+    let ns: Vec<usize> = outs.iter().map(|o| o.len() / m.max(1)).collect();
+    for ((w, out), &n) in ws.iter().zip(outs.iter()).zip(&ns) {
+        assert!(w.len() == n * k && out.len() == m * n);
+    }
     if !streaming_supported() {
-        for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-            for (o, wr) in or.iter_mut().zip(w.chunks_exact(k)) {
-                *o = xr.iter().zip(wr).map(|(a, b)| a * b.to_f32()).sum();
+        for ((w, out), &n) in ws.iter().zip(outs.iter_mut()).zip(&ns) {
+            for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+                for (o, wr) in or.iter_mut().zip(w.chunks_exact(k)) {
+                    *o = xr.iter().zip(wr).map(|(a, b)| a * b.to_f32()).sum();
+                }
             }
         }
         return;
     }
-    let out = OutPtr(out.as_mut_ptr());
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let total: usize = ns.iter().sum();
+    // columns `range` of the products laid side by side
     let columns = |range: std::ops::Range<usize>| {
-        // SAFETY: AVX2 and FMA are checked above (and AVX-512F before its
-        // kernel), and so are the slices' lengths; each call writes only the output columns in `range`, and
-        // the two ranges are disjoint.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            if wide_kernel() {
-                avx512::columns(x, w, { out }.0, m, k, n, range)
-            } else {
-                avx2::columns(x, w, { out }.0, m, k, n, range)
+        let mut at = 0;
+        for ((&w, out), &n) in ws.iter().zip(&ptrs).zip(&ns) {
+            let (from, to) = (range.start.max(at), range.end.min(at + n));
+            if from < to {
+                let local = from - at..to - at;
+                // SAFETY: AVX2 and FMA are checked above (and AVX-512F
+                // before its kernel), and so are the slices' lengths; each
+                // call writes only the output columns in `local`, and the
+                // two threads' ranges are disjoint.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    if wide_kernel() {
+                        avx512::columns(x, w, out.0, m, k, n, local)
+                    } else {
+                        avx2::columns(x, w, out.0, m, k, n, local)
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!("{local:?}")
             }
+            at += n;
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("{range:?}")
     };
-    if m * n * k < PARALLEL_MIN || n < 16 || !crate::pair::has_two_cores() {
-        columns(0..n);
+    if m * total * k < PARALLEL_MIN || total < 16 || !crate::pair::has_two_cores() {
+        columns(0..total);
     } else {
-        let half = n / 2 / 4 * 4;
-        crate::pair::join(|| columns(0..half), || columns(half..n));
+        let half = total / 2 / 4 * 4;
+        crate::pair::join(|| columns(0..half), || columns(half..total));
     }
 }
 
@@ -510,6 +568,31 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Several products in one pass give each product's own bits, whichever
+    /// thread computes which of its columns.
+    #[test]
+    fn products_in_one_pass_give_the_bits_of_each() {
+        let device = Device::default();
+        let (m, k) = (8, 300);
+        let x = Tensor::<2>::from_data(TensorData::new(values(m * k, 1), [m, k]), &device);
+        let ws: [Tensor<2>; 3] = std::array::from_fn(|i| {
+            let n = [514, 130, 62][i];
+            Tensor::from_data(
+                TensorData::new(values(n * k, 2 + i as u32), [n, k]),
+                &device,
+            )
+        });
+        let each = matmul_transposed_each(x.clone(), ws.clone());
+        for (y, w) in each.into_iter().zip(ws) {
+            let alone = matmul_transposed(x.clone(), w);
+            assert_eq!(y.dims(), alone.dims());
+            assert_eq!(
+                y.into_data().try_into_vec::<f32>().unwrap(),
+                alone.into_data().try_into_vec::<f32>().unwrap()
+            );
         }
     }
 
