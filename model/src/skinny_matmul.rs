@@ -125,8 +125,8 @@ fn streamed_each(x: Tensor<2>, ws: Vec<Tensor<2>>, m: usize, k: usize) -> Option
         };
     }
     match dtype {
-        DType::F32 => multiply_each(x, &rows!(f32), &mut outs, m, k),
-        DType::BF16 => multiply_each(x, &rows!(half::bf16), &mut outs, m, k),
+        DType::F32 => multiply_each(x, &rows!(f32), &mut outs, m, k, &ns),
+        DType::BF16 => multiply_each(x, &rows!(half::bf16), &mut outs, m, k, &ns),
         _ => return None,
     }
     Some(
@@ -144,22 +144,28 @@ fn streamed_each(x: Tensor<2>, ws: Vec<Tensor<2>>, m: usize, k: usize) -> Option
 fn multiply<W: Weight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, n: usize) {
     assert!(out.len() == m * n);
     let mut outs = [vec![0.0; m * n]];
-    multiply_each(x, &[w], &mut outs, m, k);
+    multiply_each(x, &[w], &mut outs, m, k, &[n]);
     out.copy_from_slice(&outs[0]);
 }
 
-/// `outs[i] = x[m, k] · ws[i]ᵀ` for weights `[nᵢ, k]`, all row-major: the
+/// `outs[i] = x[m, k] · ws[i]ᵀ` for weights `[ns[i], k]`, all row-major: the
 /// AVX-512 or AVX2/FMA kernel where the CPU has them (checked at run time),
 /// plain loops elsewhere. The products' output columns, side by side, are
 /// split between the two threads at once, so they meet once for all.
-fn multiply_each<W: Weight>(x: &[f32], ws: &[&[W]], outs: &mut [Vec<f32>], m: usize, k: usize) {
-    assert!(x.len() == m * k && ws.len() == outs.len());
-    let ns: Vec<usize> = outs.iter().map(|o| o.len() / m.max(1)).collect();
-    for ((w, out), &n) in ws.iter().zip(outs.iter()).zip(&ns) {
+fn multiply_each<W: Weight>(
+    x: &[f32],
+    ws: &[&[W]],
+    outs: &mut [Vec<f32>],
+    m: usize,
+    k: usize,
+    ns: &[usize],
+) {
+    assert!(x.len() == m * k && ws.len() == outs.len() && ns.len() == outs.len());
+    for ((w, out), &n) in ws.iter().zip(outs.iter()).zip(ns) {
         assert!(w.len() == n * k && out.len() == m * n);
     }
     if !streaming_supported() {
-        for ((w, out), &n) in ws.iter().zip(outs.iter_mut()).zip(&ns) {
+        for ((w, out), &n) in ws.iter().zip(outs.iter_mut()).zip(ns) {
             for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
                 for (o, wr) in or.iter_mut().zip(w.chunks_exact(k)) {
                     *o = xr.iter().zip(wr).map(|(a, b)| a * b.to_f32()).sum();
@@ -173,7 +179,7 @@ fn multiply_each<W: Weight>(x: &[f32], ws: &[&[W]], outs: &mut [Vec<f32>], m: us
     // columns `range` of the products laid side by side
     let columns = |range: std::ops::Range<usize>| {
         let mut at = 0;
-        for ((&w, out), &n) in ws.iter().zip(&ptrs).zip(&ns) {
+        for ((&w, out), &n) in ws.iter().zip(&ptrs).zip(ns) {
             let (from, to) = (range.start.max(at), range.end.min(at + n));
             if from < to {
                 let local = from - at..to - at;
@@ -572,14 +578,15 @@ mod tests {
     }
 
     /// Several products in one pass give each product's own bits, whichever
-    /// thread computes which of its columns.
+    /// thread computes which of its columns (here the threads' split falls
+    /// at column 290 of the second product, off the kernel's blocks of 4).
     #[test]
     fn products_in_one_pass_give_the_bits_of_each() {
         let device = Device::default();
         let (m, k) = (8, 300);
         let x = Tensor::<2>::from_data(TensorData::new(values(m * k, 1), [m, k]), &device);
         let ws: [Tensor<2>; 3] = std::array::from_fn(|i| {
-            let n = [514, 130, 62][i];
+            let n = [62, 514, 130][i];
             Tensor::from_data(
                 TensorData::new(values(n * k, 2 + i as u32), [n, k]),
                 &device,
