@@ -141,18 +141,32 @@ pub struct SampleArgs {
     /// Feed the prompt text as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
-    /// Matrices in memory: bf16 halves it (products still in f32); auto: bf16 when the checkpoint stores bf16 or f16.
-    #[arg(long, value_enum, default_value_t = WeightsDtype::Auto)]
-    pub weights_dtype: WeightsDtype,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
 
+/// How a frozen model's matrices are held in memory; every product computes in f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightsDtype {
+    /// bf16 when the checkpoint stores bf16 or f16, else f32.
     Auto,
     F32,
+    /// Every matrix in bf16 (half of f32).
     Bf16,
+    /// The seven projections in 8 bits, one scale per 64 elements; embedding and norms as stored.
+    Int8,
+    /// The seven projections in 4-bit NF4 (QLoRA), one scale per 64 elements; embedding and norms as stored.
+    Nf4,
+}
+
+/// The frozen models a command loads (teacher, reference, reward model, sampled checkpoints).
+#[derive(Debug, Args)]
+pub struct FrozenArgs {
+    /// How frozen models hold their matrices in memory (teacher, references, reward model, sampled checkpoints).
+    #[arg(long, value_enum, default_value_t = WeightsDtype::Auto)]
+    pub weights_dtype: WeightsDtype,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +183,9 @@ pub struct LogitsArgs {
     /// Replace an existing output file.
     #[arg(long)]
     pub overwrite: bool,
+    /// How the model holds its matrices (default f32: the reference logits).
+    #[arg(long, value_enum, default_value_t = WeightsDtype::F32)]
+    pub weights_dtype: WeightsDtype,
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +361,8 @@ pub struct PrefsArgs {
     pub batch_size: usize,
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -410,6 +429,8 @@ pub struct DpoArgs {
     pub output: CheckpointOut,
     #[command(flatten)]
     pub train: TrainArgs,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -432,6 +453,8 @@ pub struct RewardScoreArgs {
     pub batch_size: usize,
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -522,15 +545,9 @@ pub struct MemoryArgs {
     /// Recompute memory-bound activations (norms, GELU, soft-caps, softmax) in the backward pass instead of keeping them.
     #[arg(long)]
     pub checkpoint_activations: bool,
-    /// A LoRA run's frozen base: auto keeps a 16-bit checkpoint's matrices in bf16 on the CPU (half the memory, products widen them block by block); f32 holds them widened (faster, twice the memory).
+    /// A LoRA run's frozen base: auto keeps a 16-bit checkpoint's matrices in bf16 on the CPU (half the memory, products widen them block by block); f32 holds them widened (faster, twice the memory); int8 / nf4 hold the seven projections in 8 / 4 bits (QLoRA), widened block by block in each product.
     #[arg(long, value_enum, default_value = "auto")]
-    pub base_dtype: BaseDtype,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BaseDtype {
-    Auto,
-    F32,
+    pub base_dtype: WeightsDtype,
 }
 
 /// LoRA: low-rank adapters trained on a frozen base; the output is then a
@@ -647,6 +664,8 @@ pub struct PretrainArgs {
     pub train: TrainArgs,
     #[command(flatten)]
     pub lm: LmArgs,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -725,6 +744,8 @@ pub struct SftArgs {
     pub train: TrainArgs,
     #[command(flatten)]
     pub lm: LmArgs,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -745,6 +766,8 @@ pub struct GenerateArgs {
     pub sampling: SamplingArgs,
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -863,6 +886,8 @@ pub struct RlhfArgs {
     pub resume: bool,
     #[command(flatten)]
     pub memory: MemoryArgs,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -955,6 +980,8 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Args)]

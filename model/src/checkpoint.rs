@@ -15,6 +15,7 @@ use crate::gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification};
 use crate::init::{CheckpointSource, RandomInit};
 use crate::lora::{Adaptable, Adapter};
 use crate::params::{ParamTensor, named_params, param_map, with_params};
+use crate::quant::QuantFormat;
 use crate::safetensors_io::{
     HostTensor, SINGLE_FILE, SaveDtype, Weights, to_safetensors_bytes, write_shards,
 };
@@ -37,21 +38,66 @@ pub fn load_config(dir: &Path) -> Result<Gemma2Config> {
     Gemma2Config::from_file(&path)
 }
 
-/// `compact`: matrices kept in bf16 (frozen models, see
-/// [`load_causal_lm_compact`]).
+/// How a frozen model's matrices are held in memory (every product
+/// computes in f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrozenDtype {
+    F32,
+    /// Every matrix in bf16.
+    Bf16,
+    /// The seven projections quantized ([`crate::quant`]); the embedding
+    /// and norms as the checkpoint stores them (bf16 for a 16-bit one).
+    Quantized(QuantFormat),
+}
+
+impl FrozenDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Quantized(f) => f.name(),
+        }
+    }
+
+    /// Bytes a model of `config` occupies held this way, with the embedding
+    /// and norms in `other_bytes` bytes per element.
+    pub fn model_bytes(self, config: &Gemma2Config, other_bytes: u64) -> u64 {
+        let all = config.num_params() as u64;
+        match self {
+            Self::F32 => 4 * all,
+            Self::Bf16 => 2 * all,
+            Self::Quantized(f) => {
+                let projections = config.projection_params() as u64;
+                (projections as f64 * f.bytes_per_element()) as u64
+                    + (all - projections) * other_bytes
+            }
+        }
+    }
+}
+
+/// Matrices held as `dtype` says (frozen models; f32 for training).
 fn load<M>(
     dir: &Path,
     device: &Device,
-    compact: bool,
+    dtype: FrozenDtype,
     build: impl FnOnce(&Gemma2Config, &mut CheckpointSource, &Device) -> Result<M>,
 ) -> Result<(Gemma2Config, M)> {
     let config = load_config(dir)?;
     let weights = Weights::open(dir)?;
     let mut source = CheckpointSource::new(&weights);
-    source.compact = compact;
+    set_holding(&mut source, dir, dtype)?;
     let model = build(&config, &mut source, device)?;
     source.finish()?;
     Ok((config, model))
+}
+
+fn set_holding(source: &mut CheckpointSource, dir: &Path, dtype: FrozenDtype) -> Result<()> {
+    (source.compact, source.quantize) = match dtype {
+        FrozenDtype::F32 => (false, None),
+        FrozenDtype::Bf16 => (true, None),
+        FrozenDtype::Quantized(f) => (stores_16_bit(dir)?, Some(f)),
+    };
+    Ok(())
 }
 
 /// Whether `device` keeps bf16 tensors for compact loading: the CPU (`flex`)
@@ -69,14 +115,18 @@ pub fn compact_supported(device: &Device) -> bool {
             .is_ok()
 }
 
-fn refuse_compact(dir: &Path, device: &Device) -> Result<()> {
-    if compact_supported(device) {
+/// Refuses a held dtype other than f32 where the backend has no kernel for
+/// it, before any weight is read.
+pub fn refuse_unsupported(dir: &Path, device: &Device, dtype: FrozenDtype) -> Result<()> {
+    if dtype == FrozenDtype::F32 || compact_supported(device) {
         return Ok(());
     }
     Err(ModelError::Output {
         path: dir.to_path_buf(),
-        reason: "bf16 weights are held only on the flex (CPU) backend; use --weights-dtype f32"
-            .into(),
+        reason: format!(
+            "{} weights are held only on the flex (CPU) backend; use --weights-dtype f32",
+            dtype.name()
+        ),
     })
 }
 
@@ -87,13 +137,26 @@ pub fn load_causal_lm_compact(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
-    refuse_compact(dir, device)?;
+    load_causal_lm_frozen(dir, device, FrozenDtype::Bf16)
+}
+
+/// A frozen causal LM, its matrices held as `dtype` says: a checkpoint, or
+/// an adapter directory on its base (merged, or kept as factors on a
+/// quantized base).
+pub fn load_causal_lm_frozen(
+    dir: &Path,
+    device: &Device,
+    dtype: FrozenDtype,
+) -> Result<(Gemma2Config, Gemma2ForCausalLM)> {
+    refuse_unsupported(dir, device, dtype)?;
     if let Some(adapter) = Adapter::find(dir)? {
-        let (config, base) = load_causal_lm_compact(&adapter.base, device)?;
+        let (config, base) = load_causal_lm_frozen(&adapter.base, device, dtype)?;
         let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
         return Ok((config, model.merge_lora()));
     }
-    load(dir, device, true, |c, s, d| Gemma2ForCausalLM::new(c, s, d))
+    load(dir, device, dtype, |c, s, d| {
+        Gemma2ForCausalLM::new(c, s, d)
+    })
 }
 
 /// [`load_reward_model`] for a frozen reward model, its matrices in bf16.
@@ -101,8 +164,18 @@ pub fn load_reward_model_compact(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
-    refuse_compact(dir, device)?;
-    reward_model(dir, device, true)
+    load_reward_model_frozen(dir, device, FrozenDtype::Bf16)
+}
+
+/// [`load_reward_model`] for a frozen reward model, its matrices held as
+/// `dtype` says (the `score` head stays f32 when quantized).
+pub fn load_reward_model_frozen(
+    dir: &Path,
+    device: &Device,
+    dtype: FrozenDtype,
+) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
+    refuse_unsupported(dir, device, dtype)?;
+    reward_model(dir, device, dtype)
 }
 
 /// Whether a frozen model from `dir` is held compact on `device`: its
@@ -141,7 +214,7 @@ pub fn load_causal_lm(dir: &Path, device: &Device) -> Result<(Gemma2Config, Gemm
         let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
         return Ok((config, model.merge_lora()));
     }
-    load(dir, device, false, |c, s, d| {
+    load(dir, device, FrozenDtype::F32, |c, s, d| {
         Gemma2ForCausalLM::new(c, s, d)
     })
 }
@@ -152,22 +225,22 @@ pub fn load_reward_model(
     dir: &Path,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
-    reward_model(dir, device, false)
+    reward_model(dir, device, FrozenDtype::F32)
 }
 
 /// A reward checkpoint, or an adapter directory on a trunk (its `score`
-/// head from the adapter), matrices in bf16 when `compact`.
+/// head from the adapter), matrices held as `dtype` says.
 fn reward_model(
     dir: &Path,
     device: &Device,
-    compact: bool,
+    dtype: FrozenDtype,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification)> {
     if let Some(adapter) = Adapter::find(dir)? {
-        let (config, base, _) = reward_trunk(&adapter.base, 0, device, compact)?;
+        let (config, base, _) = load_reward_trunk_as(&adapter.base, 0, device, dtype)?;
         let model = apply_adapter(base.attach_lora(&adapter.config, 0), &adapter)?;
         return Ok((config, model.merge_lora()));
     }
-    load(dir, device, compact, |c, s, d| {
+    load(dir, device, dtype, |c, s, d| {
         Gemma2ForSequenceClassification::new(c, s, d)
     })
 }
@@ -218,15 +291,18 @@ pub fn load_reward_trunk(
     seed: u64,
     device: &Device,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification, bool)> {
-    reward_trunk(dir, seed, device, false)
+    load_reward_trunk_as(dir, seed, device, FrozenDtype::F32)
 }
 
-fn reward_trunk(
+/// [`load_reward_trunk`] with the trunk's matrices held as `dtype` says (a
+/// LoRA run's frozen base, or a frozen reward model's).
+pub fn load_reward_trunk_as(
     dir: &Path,
     seed: u64,
     device: &Device,
-    compact: bool,
+    dtype: FrozenDtype,
 ) -> Result<(Gemma2Config, Gemma2ForSequenceClassification, bool)> {
+    refuse_unsupported(dir, device, dtype)?;
     let config = load_config(dir)?;
     let weights = Weights::open(dir)?;
     let fresh = weights.info("score.weight").is_none();
@@ -234,7 +310,7 @@ fn reward_trunk(
         checkpoint: CheckpointSource::new(&weights),
         head: RandomInit::new(seed),
     };
-    source.checkpoint.compact = compact;
+    set_holding(&mut source.checkpoint, dir, dtype)?;
     let model = Gemma2ForSequenceClassification::new(&config, &mut source, device)?;
     source.checkpoint.finish()?;
     Ok((config, model, fresh))

@@ -306,6 +306,15 @@ impl Gemma2Config {
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
 
+    /// Elements of the seven projections of every layer (what a quantized
+    /// model holds in 8 or 4 bits).
+    pub fn projection_params(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        self.num_hidden_layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
+    }
+
     /// The same config in the transformers-5 dialect, ready to write, for
     /// f32 weights.
     pub fn to_json(&self) -> String {

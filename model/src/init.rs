@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::{ModelError, Result};
+use crate::quant::QuantFormat;
 use crate::safetensors_io::{HostTensor, Weights};
 
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +26,12 @@ pub trait ParamSource {
     /// see [`crate::checkpoint::load_causal_lm_compact`]).
     fn compact(&self) -> bool {
         false
+    }
+
+    /// The format the seven projections are held in, when quantized
+    /// (frozen models only: see [`crate::quant`]).
+    fn quantize(&self) -> Option<QuantFormat> {
+        None
     }
 }
 
@@ -64,6 +71,8 @@ pub struct CheckpointSource<'a> {
     used: BTreeSet<String>,
     /// Keep matrices in bf16 (see [`ParamSource::compact`]).
     pub compact: bool,
+    /// Quantize the projections (see [`ParamSource::quantize`]).
+    pub quantize: Option<QuantFormat>,
 }
 
 /// Tensors a checkpoint may carry beyond the model being built: the untied
@@ -77,6 +86,7 @@ impl<'a> CheckpointSource<'a> {
             weights,
             used: BTreeSet::new(),
             compact: false,
+            quantize: None,
         }
     }
 
@@ -115,6 +125,10 @@ impl ParamSource for CheckpointSource<'_> {
     fn compact(&self) -> bool {
         self.compact
     }
+
+    fn quantize(&self) -> Option<QuantFormat> {
+        self.quantize
+    }
 }
 
 /// A checkpoint's parameters, with the reward head drawn at random when the
@@ -134,5 +148,9 @@ impl ParamSource for NewHead<'_> {
 
     fn compact(&self) -> bool {
         self.checkpoint.compact
+    }
+
+    fn quantize(&self) -> Option<QuantFormat> {
+        self.checkpoint.quantize
     }
 }

@@ -7,6 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::error::Result;
 use crate::init::{Init, ParamSource};
 use crate::lora::Factor;
+use crate::quant::{QuantMatrix, SharedQuant};
 use crate::skinny_matmul::matmul_transposed;
 
 pub(crate) const INIT_STD: f64 = 0.02;
@@ -19,7 +20,9 @@ pub(crate) fn param<const D: usize>(
     device: &Device,
 ) -> Result<Param<Tensor<D>>> {
     let t = source.tensor(name, &shape, init)?;
-    if D == 2 && source.compact() {
+    // a reward model's head stays f32 beside a quantized trunk
+    let head = name == "score.weight" && source.quantize().is_some();
+    if D == 2 && source.compact() && !head {
         // one matrix at a time in f32, kept in bf16
         let t = Tensor::<D>::from_data(TensorData::new(t.data, shape), device);
         return Ok(Param::from_tensor(t.cast(burn::tensor::DType::BF16)));
@@ -31,7 +34,12 @@ pub(crate) fn param<const D: usize>(
 /// [`crate::lora`]).
 #[derive(Module, Debug)]
 pub struct Linear {
+    /// `[out, in]`; an empty `[0, in]` when the frozen weight is held in
+    /// `quantized` instead.
     pub weight: Param<Tensor<2>>,
+    /// The frozen weight in 8 or 4 bits ([`crate::quant`]).
+    #[module(skip)]
+    pub quantized: Option<SharedQuant>,
     pub lora_a: Option<Factor>,
     pub lora_b: Option<Factor>,
     pub lora_scale: f64,
@@ -47,23 +55,39 @@ impl Linear {
         d_out: usize,
         device: &Device,
     ) -> Result<Self> {
-        let weight = param(
-            source,
-            &format!("{name}.weight"),
-            [d_out, d_in],
-            Init::Normal { std: INIT_STD },
-            device,
-        )?;
+        let name = format!("{name}.weight");
+        let init = Init::Normal { std: INIT_STD };
+        if let Some(format) = source.quantize() {
+            // one matrix at a time in f32, kept in blocks of 8 or 4 bits
+            let t = source.tensor(&name, &[d_out, d_in], init)?;
+            let q = QuantMatrix::quantize(format, &t.data, [d_out, d_in]);
+            let empty =
+                Tensor::<2>::from_data(TensorData::new(Vec::<f32>::new(), [0, d_in]), device);
+            return Ok(Self {
+                quantized: Some(std::sync::Arc::new(q)),
+                ..Self::from_weight(Param::from_tensor(empty))
+            });
+        }
+        let weight = param(source, &name, [d_out, d_in], init, device)?;
         Ok(Self::from_weight(weight))
     }
 
     pub(crate) fn from_weight(weight: Param<Tensor<2>>) -> Self {
         Self {
             weight,
+            quantized: None,
             lora_a: None,
             lora_b: None,
             lora_scale: 0.0,
             lora_dropout: 0.0,
+        }
+    }
+
+    /// `[out, in]` of the weight, wherever it is held.
+    pub fn dims(&self) -> [usize; 2] {
+        match &self.quantized {
+            Some(q) => q.dims(),
+            None => self.weight.dims(),
         }
     }
 
@@ -74,19 +98,26 @@ impl Linear {
         x: Tensor<D>,
         layers: [&Linear; N],
     ) -> [Tensor<D>; N] {
+        let quantized = layers.iter().filter(|l| l.quantized.is_some()).count();
         if layers
             .iter()
             .any(|l| l.lora_a.is_some() || l.lora_b.is_some())
+            || (quantized != 0 && quantized != N)
         {
             return layers.map(|l| l.forward(x.clone()));
         }
         let dims = x.dims();
         let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
-        let ys = crate::skinny_matmul::matmul_transposed_each(
-            x.reshape([rows, d_in]),
-            layers.map(|l| l.weight.val()),
-        );
+        let x = x.reshape([rows, d_in]);
+        let ys = if quantized == N {
+            crate::quantized_linear::quantized_linear_each(
+                x,
+                layers.map(|l| l.quantized.as_ref().expect("counted")),
+            )
+        } else {
+            crate::skinny_matmul::matmul_transposed_each(x, layers.map(|l| l.weight.val()))
+        };
         ys.map(|y| {
             let mut out = dims;
             out[D - 1] = y.dims()[1];
@@ -99,7 +130,10 @@ impl Linear {
         let d_in = dims[D - 1];
         let rows: usize = dims[..D - 1].iter().product();
         let x = x.reshape([rows, d_in]);
-        let mut y = matmul_transposed(x.clone(), self.weight.val());
+        let mut y = match &self.quantized {
+            Some(q) => crate::quantized_linear::quantized_linear(x.clone(), q),
+            None => matmul_transposed(x.clone(), self.weight.val()),
+        };
         if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
             let x = if self.lora_dropout > 0.0 && x.is_autodiff() {
                 let keep = 1.0 - self.lora_dropout;

@@ -17,6 +17,8 @@ pub mod lora;
 pub mod pair;
 pub mod params;
 pub mod provenance;
+pub mod quant;
+pub mod quantized_linear;
 pub mod rope;
 pub mod safetensors_io;
 pub mod skinny_matmul;

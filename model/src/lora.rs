@@ -147,7 +147,7 @@ impl Factor {
 impl Linear {
     /// Attaches new factors (`A` drawn from `rng`, `B` zero).
     fn attach(&mut self, rank: usize, scale: f64, dropout: f64, rng: &mut StdRng) {
-        let [d_out, d_in] = self.weight.dims();
+        let [d_out, d_in] = self.dims();
         let device = self.weight.device();
         let bound = 1.0 / (d_in as f32).sqrt();
         let a: Vec<f32> = (0..rank * d_in)
@@ -159,8 +159,12 @@ impl Linear {
         self.lora_dropout = dropout;
     }
 
-    /// `W + (α/r)·B·A` in place of the factors.
+    /// `W + (α/r)·B·A` in place of the factors; a quantized `W` keeps
+    /// them (the factored forward computes the same function).
     fn merge(&mut self) {
+        if self.quantized.is_some() {
+            return;
+        }
         let (Some(a), Some(b)) = (self.lora_a.take(), self.lora_b.take()) else {
             return;
         };
@@ -232,6 +236,27 @@ impl Gemma2Model {
         self
     }
 
+    /// Elements of the projections held quantized.
+    pub fn quantized_params(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+            })
+            .filter_map(|p| p.quantized.as_ref())
+            .map(|q| q.rows * q.cols)
+            .sum()
+    }
+
     pub fn has_lora(&self) -> bool {
         self.layers.iter().any(|l| {
             let (a, m) = (&l.self_attn, &l.mlp);
@@ -256,6 +281,9 @@ pub trait Adaptable: Module + Sized {
     const TASK: PeftTask;
     fn attach_lora(self, cfg: &LoraConfig, seed: u64) -> Self;
     fn merge_lora(self) -> Self;
+    /// Elements of the frozen matrices held quantized (not parameters of
+    /// the module).
+    fn quantized_params(&self) -> usize;
 }
 
 impl Adaptable for Gemma2ForCausalLM {
@@ -274,6 +302,10 @@ impl Adaptable for Gemma2ForCausalLM {
             ..self
         }
     }
+
+    fn quantized_params(&self) -> usize {
+        self.model.quantized_params()
+    }
 }
 
 impl Adaptable for Gemma2ForSequenceClassification {
@@ -290,6 +322,10 @@ impl Adaptable for Gemma2ForSequenceClassification {
             model: self.model.merge_lora(),
             ..self
         }
+    }
+
+    fn quantized_params(&self) -> usize {
+        self.model.quantized_params()
     }
 }
 

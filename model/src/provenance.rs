@@ -37,6 +37,10 @@ pub struct Provenance {
     /// An adapter directory's base and LoRA settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraOrigin>,
+    /// How the models the stage read were held in memory, by role (`base`,
+    /// `teacher`, `reference`, `reward`, `model`): f32, bf16, int8, nf4.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub held: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +66,14 @@ impl Provenance {
             posttrain_version: env!("CARGO_PKG_VERSION").to_string(),
             world_size: posttrain_dist::world().size(),
             lora: None,
+            held: Default::default(),
         }
+    }
+
+    /// Records that the model in `role` was held as `dtype`.
+    pub fn held(mut self, role: &str, dtype: crate::checkpoint::FrozenDtype) -> Self {
+        self.held.insert(role.to_string(), dtype.name().to_string());
+        self
     }
 
     /// Marks the output as a LoRA adapter on `base` (a parent already named

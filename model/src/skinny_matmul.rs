@@ -119,9 +119,9 @@ fn streamed_each(x: Tensor<2>, ws: Vec<Tensor<2>>, m: usize, k: usize) -> Option
             ws.iter()
                 .map(|w| {
                     let (start, n) = (w.layout().start_offset(), w.layout().shape()[0]);
-                    &w.storage::<$t>()[start..start + n * k]
+                    Dense::of(&w.storage::<$t>()[start..], n * k)
                 })
-                .collect::<Vec<&[$t]>>()
+                .collect::<Vec<Dense<$t>>>()
         };
     }
     match dtype {
@@ -144,7 +144,7 @@ fn streamed_each(x: Tensor<2>, ws: Vec<Tensor<2>>, m: usize, k: usize) -> Option
 fn multiply<W: Weight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, n: usize) {
     assert!(out.len() == m * n);
     let mut outs = [vec![0.0; m * n]];
-    multiply_each(x, &[w], &mut outs, m, k, &[n]);
+    multiply_each(x, &[Dense::of(w, n * k)], &mut outs, m, k, &[n]);
     out.copy_from_slice(&outs[0]);
 }
 
@@ -152,9 +152,9 @@ fn multiply<W: Weight>(x: &[f32], w: &[W], out: &mut [f32], m: usize, k: usize, 
 /// AVX-512 or AVX2/FMA kernel where the CPU has them (checked at run time),
 /// plain loops elsewhere. The products' output columns, side by side, are
 /// split between the two threads at once, so they meet once for all.
-fn multiply_each<W: Weight>(
+fn multiply_each<S: Rows>(
     x: &[f32],
-    ws: &[&[W]],
+    ws: &[S],
     outs: &mut [Vec<f32>],
     m: usize,
     k: usize,
@@ -167,8 +167,13 @@ fn multiply_each<W: Weight>(
     if !streaming_supported() {
         for ((w, out), &n) in ws.iter().zip(outs.iter_mut()).zip(ns) {
             for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-                for (o, wr) in or.iter_mut().zip(w.chunks_exact(k)) {
-                    *o = xr.iter().zip(wr).map(|(a, b)| a * b.to_f32()).sum();
+                for (j, o) in or.iter_mut().enumerate() {
+                    // SAFETY: `j·k + p < n·k`, the length checked above.
+                    *o = xr
+                        .iter()
+                        .enumerate()
+                        .map(|(p, a)| a * unsafe { w.get(j * k + p) })
+                        .sum();
                 }
             }
         }
@@ -184,7 +189,7 @@ fn multiply_each<W: Weight>(
             if from < to {
                 let local = from - at..to - at;
                 // SAFETY: AVX2 and FMA are checked above (and AVX-512F
-                // before its kernel), and so are the slices' lengths; each
+                // before its kernel), and so are the sources' lengths; each
                 // call writes only the output columns in `local`, and the
                 // two threads' ranges are disjoint.
                 #[cfg(target_arch = "x86_64")]
@@ -196,7 +201,7 @@ fn multiply_each<W: Weight>(
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("{local:?}")
+                unreachable!("{local:?} {}", w.len())
             }
             at += n;
         }
@@ -207,6 +212,228 @@ fn multiply_each<W: Weight>(
         let half = total / 2 / 4 * 4;
         crate::pair::join(|| columns(0..half), || columns(half..total));
     }
+}
+
+/// A row-major matrix the streaming kernel reads, from some element on:
+/// dense f32 or bf16, or quantized blocks ([`crate::quant`]).
+pub(crate) trait Rows: Copy + Send + Sync {
+    /// Elements readable from here on.
+    fn len(&self) -> usize;
+    /// The same matrix from `i` elements further on.
+    ///
+    /// # Safety
+    /// `i` is at most [`Rows::len`].
+    unsafe fn skip(self, i: usize) -> Self;
+    /// Element `i`.
+    ///
+    /// # Safety
+    /// `i` is below [`Rows::len`].
+    unsafe fn get(self, i: usize) -> f32;
+    /// Where element `i` lies, for a prefetch (any `i`: never read).
+    fn prefetch_ptr(self, i: usize) -> *const i8;
+    /// Elements `i..i + 8` as f32 lanes.
+    ///
+    /// # Safety
+    /// AVX2 is available and the elements are readable; quantized sources
+    /// need them in one block.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(self, i: usize) -> std::arch::x86_64::__m256;
+    /// Elements `i..i + 16` as f32 lanes.
+    ///
+    /// # Safety
+    /// AVX-512F is available and the elements are readable; quantized
+    /// sources need them in one block.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(self, i: usize) -> std::arch::x86_64::__m512;
+}
+
+/// A dense matrix of `W`.
+#[derive(Clone, Copy)]
+pub(crate) struct Dense<W> {
+    ptr: *const W,
+    len: usize,
+}
+
+// SAFETY: a read-only view of a slice of `Sync` elements.
+unsafe impl<W: Sync> Send for Dense<W> {}
+unsafe impl<W: Sync> Sync for Dense<W> {}
+
+impl<W: Weight> Dense<W> {
+    /// The first `len` elements of `w`.
+    pub(crate) fn of(w: &[W], len: usize) -> Self {
+        assert!(len <= w.len());
+        Self {
+            ptr: w.as_ptr(),
+            len,
+        }
+    }
+}
+
+impl<W: Weight> Rows for Dense<W> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    unsafe fn skip(self, i: usize) -> Self {
+        Self {
+            // SAFETY: the caller's contract.
+            ptr: unsafe { self.ptr.add(i) },
+            len: self.len - i,
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn get(self, i: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { (*self.ptr.add(i)).to_f32() }
+    }
+
+    #[inline(always)]
+    fn prefetch_ptr(self, i: usize) -> *const i8 {
+        self.ptr.wrapping_add(i) as *const i8
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(self, i: usize) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract.
+        unsafe { W::load8(self.ptr.add(i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(self, i: usize) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { W::load16(self.ptr.add(i)) }
+    }
+}
+
+/// A quantized matrix ([`crate::quant::QuantMatrix`]) from element `at` on;
+/// `NF4` says which of the two formats.
+#[derive(Clone, Copy)]
+pub(crate) struct Packed<const NF4: bool> {
+    data: *const u8,
+    scales: *const f32,
+    at: usize,
+    end: usize,
+}
+
+// SAFETY: a read-only view of a matrix that outlives the product.
+unsafe impl<const NF4: bool> Send for Packed<NF4> {}
+unsafe impl<const NF4: bool> Sync for Packed<NF4> {}
+
+impl<const NF4: bool> Packed<NF4> {
+    fn of(q: &crate::quant::QuantMatrix) -> Self {
+        assert_eq!(NF4, q.format == crate::quant::QuantFormat::Nf4);
+        Self {
+            data: q.data.as_ptr(),
+            scales: q.scales.as_ptr(),
+            at: 0,
+            end: q.rows * q.cols,
+        }
+    }
+}
+
+impl<const NF4: bool> Rows for Packed<NF4> {
+    fn len(&self) -> usize {
+        self.end - self.at
+    }
+
+    #[inline(always)]
+    unsafe fn skip(self, i: usize) -> Self {
+        Self {
+            at: self.at + i,
+            ..self
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn get(self, i: usize) -> f32 {
+        use crate::quant::{BLOCK, NF4 as CODE};
+        let e = self.at + i;
+        // SAFETY: the caller's contract.
+        unsafe {
+            let m = *self.scales.add(e / BLOCK);
+            if NF4 {
+                let b = *self.data.add(e / 2);
+                CODE[usize::from(if e.is_multiple_of(2) { b >> 4 } else { b & 15 })] * m
+            } else {
+                (*self.data.add(e) as i8) as f32 * m
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn prefetch_ptr(self, i: usize) -> *const i8 {
+        let e = self.at + i;
+        self.data.wrapping_add(if NF4 { e / 2 } else { e }) as *const i8
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(self, i: usize) -> std::arch::x86_64::__m256 {
+        use crate::quant::{BLOCK, simd};
+        let e = self.at + i;
+        // SAFETY: the caller's contract.
+        unsafe {
+            let m = *self.scales.add(e / BLOCK);
+            if NF4 {
+                simd::nf4x8(self.data.add(e / 2), m)
+            } else {
+                simd::int8x8(self.data.add(e), m)
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(self, i: usize) -> std::arch::x86_64::__m512 {
+        use crate::quant::{BLOCK, simd};
+        let e = self.at + i;
+        // SAFETY: the caller's contract.
+        unsafe {
+            let m = *self.scales.add(e / BLOCK);
+            if NF4 {
+                simd::nf4x16(self.data.add(e / 2), m)
+            } else {
+                simd::int8x16(self.data.add(e), m)
+            }
+        }
+    }
+}
+
+/// `x · qᵢᵀ` for `x [m, k]` and quantized weights `[nᵢ, k]` of one format,
+/// in one streaming pass; `None` where the kernel does not apply (more than
+/// [`MAX_ROWS`] rows, rows not whole blocks, no AVX2).
+pub(crate) fn quantized_each(
+    x: &[f32],
+    qs: &[&crate::quant::QuantMatrix],
+    m: usize,
+    k: usize,
+) -> Option<Vec<Vec<f32>>> {
+    use crate::quant::{BLOCK, QuantFormat};
+    let format = qs.first()?.format;
+    if m > MAX_ROWS
+        || !streaming_supported()
+        || !k.is_multiple_of(BLOCK)
+        || qs.iter().any(|q| q.cols != k || q.format != format)
+    {
+        return None;
+    }
+    let ns: Vec<usize> = qs.iter().map(|q| q.rows).collect();
+    let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0.0f32; m * n]).collect();
+    match format {
+        QuantFormat::Nf4 => {
+            let ws: Vec<Packed<true>> = qs.iter().map(|q| Packed::of(q)).collect();
+            multiply_each(x, &ws, &mut outs, m, k, &ns)
+        }
+        QuantFormat::Int8 => {
+            let ws: Vec<Packed<false>> = qs.iter().map(|q| Packed::of(q)).collect();
+            multiply_each(x, &ws, &mut outs, m, k, &ns)
+        }
+    }
+    Some(outs)
 }
 
 /// A weight element the kernel reads: f32, or bf16 widened to f32 on load
@@ -288,7 +515,7 @@ macro_rules! streaming_kernel {
     ($name:ident, $features:literal, $lanes:literal, $load:ident, $zero:ident,
      $loadx:ident, $fma:ident, $sum:expr) => {
         mod $name {
-            use super::Weight;
+            use super::Rows;
             #[allow(unused_imports)]
             use std::arch::x86_64::*;
             /// Floats of `w` prefetched ahead of the loads in long rows.
@@ -302,27 +529,27 @@ macro_rules! streaming_kernel {
             /// The CPU has the kernel's features, `x` is `m·k`, `w` is `n·k`
             /// and `out` points to `m·n` floats, and `range` lies within `0..n`.
             #[target_feature(enable = $features)]
-            pub unsafe fn columns<W: Weight>(
+            pub unsafe fn columns<S: Rows>(
                 x: &[f32],
-                w: &[W],
+                w: S,
                 out: *mut f32,
                 m: usize,
                 k: usize,
                 n: usize,
                 range: std::ops::Range<usize>,
             ) {
-                let (x, w) = (x.as_ptr(), w.as_ptr());
+                let x = x.as_ptr();
                 let mut j = range.start;
                 // SAFETY: the caller's contract; `rows` reads rows `j..j + J`
                 // of `w` and writes columns `j..j + J` of `out`, all within
                 // `range`.
                 unsafe {
                     while j + 4 <= range.end {
-                        rows::<W, 2, 4>(x, w.add(j * k), out.add(j), m, k, n);
+                        rows::<S, 2, 4>(x, w.skip(j * k), out.add(j), m, k, n);
                         j += 4;
                     }
                     while j < range.end {
-                        rows::<W, 1, 1>(x, w.add(j * k), out.add(j), m, k, n);
+                        rows::<S, 1, 1>(x, w.skip(j * k), out.add(j), m, k, n);
                         j += 1;
                     }
                 }
@@ -335,9 +562,9 @@ macro_rules! streaming_kernel {
             /// `w` to `J` rows of `k`, and `out` to `m` rows of `n` floats
             /// with `J` columns left.
             #[target_feature(enable = $features)]
-            unsafe fn rows<W: Weight, const R: usize, const J: usize>(
+            unsafe fn rows<S: Rows, const R: usize, const J: usize>(
                 x: *const f32,
-                w: *const W,
+                w: S,
                 out: *mut f32,
                 m: usize,
                 k: usize,
@@ -348,11 +575,11 @@ macro_rules! streaming_kernel {
                 // `x` below `m` and writes `R` rows of `out`.
                 unsafe {
                     while r + R <= m {
-                        block::<W, R, J>(x.add(r * k), w, out.add(r * n), k, n);
+                        block::<S, R, J>(x.add(r * k), w, out.add(r * n), k, n);
                         r += R;
                     }
                     while r < m {
-                        block::<W, 1, J>(x.add(r * k), w, out.add(r * n), k, n);
+                        block::<S, 1, J>(x.add(r * k), w, out.add(r * n), k, n);
                         r += 1;
                     }
                 }
@@ -366,9 +593,9 @@ macro_rules! streaming_kernel {
             /// `k` floats, `w` to `J` rows of `k`, and `out` to `R` rows of
             /// stride `n` with `J` columns left.
             #[target_feature(enable = $features)]
-            unsafe fn block<W: Weight, const R: usize, const J: usize>(
+            unsafe fn block<S: Rows, const R: usize, const J: usize>(
                 x: *const f32,
-                w: *const W,
+                w: S,
                 out: *mut f32,
                 k: usize,
                 n: usize,
@@ -384,12 +611,10 @@ macro_rules! streaming_kernel {
                     while p < kv {
                         let mut wv = [$zero(); J];
                         for j in 0..J {
-                            _mm_prefetch::<_MM_HINT_T0>(
-                                w.wrapping_add(j * k + p + ahead) as *const i8
-                            );
+                            _mm_prefetch::<_MM_HINT_T0>(w.prefetch_ptr(j * k + p + ahead));
                         }
                         for (j, v) in wv.iter_mut().enumerate() {
-                            *v = W::$load(w.add(j * k + p));
+                            *v = w.$load(j * k + p);
                         }
                         for (r, row) in acc.iter_mut().enumerate() {
                             let xv = $loadx(x.add(r * k + p));
@@ -405,7 +630,7 @@ macro_rules! streaming_kernel {
                         for (j, &a) in row.iter().enumerate() {
                             let mut s = sum(a);
                             for q in kv..k {
-                                s += *x.add(r * k + q) * (*w.add(j * k + q)).to_f32();
+                                s += *x.add(r * k + q) * w.get(j * k + q);
                             }
                             *out.add(r * n + j) = s;
                         }
@@ -560,11 +785,13 @@ mod tests {
             let want = reference(&x, &w, m, k, n);
             let mut got = vec![vec![0.0; m * n]];
             // SAFETY: AVX2/FMA checked above, sizes as documented.
-            unsafe { avx2::columns(&x, &w, got[0].as_mut_ptr(), m, k, n, 0..n) };
+            unsafe { avx2::columns(&x, Dense::of(&w, n * k), got[0].as_mut_ptr(), m, k, n, 0..n) };
             if wide_kernel() {
                 got.push(vec![0.0; m * n]);
                 // SAFETY: AVX-512F checked, sizes as documented.
-                unsafe { avx512::columns(&x, &w, got[1].as_mut_ptr(), m, k, n, 0..n) };
+                unsafe {
+                    avx512::columns(&x, Dense::of(&w, n * k), got[1].as_mut_ptr(), m, k, n, 0..n)
+                };
             }
             for out in &got {
                 for (g, r) in out.iter().zip(&want) {
@@ -621,9 +848,9 @@ mod tests {
         // SAFETY: the kernel's features checked above, sizes as documented.
         unsafe {
             if wide_kernel() {
-                avx512::columns(&x, &w, whole.as_mut_ptr(), m, k, n, 0..n)
+                avx512::columns(&x, Dense::of(&w, n * k), whole.as_mut_ptr(), m, k, n, 0..n)
             } else {
-                avx2::columns(&x, &w, whole.as_mut_ptr(), m, k, n, 0..n)
+                avx2::columns(&x, Dense::of(&w, n * k), whole.as_mut_ptr(), m, k, n, 0..n)
             }
         };
         assert_eq!(split, whole);

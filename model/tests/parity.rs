@@ -538,3 +538,96 @@ fn compact_bf16_weights_compute_what_their_f32_copy_computes() {
     };
     assert_eq!(tokens(&compact), tokens(&full));
 }
+
+/// The seven projections held in nf4 / int8 compute what transformers
+/// computes in f32 on the same dequantized weights: `quantized.safetensors`
+/// (made by `tests/fixtures/scripts/make_quant_fixture.py`, which quantizes
+/// with an implementation of the format of its own) holds the dequantized
+/// matrices and transformers' logits on them. Decoding (the streaming
+/// kernel on packed bytes) gives the greedy tokens of the dequantized f32
+/// copy.
+#[test]
+fn quantized_weights_compute_what_transformers_computes_on_their_dequantized_copy() {
+    use posttrain_model::checkpoint::{FrozenDtype, load_causal_lm_frozen};
+    use posttrain_model::quant::QuantFormat;
+    let bytes = std::fs::read(fixture_dir().join("quantized.safetensors")).unwrap();
+    let fixture = SafeTensors::deserialize(&bytes).unwrap();
+    let floats = |name: &str| -> Vec<f32> {
+        fixture
+            .tensor(name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    for (tag, format) in [("nf4", QuantFormat::Nf4), ("int8", QuantFormat::Int8)] {
+        let dtype = FrozenDtype::Quantized(format);
+        if !posttrain_model::checkpoint::compact_supported(&device()) {
+            let err = load_causal_lm_frozen(&fixture_dir(), &device(), dtype)
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("--weights-dtype f32"), "{err}");
+            continue;
+        }
+        let (config, model) = load_causal_lm_frozen(&fixture_dir(), &device(), dtype).unwrap();
+        assert_eq!(model.model.quantized_params(), config.projection_params());
+        // the matrices, element for element
+        for (i, layer) in model.model.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            let named = [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ];
+            for (name, linear) in named {
+                let name = format!("{tag}.model.layers.{i}.{name}.weight");
+                let q = linear.quantized.as_ref().expect("held quantized");
+                assert_eq!(q.format, format);
+                assert_close(&name, &q.dequantize(), &floats(&name), 1e-7);
+            }
+        }
+        let reference = Reference::load();
+        for ids in ["short", "long"] {
+            let logits = host(model.forward(&reference.batch(&format!("ids_{ids}"))));
+            let want = floats(&format!("{tag}.logits_{ids}"));
+            assert_close(&format!("{tag} logits {ids}"), &logits, &want, 1e-4);
+        }
+        // greedy decoding through the packed-byte kernel equals the f32 copy's
+        let dir = tempfile::tempdir().unwrap();
+        let weights = Weights::open(&fixture_dir()).unwrap();
+        let mut tensors: BTreeMap<String, _> = weights
+            .names()
+            .map(|n| (n.to_string(), weights.read(n).unwrap()))
+            .collect();
+        for (name, t) in tensors.iter_mut() {
+            if let Ok(view) = fixture.tensor(&format!("{tag}.{name}")) {
+                assert_eq!(view.shape(), t.shape.as_slice());
+                t.data = floats(&format!("{tag}.{name}"));
+            }
+        }
+        let writer = CheckpointWriter::create(&dir.path().join("m"), false).unwrap();
+        writer
+            .write_weights(&config, &tensors, SaveDtype::F32, 1)
+            .unwrap();
+        let copy = writer.commit().unwrap();
+        let (_, dense) = load_causal_lm(&copy, &device()).unwrap();
+        let prompts = vec![(3..19).collect::<Vec<u32>>(), (100..116).collect()];
+        let greedy = SamplingConfig {
+            max_new_tokens: 24,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let tokens = |m: &Gemma2ForCausalLM| -> Vec<Vec<u32>> {
+            generate(m, &prompts, config.pad_id(), &greedy, 0)
+                .into_iter()
+                .map(|c| c.tokens)
+                .collect()
+        };
+        assert_eq!(tokens(&model), tokens(&dense), "{tag}");
+    }
+}

@@ -26,7 +26,7 @@ fn prefs(args: PrefsArgs, device: burn::tensor::Device, backend: &str) -> Result
     let models = args
         .policy
         .iter()
-        .map(|dir| super::ChatModel::load(dir, &device))
+        .map(|dir| super::ChatModel::load(dir, &device, args.frozen.weights_dtype))
         .collect::<Result<Vec<_>>>()?;
     let first = &models[0];
     for (m, dir) in models.iter().zip(&args.policy).skip(1) {

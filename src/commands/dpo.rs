@@ -1,6 +1,7 @@
 use anyhow::{Result, bail};
 use posttrain_datasets::{Preference, read_records};
 use posttrain_dpo::{DpoConfig, DpoLoss, encode_preferences, train_dpo};
+use posttrain_model::checkpoint::FrozenDtype;
 use posttrain_model::{CheckpointWriter, Provenance};
 use serde_json::json;
 
@@ -37,11 +38,12 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         None => Vec::new(),
     };
     // a reference of its own, or (full fine-tuning) the policy's frozen copy
-    let reference_bytes = match (&args.reference, &lora) {
-        (Some(dir), _) => super::frozen_bytes(dir, &device)?,
-        (None, None) => 4 * config.num_params() as u64,
-        (None, Some(_)) => 0,
+    let (reference_dtype, reference_bytes) = match (&args.reference, &lora) {
+        (Some(dir), _) => super::frozen_bytes(dir, &device, args.frozen.weights_dtype)?,
+        (None, None) => (FrozenDtype::F32, 4 * config.num_params() as u64),
+        (None, Some(_)) => (FrozenDtype::F32, 0),
     };
+    let base = super::base_dtype(&args.policy, &device, &args.train.memory)?;
     let plan = posttrain_train::memory::Plan {
         config,
         lora: lora.as_ref(),
@@ -51,14 +53,15 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
             .map(|p| p.chosen.ids.len().max(p.rejected.ids.len()))
             .max()
             .unwrap_or(0),
-        compact_base: super::compact_base(&args.policy, &device, &args.train.memory)?,
+        base,
         frozen_bytes: reference_bytes,
+        frozen_dtype: reference_dtype,
     };
     let memory = super::check_memory(&plan, args.train.memory.force)?;
     let policy = super::load_trained_lm(&args.policy, &device, &args.train.memory)?;
     let reference = match &args.reference {
         Some(dir) => {
-            let r = super::ChatModel::load(dir, &device)?;
+            let r = super::ChatModel::load(dir, &device, args.frozen.weights_dtype)?;
             if r.config.vocab_size != config.vocab_size
                 || r.tokenizer.vocab_size() != tokenizer.vocab_size()
             {
@@ -113,7 +116,12 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
     )?;
     let provenance = Provenance::new("dpo", backend, json!({ "dpo": cfg }))
         .with_parent(&args.policy)?
-        .with_parent(&args.data)?;
+        .with_parent(&args.data)?
+        .held("base", base.0);
+    let provenance = match &args.reference {
+        Some(_) => provenance.held("reference", reference_dtype),
+        None => provenance,
+    };
     let provenance = super::lora_provenance::<posttrain_model::Gemma2ForCausalLM>(
         provenance,
         lora,

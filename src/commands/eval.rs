@@ -20,7 +20,7 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
     }
     let prompts = read_prompts(&args.prompts)?;
     let rm = match &args.reward {
-        Some(dir) => Some(super::load_reward(dir, &device)?),
+        Some(dir) => Some(super::load_reward(dir, &device, args.frozen.weights_dtype)?),
         None => None,
     };
     let judge = rm.as_ref().map(|(config, model, tokenizer)| Judge {
@@ -30,7 +30,7 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
         batch_size: args.batch_size,
     });
     let reference = match &args.reference {
-        Some(dir) => Some(ChatModel::load(dir, &device)?.model),
+        Some(dir) => Some(ChatModel::load(dir, &device, args.frozen.weights_dtype)?.model),
         None => None,
     };
     let mut rows = Vec::new();
@@ -54,7 +54,7 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
         "checkpoint", "reward", "score", "± se", "accuracy", "kl", "length"
     ));
     for dir in &args.checkpoints {
-        let m = ChatModel::load(dir, &device)?;
+        let m = ChatModel::load(dir, &device, args.frozen.weights_dtype)?;
         let max_len = m.config.max_position_embeddings;
         let set = PromptSet::new(&prompts, &m.tokenizer, max_len, &args.prompts)?
             .with_scorer(super::task_scorer);

@@ -11,7 +11,7 @@ pub fn run(args: GenerateArgs, env: &Env) -> Result<()> {
     let (device, backend) = (env.device()?, env.backend());
     super::check_table_output(Some(&args.out), args.overwrite)?;
     let prompts = read_prompts(&args.prompts)?;
-    let lm = super::ChatModel::load(&args.model, &device)?;
+    let lm = super::ChatModel::load(&args.model, &device, args.frozen.weights_dtype)?;
     let config = &lm.config;
     if args.topk > config.vocab_size {
         bail!(
@@ -37,6 +37,7 @@ pub fn run(args: GenerateArgs, env: &Env) -> Result<()> {
     )
     .with_parent(&args.model)?
     .with_parent(&args.prompts)?
+    .held("model", lm.held)
     .write_beside(&args.out)?;
     eprintln!(
         "generate: {} pairs ({} empty completions left out), {} new tokens -> {}",

@@ -94,8 +94,28 @@ pub fn run(args: InspectArgs) -> Result<()> {
     let sliding = (0..config.num_hidden_layers)
         .filter(|&l| config.is_sliding(l))
         .count();
+    // what the model occupies frozen (`--weights-dtype`, `--base-dtype`)
+    let held: Vec<(&str, u64)> = {
+        use posttrain_model::checkpoint::FrozenDtype;
+        use posttrain_model::quant::QuantFormat;
+        let other = if posttrain_model::checkpoint::stores_16_bit(&args.dir)? {
+            2
+        } else {
+            4
+        };
+        [
+            FrozenDtype::F32,
+            FrozenDtype::Bf16,
+            FrozenDtype::Quantized(QuantFormat::Int8),
+            FrozenDtype::Quantized(QuantFormat::Nf4),
+        ]
+        .into_iter()
+        .map(|d| (d.name(), d.model_bytes(&config, other)))
+        .collect()
+    };
     let summary = json!({
         "dir": args.dir,
+        "held_bytes": held.iter().map(|(n, b)| (n.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(),
         "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -140,6 +160,14 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "  parameters: {} ({:.2}M); stored: {stored}",
         config.num_params(),
         config.num_params() as f64 / 1e6
+    )?;
+    writeln!(
+        out,
+        "  held frozen: {}",
+        held.iter()
+            .map(|(n, b)| format!("{n} {:.2} GB", *b as f64 / 1e9))
+            .collect::<Vec<_>>()
+            .join(", ")
     )?;
     writeln!(
         out,

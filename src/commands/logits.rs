@@ -2,8 +2,9 @@ use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};
 use posttrain_files::write_atomic;
+use posttrain_model::checkpoint::load_causal_lm_frozen;
 use posttrain_model::safetensors_io::to_safetensors_bytes;
-use posttrain_model::{HostTensor, SaveDtype, TokenBatch, load_causal_lm};
+use posttrain_model::{HostTensor, SaveDtype, TokenBatch};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::backend::Env;
@@ -55,7 +56,8 @@ pub fn run(args: LogitsArgs, env: &Env) -> Result<()> {
     let device = env.device()?;
     super::refuse_existing(Some(&args.out), args.overwrite)?;
     let batch = read_ids(&args.ids)?;
-    let (config, model) = load_causal_lm(&args.model, &device)?;
+    let held = args.weights_dtype.resolve(&args.model, &device)?;
+    let (config, model) = load_causal_lm_frozen(&args.model, &device, held)?;
     if let Some(bad) = batch
         .ids
         .iter()

@@ -1,5 +1,7 @@
 use std::path::Path;
 
+use posttrain_model::checkpoint::FrozenDtype;
+
 pub mod bench;
 pub mod convert;
 pub mod data;
@@ -46,36 +48,44 @@ pub struct ChatModel {
     pub config: posttrain_model::Gemma2Config,
     pub model: posttrain_model::Gemma2ForCausalLM,
     pub tokenizer: posttrain_datasets::ChatTokenizer,
+    /// How the matrices are held.
+    pub held: FrozenDtype,
+}
+
+impl crate::cli::WeightsDtype {
+    /// How a frozen model from `dir` is held on `device` (`auto`: bf16 for
+    /// a 16-bit checkpoint on the CPU, else f32); refused in one line where
+    /// the backend cannot hold it.
+    pub fn resolve(self, dir: &Path, device: &burn::tensor::Device) -> anyhow::Result<FrozenDtype> {
+        use crate::cli::WeightsDtype;
+        use posttrain_model::quant::QuantFormat;
+        let dtype = match self {
+            WeightsDtype::Auto if posttrain_model::checkpoint::holds_compact(dir, device)? => {
+                FrozenDtype::Bf16
+            }
+            WeightsDtype::Auto | WeightsDtype::F32 => FrozenDtype::F32,
+            WeightsDtype::Bf16 => FrozenDtype::Bf16,
+            WeightsDtype::Int8 => FrozenDtype::Quantized(QuantFormat::Int8),
+            WeightsDtype::Nf4 => FrozenDtype::Quantized(QuantFormat::Nf4),
+        };
+        posttrain_model::checkpoint::refuse_unsupported(dir, device, dtype)?;
+        Ok(dtype)
+    }
 }
 
 impl ChatModel {
     /// A frozen causal LM with its tokenizer (sampling, teachers,
-    /// references, eval): matrices held as the checkpoint stores them (bf16
-    /// for a 16-bit checkpoint), products in f32.
-    pub fn load(dir: &std::path::Path, device: &burn::tensor::Device) -> anyhow::Result<Self> {
-        Self::load_frozen(dir, device, crate::cli::WeightsDtype::Auto)
-    }
-
-    /// [`ChatModel::load`] for inference, the matrices in bf16 when `dtype`
-    /// says so (`auto`: when the checkpoint stores them in 16 bits).
-    pub fn load_frozen(
+    /// references, eval), its matrices held as `dtype` says, products in f32.
+    pub fn load(
         dir: &std::path::Path,
         device: &burn::tensor::Device,
         dtype: crate::cli::WeightsDtype,
     ) -> anyhow::Result<Self> {
-        use crate::cli::WeightsDtype;
         let (config, tokenizer) = chat_config(dir)?;
-        let compact = match dtype {
-            WeightsDtype::F32 => false,
-            WeightsDtype::Bf16 => true,
-            WeightsDtype::Auto => posttrain_model::checkpoint::holds_compact(dir, device)?,
-        };
-        let (_, model) = if compact {
-            posttrain_model::checkpoint::load_causal_lm_compact(dir, device)?
-        } else {
-            posttrain_model::load_causal_lm(dir, device)?
-        };
+        let held = dtype.resolve(dir, device)?;
+        let (_, model) = posttrain_model::checkpoint::load_causal_lm_frozen(dir, device, held)?;
         Ok(Self {
+            held,
             config,
             model,
             tokenizer,
@@ -107,9 +117,8 @@ pub fn chat_config(
 /// before any weights load.
 pub fn check_memory(plan: &posttrain_train::memory::Plan, force: bool) -> anyhow::Result<String> {
     use posttrain_train::memory;
-    let footprint = memory::estimate(plan);
     let available = memory::available();
-    memory::check(&footprint, available, force).map_err(anyhow::Error::msg)?;
+    let footprint = memory::check(plan, available, force).map_err(anyhow::Error::msg)?;
     Ok(format!(
         "memory estimate {}{}",
         footprint.describe(),
@@ -120,43 +129,52 @@ pub fn check_memory(plan: &posttrain_train::memory::Plan, force: bool) -> anyhow
     ))
 }
 
-/// Bytes a frozen model from `dir` occupies as [`ChatModel::load`] and
-/// [`load_reward`] hold it (bf16 matrices for a 16-bit checkpoint).
-pub fn frozen_bytes(dir: &Path, device: &burn::tensor::Device) -> anyhow::Result<u64> {
-    let params = posttrain_model::load_config(dir)?.num_params() as u64;
-    let per = if posttrain_model::checkpoint::holds_compact(dir, device)? {
+/// Bytes a model from `dir` occupies held as `dtype`.
+pub fn held_bytes(dir: &Path, dtype: FrozenDtype) -> anyhow::Result<u64> {
+    let config = posttrain_model::load_config(dir)?;
+    let other = if posttrain_model::checkpoint::stores_16_bit(dir)? {
         2
     } else {
         4
     };
-    Ok(params * per)
+    Ok(dtype.model_bytes(&config, other))
 }
 
-/// Whether a LoRA run's frozen base from `dir` is held compact on `device`
-/// (bf16 matrices computed through `frozen_linear`).
-pub fn compact_base(
+/// How a frozen model from `dir` is held and its bytes (as
+/// [`ChatModel::load`] and [`load_reward`] hold it).
+pub fn frozen_bytes(
+    dir: &Path,
+    device: &burn::tensor::Device,
+    dtype: crate::cli::WeightsDtype,
+) -> anyhow::Result<(FrozenDtype, u64)> {
+    let held = dtype.resolve(dir, device)?;
+    Ok((held, held_bytes(dir, held)?))
+}
+
+/// How the trained model from `dir` holds its matrices on `device`, and
+/// their bytes: f32 unless a LoRA run holds its frozen base otherwise.
+pub fn base_dtype(
     dir: &Path,
     device: &burn::tensor::Device,
     memory: &crate::cli::MemoryArgs,
-) -> anyhow::Result<bool> {
-    Ok(memory.lora.lora_rank.is_some()
-        && memory.base_dtype == crate::cli::BaseDtype::Auto
-        && posttrain_model::checkpoint::holds_compact(dir, device)?)
+) -> anyhow::Result<(FrozenDtype, u64)> {
+    let held = match memory.lora.lora_rank {
+        Some(_) => memory.base_dtype.resolve(dir, device)?,
+        None => FrozenDtype::F32,
+    };
+    Ok((held, held_bytes(dir, held)?))
 }
 
 /// The causal LM a stage trains, on `train` (the autodiff form of
-/// `device`), its base compact when [`compact_base`] says so.
+/// `device`), its base held as [`base_dtype`] says.
 pub fn load_trained_lm(
     dir: &Path,
     device: &burn::tensor::Device,
     memory: &crate::cli::MemoryArgs,
 ) -> anyhow::Result<posttrain_model::Gemma2ForCausalLM> {
     let train = &train_device(device, memory.checkpoint_activations);
-    Ok(if compact_base(dir, device, memory)? {
-        posttrain_model::checkpoint::load_causal_lm_compact(dir, train)?.1
-    } else {
-        posttrain_model::load_causal_lm(dir, train)?.1
-    })
+    let (held, _) = base_dtype(dir, device, memory)?;
+    Ok(posttrain_model::checkpoint::load_causal_lm_frozen(dir, train, held)?.1)
 }
 
 /// The device a training stage trains on: `device` with autodiff, and with
@@ -189,8 +207,9 @@ pub fn load_teacher(
     student: &posttrain_model::Gemma2Config,
     tokenizer: &posttrain_datasets::ChatTokenizer,
     device: &burn::tensor::Device,
+    dtype: crate::cli::WeightsDtype,
 ) -> anyhow::Result<posttrain_model::Gemma2ForCausalLM> {
-    let teacher = ChatModel::load(dir, device)?;
+    let teacher = ChatModel::load(dir, device, dtype)?;
     if teacher.config.vocab_size != student.vocab_size
         || teacher.tokenizer.vocab_size() != tokenizer.vocab_size()
     {
@@ -361,7 +380,7 @@ pub fn with_lora<M: posttrain_model::lora::Adaptable>(
     seed: u64,
 ) -> M {
     let Some(cfg) = lora else { return model };
-    let total = model.num_params();
+    let total = model.num_params() + model.quantized_params();
     let model = model.attach_lora(cfg, seed);
     let trainable: usize = posttrain_model::params::trainable_param_map(&model)
         .values()
@@ -393,6 +412,7 @@ pub fn lora_provenance<M: posttrain_model::lora::Adaptable>(
 pub fn load_reward(
     dir: &Path,
     device: &burn::tensor::Device,
+    dtype: crate::cli::WeightsDtype,
 ) -> anyhow::Result<(
     posttrain_model::Gemma2Config,
     posttrain_model::Gemma2ForSequenceClassification,
@@ -400,11 +420,8 @@ pub fn load_reward(
 )> {
     // a missing config.json is named before missing weights
     posttrain_model::load_config(dir)?;
-    let (config, model) = if posttrain_model::checkpoint::holds_compact(dir, device)? {
-        posttrain_model::checkpoint::load_reward_model_compact(dir, device)?
-    } else {
-        posttrain_model::load_reward_model(dir, device)?
-    };
+    let held = dtype.resolve(dir, device)?;
+    let (config, model) = posttrain_model::checkpoint::load_reward_model_frozen(dir, device, held)?;
     let path = dir.join(posttrain_model::checkpoint::TOKENIZER_FILE);
     let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
     check_tokenizer_fits(&tokenizer, &path, &config, &dir.join("config.json"))?;

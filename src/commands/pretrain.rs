@@ -98,7 +98,13 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
         false,
     )?;
     let teacher = match &args.teacher {
-        Some(dir) => Some(super::load_teacher(dir, &config, &tokenizer, &device)?),
+        Some(dir) => Some(super::load_teacher(
+            dir,
+            &config,
+            &tokenizer,
+            &device,
+            args.frozen.weights_dtype,
+        )?),
         None => None,
     };
     let model = Gemma2ForCausalLM::new(

@@ -1,9 +1,8 @@
 use anyhow::{Result, bail};
 use posttrain_datasets::{ChatTokenizer, Preference, Record, SftPair, read_records, write_records};
-use posttrain_model::checkpoint::TOKENIZER_FILE;
+use posttrain_model::checkpoint::{FrozenDtype, TOKENIZER_FILE, load_reward_trunk_as};
 use posttrain_model::{
-    CheckpointWriter, Gemma2ForSequenceClassification, Padding, Provenance, RandomInit,
-    load_config, load_reward_trunk,
+    CheckpointWriter, Gemma2ForSequenceClassification, Padding, Provenance, RandomInit, load_config,
 };
 use posttrain_reward::{
     PairIds, RewardConfig, encode_pairs, evaluate, scale_config, score_examples_shared,
@@ -66,6 +65,7 @@ fn initial_model(
     args: &RewardArgs,
     policy: &Gemma2Config,
     device: &Device,
+    held: FrozenDtype,
 ) -> Result<(
     Gemma2Config,
     Gemma2ForSequenceClassification,
@@ -75,7 +75,7 @@ fn initial_model(
     let head_seed = args.head_seed.unwrap_or(args.train.seed);
     Ok(match &args.init {
         Some(dir) => {
-            let (config, model, fresh) = load_reward_trunk(dir, head_seed, device)?;
+            let (config, model, fresh) = load_reward_trunk_as(dir, head_seed, device, held)?;
             if config.vocab_size != policy.vocab_size {
                 bail!(
                     "{}: vocab_size {} differs from the policy's {}",
@@ -142,19 +142,25 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         .map(|p| p.chosen.len().max(p.rejected.len()))
         .max()
         .unwrap_or(0);
+    let base = match &args.init {
+        Some(dir) => super::base_dtype(dir, &device, &args.train.memory)?,
+        None => (FrozenDtype::F32, 4 * planned.num_params() as u64),
+    };
     let plan = posttrain_train::memory::Plan {
         config: &planned,
         lora: lora.as_ref(),
         batch: 2 * args.train.batch_size,
         longest,
         frozen_bytes: 0,
-        compact_base: false,
+        frozen_dtype: FrozenDtype::F32,
+        base,
     };
     let memory = super::check_memory(&plan, args.train.memory.force)?;
     let (mut config, model, origin, drawn) = initial_model(
         &args,
         &policy,
         &super::train_device(&device, args.train.memory.checkpoint_activations),
+        base.0,
     )?;
     let ratio = config.num_params() as f64 / policy.num_params() as f64;
     let cfg = RewardConfig {
@@ -259,7 +265,8 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
 pub fn score(args: RewardScoreArgs, env: &Env) -> Result<()> {
     super::check_table_output(args.out.as_deref(), args.overwrite)?;
     let device = env.device()?;
-    let (config, model, tokenizer) = super::load_reward(&args.reward, &device)?;
+    let (config, model, tokenizer) =
+        super::load_reward(&args.reward, &device, args.frozen.weights_dtype)?;
     if let Some(pairs) = &args.pairs {
         let ids = load_pairs(&tokenizer, pairs, config.max_position_embeddings)?;
         let stats = evaluate(&model, &ids, tokenizer.pad, args.batch_size, 0.0);

@@ -2,6 +2,7 @@ use anyhow::{Result, bail};
 use burn::module::Module;
 use posttrain_datasets::ChatTokenizer;
 use posttrain_datasets::read_prompts;
+use posttrain_model::checkpoint::FrozenDtype;
 use posttrain_model::{
     CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification, Provenance,
 };
@@ -64,9 +65,9 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     };
     let (config, tokenizer) = super::chat_config(&args.policy)?;
     let prompt_rows = read_prompts(&args.prompts)?;
-    let rm_bytes = match &args.reward {
-        Some(dir) => super::frozen_bytes(dir, &device)?,
-        None => 0,
+    let (rm_dtype, rm_bytes) = match &args.reward {
+        Some(dir) => super::frozen_bytes(dir, &device, args.frozen.weights_dtype)?,
+        None => (FrozenDtype::F32, 0),
     };
     // without LoRA the init and the anchor are copies of the policy
     let copies = if lora.is_some() { 0 } else { 2 };
@@ -84,15 +85,17 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
             .max()
             .unwrap_or(0)
             + cfg.max_new_tokens,
-        compact_base: super::compact_base(&args.policy, &device, &args.memory)?,
+        base: super::base_dtype(&args.policy, &device, &args.memory)?,
         frozen_bytes: rm_bytes + copies * 4 * config.num_params() as u64,
+        frozen_dtype: rm_dtype,
     };
     let memory = super::check_memory(&plan, args.memory.force)?;
+    let held = [plan.base.0, rm_dtype];
     let policy = super::load_trained_lm(&args.policy, &device, &args.memory)?;
     let policy = super::with_lora("rlhf", policy, lora.as_ref(), args.seed);
     let init = policy.valid();
     let rm = match &args.reward {
-        Some(dir) => Some(super::load_reward(dir, &device)?),
+        Some(dir) => Some(super::load_reward(dir, &device, args.frozen.weights_dtype)?),
         None => None,
     };
     let max_len = config.max_position_embeddings;
@@ -137,7 +140,7 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
     };
     // the policy, its snapshots and the anchor are written the same way
     let save = |w: CheckpointWriter, model: &Gemma2ForCausalLM, stage: &str, metrics| {
-        let p = provenance(stage, backend, &args, &cfg, lora.clone())?;
+        let p = provenance(stage, backend, &args, &cfg, lora.clone(), held)?;
         let seed = Some(args.seed);
         super::finish_checkpoint(w, model, &config, &tokenizer, p, &[], seed, metrics)
     };
@@ -214,15 +217,17 @@ fn provenance(
     args: &RlhfArgs,
     cfg: &RlhfConfig,
     lora: Option<posttrain_model::LoraConfig>,
+    held: [FrozenDtype; 2],
 ) -> Result<Provenance> {
     let mut p = Provenance::new(
         stage,
         backend,
         json!({ "rlhf": cfg, "task_reward": args.task_reward }),
     )
-    .with_parent(&args.policy)?;
+    .with_parent(&args.policy)?
+    .held("base", held[0]);
     if let Some(rm) = &args.reward {
-        p = p.with_parent(rm)?;
+        p = p.with_parent(rm)?.held("reward", held[1]);
     }
     let p = p.with_parent(&args.prompts)?;
     super::lora_provenance::<Gemma2ForCausalLM>(p, lora, &args.policy)

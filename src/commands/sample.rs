@@ -37,7 +37,7 @@ pub fn run(args: SampleArgs, env: &Env) -> Result<()> {
         (None, Some(text)) => vec![Prompt::Text(text.clone())],
         (None, None) => bail!("give --prompts FILE or --prompt TEXT"),
     };
-    let lm = super::ChatModel::load_frozen(&args.model, &device, args.weights_dtype)?;
+    let lm = super::ChatModel::load(&args.model, &device, args.frozen.weights_dtype)?;
     let (config, model, tokenizer) = (&lm.config, &lm.model, &lm.tokenizer);
     let mut encoded = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {

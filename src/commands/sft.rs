@@ -1,5 +1,6 @@
 use anyhow::{Context, Result, bail};
 use posttrain_datasets::LossOn;
+use posttrain_model::checkpoint::FrozenDtype;
 use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
 use posttrain_sft::{Distill, OnPolicy, check_topk};
 use posttrain_train::Vocab;
@@ -43,17 +44,18 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         LossOn::Completion,
         true,
     )?;
-    let teacher_bytes = match &args.teacher {
-        Some(dir) => super::frozen_bytes(dir, &device)?,
-        None => 0,
+    let (teacher_dtype, teacher_bytes) = match &args.teacher {
+        Some(dir) => super::frozen_bytes(dir, &device, args.frozen.weights_dtype)?,
+        None => (FrozenDtype::F32, 0),
     };
     let plan = Plan {
         config,
         lora: lora.as_ref(),
         batch: args.train.batch_size,
         longest: data.longest(),
-        compact_base: super::compact_base(&args.model, &device, &args.train.memory)?,
+        base: super::base_dtype(&args.model, &device, &args.train.memory)?,
         frozen_bytes: teacher_bytes,
+        frozen_dtype: teacher_dtype,
     };
     let memory = super::check_memory(&plan, args.train.memory.force)?;
     let student = super::load_trained_lm(&args.model, &device, &args.train.memory)?;
@@ -77,7 +79,13 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     let mut cfg = args.train.sft_config(distill, &args.distill, &args.lm)?;
     cfg.on_policy = Some(on_policy(&args));
     let teacher = match &args.teacher {
-        Some(dir) => Some(super::load_teacher(dir, config, tokenizer, &device)?),
+        Some(dir) => Some(super::load_teacher(
+            dir,
+            config,
+            tokenizer,
+            &device,
+            args.frozen.weights_dtype,
+        )?),
         None => None,
     };
     eprintln!(
@@ -121,7 +129,12 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     )?;
     let provenance = Provenance::new("sft", backend, json!({"train": cfg}))
         .with_parent(&args.model)?
-        .with_parent(&args.data)?;
+        .with_parent(&args.data)?
+        .held("base", plan.base.0);
+    let provenance = match &args.teacher {
+        Some(_) => provenance.held("teacher", teacher_dtype),
+        None => provenance,
+    };
     let provenance = super::lora_provenance::<Gemma2ForCausalLM>(provenance, lora, &args.model)?;
     let out = super::finish_checkpoint(
         writer,

@@ -10,6 +10,7 @@ mod makefile;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod pipeline;
+mod quantized;
 mod resume;
 mod rlhf;
 

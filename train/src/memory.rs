@@ -2,17 +2,19 @@
 //! the machine's available memory, so that a run that cannot fit is refused
 //! in one line instead of being killed by the kernel minutes later.
 //!
-//! `weights` = parameters × 4 (f32), × 2 for a LoRA run's bf16 base;
+//! `weights` = parameters × 4 (f32), or as a LoRA run's frozen base is held
+//! (bf16 2; int8 1 + 4/64 and nf4 ½ + 4/64 per projection element);
 //! `optimizer` = trainable × 4 × 4
 //! (gradient, its accumulation, AdamW's two moments); `frozen` = the other
-//! models held beside (teacher, reference, reward model, anchor) at 2 or 4
-//! bytes per parameter as they are held;
+//! models held beside (teacher, reference, reward model, anchor) as they
+//! are held;
 //! `activations` = layers × tokens × (14·hidden + 4·intermediate +
 //! 2·(q + 2·kv)) × 4 plus the attention scores layers × batch × heads × len²
 //! × 4 × 2; `logits` = 6 copies (logits, soft-cap and log-softmax
 //! intermediates, gradient) of one chunk, or of every position when the
 //! head is not chunked; `runtime` 0.3 GB.
 
+use posttrain_model::checkpoint::FrozenDtype;
 use posttrain_model::{Gemma2Config, LoraConfig};
 
 const GB: f64 = 1e9;
@@ -52,9 +54,33 @@ pub struct Plan<'a> {
     pub longest: usize,
     /// Bytes of the frozen models held beside the trained one.
     pub frozen_bytes: u64,
-    /// The trained model's frozen base holds bf16 matrices (a LoRA run on a
-    /// 16-bit checkpoint).
-    pub compact_base: bool,
+    /// How the frozen models beside are held (for the refusal's hint).
+    pub frozen_dtype: FrozenDtype,
+    /// How the trained model's matrices are held (other than f32 only for a
+    /// LoRA run's frozen base), and their bytes.
+    pub base: (FrozenDtype, u64),
+}
+
+impl Plan<'_> {
+    /// What would make the run smaller, for the refusal.
+    fn hints(&self) -> Vec<String> {
+        let mut hints = Vec::new();
+        let quantized = |d: FrozenDtype| matches!(d, FrozenDtype::Quantized(_));
+        match self.lora {
+            None => hints.push("train LoRA adapters (--lora-rank 16)".to_string()),
+            Some(_) if !quantized(self.base.0) => {
+                hints.push("hold the frozen base in 4 bits (--base-dtype nf4)".into())
+            }
+            Some(_) => {}
+        }
+        if self.frozen_bytes > 0 && !quantized(self.frozen_dtype) {
+            hints.push("hold the frozen models in 4 bits (--weights-dtype nf4)".into());
+        }
+        if self.batch > 1 {
+            hints.push("a smaller --batch-size".into());
+        }
+        hints
+    }
 }
 
 /// Parameters LoRA trains: `r·(in + out)` per adapted projection.
@@ -99,7 +125,7 @@ pub fn estimate(plan: &Plan) -> Footprint {
     };
     Footprint {
         parts: vec![
-            ("weights", params * if plan.compact_base { 2 } else { 4 }),
+            ("weights", plan.base.1),
             ("optimizer", trainable * 16),
             ("frozen models", plan.frozen_bytes),
             ("activations", activations),
@@ -130,15 +156,22 @@ pub fn available() -> Option<u64> {
     Some(avail)
 }
 
-/// Refuses `footprint` when it exceeds `available` (unless `force`).
-pub fn check(footprint: &Footprint, available: Option<u64>, force: bool) -> Result<(), String> {
+/// Refuses `plan` when its footprint exceeds `available` (unless `force`),
+/// naming what would make it smaller.
+pub fn check(plan: &Plan, available: Option<u64>, force: bool) -> Result<Footprint, String> {
+    let footprint = estimate(plan);
     match available {
-        Some(avail) if footprint.total() > avail && !force => Err(format!(
-            "this run needs about {}, but {:.1} GB are available; train LoRA adapters (--lora-rank 16), a smaller --batch-size, or pass --force to try anyway",
-            footprint.describe(),
-            avail as f64 / GB
-        )),
-        _ => Ok(()),
+        Some(avail) if footprint.total() > avail && !force => {
+            let mut hints = plan.hints();
+            hints.push("pass --force to try anyway".into());
+            Err(format!(
+                "this run needs about {}, but {:.1} GB are available; {}",
+                footprint.describe(),
+                avail as f64 / GB,
+                hints.join(", ")
+            ))
+        }
+        _ => Ok(footprint),
     }
 }
 
@@ -170,7 +203,8 @@ mod tests {
             batch: 3,
             longest: 5,
             frozen_bytes: 400,
-            compact_base: false,
+            frozen_dtype: FrozenDtype::F32,
+            base: (FrozenDtype::F32, 9224 * 4),
         };
         let f = estimate(&plan);
         let params = 9224u64;
@@ -191,33 +225,62 @@ mod tests {
         });
         assert_eq!(with_lora.parts[1], ("optimizer", 208 * 16));
         // a LoRA run's bf16 base: half the bytes of the weights
+        let bf16 = FrozenDtype::Bf16;
         let compact = estimate(&Plan {
             lora: Some(&lora),
-            compact_base: true,
+            base: (bf16, bf16.model_bytes(&c, 2)),
             ..plan
         });
         assert_eq!(compact.parts[0], ("weights", params * 2));
+        // nf4: the projections (2·(64 + 2·32 + 64 + 3·128) = 1152 elements)
+        // at 0.5625 bytes, the embedding and norms (9224 - 1152) at 2
+        let nf4 = FrozenDtype::Quantized(posttrain_model::quant::QuantFormat::Nf4);
+        assert_eq!(c.projection_params(), 1152);
+        assert_eq!(nf4.model_bytes(&c, 2), 648 + (9224 - 1152) * 2);
     }
 
     #[test]
     fn a_run_over_the_available_memory_is_refused_unless_forced() {
         let c = config();
-        let f = estimate(&Plan {
+        let plan = Plan {
             config: &c,
             lora: None,
             batch: 1,
             longest: 4,
             frozen_bytes: 0,
-            compact_base: false,
-        });
-        let total = f.total();
-        assert!(check(&f, Some(total), false).is_ok());
-        let err = check(&f, Some(total - 1), false).unwrap_err();
+            frozen_dtype: FrozenDtype::F32,
+            base: (FrozenDtype::F32, 4 * c.num_params() as u64),
+        };
+        let total = estimate(&plan).total();
+        assert!(check(&plan, Some(total), false).is_ok());
+        let err = check(&plan, Some(total - 1), false).unwrap_err();
         assert!(
             err.contains("needs about") && err.contains("--lora-rank"),
             "{err}"
         );
-        assert!(check(&f, Some(total - 1), true).is_ok());
-        assert!(check(&f, None, false).is_ok());
+        assert!(!err.contains("--weights-dtype") && !err.contains("--batch-size"));
+        assert!(check(&plan, Some(total - 1), true).is_ok());
+        assert!(check(&plan, None, false).is_ok());
+        // with LoRA on, the hint is the base's and the frozen models' dtype
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q_proj".into()],
+            dropout: 0.0,
+        };
+        let with = Plan {
+            lora: Some(&lora),
+            frozen_bytes: 1000,
+            batch: 2,
+            ..plan
+        };
+        let err = check(&with, Some(1), false).unwrap_err();
+        assert!(!err.contains("--lora-rank"), "{err}");
+        assert!(
+            err.contains("--base-dtype nf4")
+                && err.contains("--weights-dtype nf4")
+                && err.contains("--batch-size"),
+            "{err}"
+        );
     }
 }

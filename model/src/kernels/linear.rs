@@ -119,6 +119,21 @@ impl View<'_> {
     }
 }
 
+/// `out [m, n] = a [m, k] · b [k, n]`, row-major out, for operands given
+/// as `(elements, row stride, column stride)`.
+pub(crate) fn strided_product(
+    [m, n, k]: [usize; 3],
+    (a, ars, acs): (&[f32], usize, usize),
+    (b, brs, bcs): (&[f32], usize, usize),
+) -> Vec<f32> {
+    let view = |data, rs: usize, cs: usize| View {
+        data,
+        rs: rs as isize,
+        cs: cs as isize,
+    };
+    product(m, n, k, view(a, ars, acs), view(b, brs, bcs))
+}
+
 /// `out [m, n] = a [m, k] · b [k, n]`, row-major out.
 fn product(m: usize, n: usize, k: usize, a: View, b: View) -> Vec<f32> {
     assert!(a.data.len() >= m * k && b.data.len() >= k * n);
