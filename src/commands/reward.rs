@@ -227,7 +227,8 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         }),
     )
     .with_parent(&args.policy)?
-    .with_parent(&args.data)?;
+    .with_parent(&args.data)?
+    .held("base", base.0);
     // LoRA implies --init (checked above): the adapter's base
     let provenance = match &args.init {
         Some(init) => super::lora_provenance::<posttrain_model::Gemma2ForSequenceClassification>(

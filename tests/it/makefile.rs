@@ -166,6 +166,9 @@ fn own_model_makefile_on_the_fixture() {
     let run = dir.join("run");
     let flags: Vec<String> = [
         format!("BASE={}", crate::fixture().display()),
+        // the teacher's top-k answers, the teacher and reward model in nf4
+        format!("TEACHER={}", crate::fixture().display()),
+        "GEN_FLAGS=--topk 4 --temperature 0 --max-new-tokens 8".into(),
         format!("SFT_DATA={pairs}"),
         format!("PREFS={prefs}"),
         format!("PROMPTS={prompts}"),
@@ -209,6 +212,9 @@ fn gemma2_2b_makefile_runs_its_lora_chain_on_the_fixture() {
     let run = dir.join("run");
     let flags: Vec<String> = [
         format!("BASE={}", crate::fixture().display()),
+        // the teacher's top-k answers, the teacher and reward model in nf4
+        format!("TEACHER={}", crate::fixture().display()),
+        "GEN_FLAGS=--topk 4 --temperature 0 --max-new-tokens 8".into(),
         format!("SFT_DATA={pairs}"),
         format!("PREFS={prefs}"),
         format!("PROMPTS={prompts}"),
@@ -227,6 +233,14 @@ fn gemma2_2b_makefile_runs_its_lora_chain_on_the_fixture() {
         "make failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let held = |dir: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(run.join(dir).join("posttrain.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(held("rm")["held"]["base"], "nf4");
+    assert_eq!(held("warp/it1/rl-s0")["held"]["reward"], "nf4");
+    let pairs = std::fs::read_to_string(run.join("teacher_pairs.jsonl")).unwrap();
+    assert!(pairs.contains("teacher_topk_ids"), "{pairs}");
     for f in [
         "sft/adapter_config.json",
         "rm/adapter_config.json",
