@@ -293,6 +293,11 @@ pub struct BenchArgs {
     /// Memory read GB/s for sampling's bandwidth bound; by default measured first (`--case bandwidth`) when sampling is benchmarked.
     #[arg(long)]
     pub peak_gbs: Option<f64>,
+    /// sample: this checkpoint (held as --weights-dtype says) instead of random weights of --shape.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub frozen: FrozenArgs,
 }
 
 #[derive(Debug, Args)]

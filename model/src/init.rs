@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::{ModelError, Result};
-use crate::quant::QuantFormat;
+use crate::quant::{QuantFormat, QuantMatrix};
 use crate::safetensors_io::{HostTensor, Weights};
 
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +32,18 @@ pub trait ParamSource {
     /// (frozen models only: see [`crate::quant`]).
     fn quantize(&self) -> Option<QuantFormat> {
         None
+    }
+
+    /// The matrix called `name`, quantized.
+    fn quantized(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        format: QuantFormat,
+        init: Init,
+    ) -> Result<QuantMatrix> {
+        let t = self.tensor(name, &shape, init)?;
+        Ok(QuantMatrix::quantize(format, &t.data, shape))
     }
 }
 
@@ -105,6 +117,33 @@ impl<'a> CheckpointSource<'a> {
 
 impl ParamSource for CheckpointSource<'_> {
     fn tensor(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<HostTensor> {
+        self.check(name, shape)?;
+        self.weights.read(name)
+    }
+
+    fn quantized(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        format: QuantFormat,
+        _init: Init,
+    ) -> Result<QuantMatrix> {
+        self.check(name, &shape)?;
+        self.weights.read_quantized(name, format, shape)
+    }
+
+    fn compact(&self) -> bool {
+        self.compact
+    }
+
+    fn quantize(&self) -> Option<QuantFormat> {
+        self.quantize
+    }
+}
+
+impl CheckpointSource<'_> {
+    /// `name` is stored with `shape`; it counts as used.
+    fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
         let Some((_, stored)) = self.weights.info(name) else {
             return Err(ModelError::MissingTensor {
                 dir: self.weights.dir().to_path_buf(),
@@ -119,15 +158,7 @@ impl ParamSource for CheckpointSource<'_> {
             });
         }
         self.used.insert(name.to_string());
-        self.weights.read(name)
-    }
-
-    fn compact(&self) -> bool {
-        self.compact
-    }
-
-    fn quantize(&self) -> Option<QuantFormat> {
-        self.quantize
+        Ok(())
     }
 }
 
@@ -152,5 +183,15 @@ impl ParamSource for NewHead<'_> {
 
     fn quantize(&self) -> Option<QuantFormat> {
         self.checkpoint.quantize
+    }
+
+    fn quantized(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        format: QuantFormat,
+        init: Init,
+    ) -> Result<QuantMatrix> {
+        self.checkpoint.quantized(name, shape, format, init)
     }
 }

@@ -7,7 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::error::Result;
 use crate::init::{Init, ParamSource};
 use crate::lora::Factor;
-use crate::quant::{QuantMatrix, SharedQuant};
+use crate::quant::SharedQuant;
 use crate::skinny_matmul::matmul_transposed;
 
 pub(crate) const INIT_STD: f64 = 0.02;
@@ -58,9 +58,8 @@ impl Linear {
         let name = format!("{name}.weight");
         let init = Init::Normal { std: INIT_STD };
         if let Some(format) = source.quantize() {
-            // one matrix at a time in f32, kept in blocks of 8 or 4 bits
-            let t = source.tensor(&name, &[d_out, d_in], init)?;
-            let q = QuantMatrix::quantize(format, &t.data, [d_out, d_in]);
+            // block by block from the file, kept in 8 or 4 bits
+            let q = source.quantized(&name, [d_out, d_in], format, init)?;
             let empty =
                 Tensor::<2>::from_data(TensorData::new(Vec::<f32>::new(), [0, d_in]), device);
             return Ok(Self {

@@ -120,44 +120,70 @@ fn int8_of(v: f32, step: f32) -> u8 {
     ((v / step).round().clamp(-127.0, 127.0) as i8) as u8
 }
 
+/// Block `values` (at most [`BLOCK`] of them) into `out` (its bytes); returns
+/// its scale.
+fn quantize_block(format: QuantFormat, values: &[f32], out: &mut [u8]) -> f32 {
+    let m = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    match format {
+        QuantFormat::Int8 => {
+            let step = m / 127.0;
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = int8_of(v, step);
+            }
+            step
+        }
+        QuantFormat::Nf4 => {
+            let index = |v: f32| if m == 0.0 { 7 } else { nf4_index(v / m) };
+            for (o, pair) in out.iter_mut().zip(values.chunks(2)) {
+                let lo = pair.get(1).map_or(0, |&v| index(v));
+                *o = (index(pair[0]) << 4) | lo;
+            }
+            m
+        }
+    }
+}
+
 impl QuantMatrix {
     pub fn quantize(format: QuantFormat, values: &[f32], [rows, cols]: [usize; 2]) -> Self {
+        assert_eq!(values.len(), rows * cols, "{rows} x {cols} values");
+        Self::from_blocks(format, [rows, cols], |from, out| {
+            out.copy_from_slice(&values[from..from + out.len()])
+        })
+    }
+
+    /// A `[rows, cols]` matrix quantized block by block on all cores, each
+    /// block's values written into a buffer by `load(first element, buffer)`:
+    /// no copy of the whole matrix in f32 exists.
+    pub fn from_blocks(
+        format: QuantFormat,
+        [rows, cols]: [usize; 2],
+        load: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Self {
+        /// Blocks a task quantizes.
+        const GROUP: usize = 1024;
         let len = rows * cols;
-        assert_eq!(values.len(), len, "{rows} x {cols} values");
-        let absmax: Vec<f32> = values
-            .par_chunks(BLOCK)
-            .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())))
-            .collect();
-        let (data, scales) = match format {
-            QuantFormat::Int8 => {
-                let steps: Vec<f32> = absmax.iter().map(|m| m / 127.0).collect();
-                let data = values
-                    .par_chunks(BLOCK)
-                    .zip(&steps)
-                    .flat_map_iter(|(b, &step)| b.iter().map(move |&v| int8_of(v, step)))
-                    .collect();
-                (data, steps)
-            }
-            QuantFormat::Nf4 => {
-                let index = |i: usize| {
-                    let m = absmax[i / BLOCK];
-                    if m == 0.0 {
-                        7
-                    } else {
-                        nf4_index(values[i] / m)
-                    }
-                };
-                let data = (0..len.div_ceil(2))
-                    .into_par_iter()
-                    .map(|b| {
-                        let hi = index(2 * b);
-                        let lo = if 2 * b + 1 < len { index(2 * b + 1) } else { 0 };
-                        (hi << 4) | lo
-                    })
-                    .collect();
-                (data, absmax)
-            }
+        let per_block = match format {
+            QuantFormat::Int8 => BLOCK,
+            QuantFormat::Nf4 => BLOCK / 2,
         };
+        let bytes = match format {
+            QuantFormat::Int8 => len,
+            QuantFormat::Nf4 => len.div_ceil(2),
+        };
+        let mut data = vec![0u8; bytes];
+        let mut scales = vec![0f32; len.div_ceil(BLOCK)];
+        data.par_chunks_mut(GROUP * per_block)
+            .zip(scales.par_chunks_mut(GROUP))
+            .enumerate()
+            .for_each(|(g, (data, scales))| {
+                let mut buf = [0f32; BLOCK];
+                for (i, (out, scale)) in data.chunks_mut(per_block).zip(scales).enumerate() {
+                    let from = (g * GROUP + i) * BLOCK;
+                    let values = &mut buf[..BLOCK.min(len - from)];
+                    load(from, values);
+                    *scale = quantize_block(format, values, out);
+                }
+            });
         Self {
             format,
             rows,

@@ -148,6 +148,75 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// The matrix `name` quantized block by block from the file's bytes (no
+    /// f32 copy of the whole tensor; see [`crate::quant`]).
+    pub fn read_quantized(
+        &self,
+        name: &str,
+        format: crate::quant::QuantFormat,
+        shape: [usize; 2],
+    ) -> Result<crate::quant::QuantMatrix> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let &i = self
+            .location
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                dir: self.dir.clone(),
+                tensor: name.to_string(),
+            })?;
+        let file = &self.files[i];
+        let info = file.metadata.info(name).expect("indexed tensor exists");
+        let start = 8 + file.header_len + info.data_offsets.0;
+        let end = 8 + file.header_len + info.data_offsets.1;
+        let bytes = &file.map[start..end];
+        let err = |reason: String| ModelError::Tensor {
+            path: file.path.clone(),
+            tensor: name.to_string(),
+            reason,
+        };
+        let width = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => {
+                return Err(err(format!(
+                    "dtype {other:?} is not a float type posttrain reads"
+                )));
+            }
+        };
+        let len = shape[0] * shape[1];
+        if bytes.len() != len * width {
+            return Err(err(format!("{} bytes for {shape:?}", bytes.len())));
+        }
+        let decode = |at: usize| -> f32 {
+            let b = &bytes[at * width..(at + 1) * width];
+            match info.dtype {
+                Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            }
+        };
+        let bad = AtomicUsize::new(usize::MAX);
+        let q = crate::quant::QuantMatrix::from_blocks(format, shape, |from, out| {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = decode(from + j);
+            }
+            if let Some(p) = out.iter().position(|x| !x.is_finite()) {
+                bad.fetch_min(from + p, Ordering::Relaxed);
+            }
+        });
+        file.release(start, end - start);
+        let pos = bad.into_inner();
+        if pos != usize::MAX {
+            return Err(err(format!(
+                "holds a non-finite value ({}) at flat index {pos}",
+                decode(pos)
+            )));
+        }
+        Ok(q)
+    }
+}
+
 impl WeightFile {
     /// Drops the mapped pages of a range that has been read, so that
     /// loading a model holds its converted weights and not also the

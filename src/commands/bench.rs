@@ -199,7 +199,18 @@ fn lanes_sum(x: &[f32]) -> f32 {
 }
 
 fn bench_sample(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serde_json::Value> {
-    let model = Gemma2ForCausalLM::new(c, &mut RandomInit::new(0), device)?;
+    let (model, held, weight_bytes) = match &a.model {
+        Some(dir) => {
+            let held = a.frozen.weights_dtype.resolve(dir, device)?;
+            let bytes = super::held_bytes(dir, held)?;
+            let (_, model) = posttrain_model::checkpoint::load_causal_lm_frozen(dir, device, held)?;
+            (model, held.name(), bytes as usize)
+        }
+        None => {
+            let model = Gemma2ForCausalLM::new(c, &mut RandomInit::new(0), device)?;
+            (model, "f32", c.num_params() * size_of::<f32>())
+        }
+    };
     let mut rng = StdRng::seed_from_u64(0);
     let prompts: Vec<Vec<u32>> = (0..a.batch)
         .map(|_| random_ids(&mut rng, a.prompt, c.vocab_size))
@@ -225,7 +236,8 @@ fn bench_sample(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<serd
         "bench": "generate",
         "batch": a.batch, "prompt": a.prompt, "new": a.new, "reps": a.reps,
         "n_params": c.num_params(),
-        "weight_bytes": c.num_params() * size_of::<f32>(),
+        "weights_dtype": held,
+        "weight_bytes": weight_bytes,
         "tokens_per_s": ((a.batch * a.new) as f64 / wall * 10.0).round() / 10.0,
         "wall_s_median": wall,
         "achieved_gflops": flops / wall / 1e9,
@@ -430,7 +442,10 @@ pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
     }
     let gbs = args.peak_gbs.or(measured_gbs);
     for &shape in &args.shape {
-        let config = shape_config(shape);
+        let config = match &args.model {
+            Some(dir) => posttrain_model::load_config(dir)?,
+            None => shape_config(shape),
+        };
         for &case in &args.case {
             let mut line = match case {
                 BenchCase::Train => bench_train(&config, &args, &device)?,
@@ -451,7 +466,10 @@ pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
             line["mfu"] = (line["achieved_gflops"].as_f64().unwrap_or(f64::NAN) / peak).into();
             line["peak_gflops"] = peak.into();
             line["peak_src"] = peak_src.clone().into();
-            line["shape"] = format!("{shape:?}").to_lowercase().into();
+            line["shape"] = match &args.model {
+                Some(dir) => dir.display().to_string().into(),
+                None => format!("{shape:?}").to_lowercase().into(),
+            };
             line["backend"] = backend.into();
             crate::print_stdout(&format!("{line}\n"))?;
         }
