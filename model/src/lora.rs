@@ -236,29 +236,9 @@ impl Gemma2Model {
         self
     }
 
-    /// Elements of the projections held quantized.
-    pub fn quantized_params(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-            })
-            .filter_map(|p| p.quantized.as_ref())
-            .map(|q| q.rows * q.cols)
-            .sum()
-    }
-
-    pub fn has_lora(&self) -> bool {
-        self.layers.iter().any(|l| {
+    /// Every projection of every layer.
+    fn projections(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| {
             let (a, m) = (&l.self_attn, &l.mlp);
             [
                 &a.q_proj,
@@ -269,9 +249,19 @@ impl Gemma2Model {
                 &m.up_proj,
                 &m.down_proj,
             ]
-            .iter()
-            .any(|p| p.lora_a.is_some())
         })
+    }
+
+    /// Elements of the projections held quantized.
+    pub fn quantized_params(&self) -> usize {
+        self.projections()
+            .filter_map(|p| p.quantized.as_ref())
+            .map(|q| q.rows * q.cols)
+            .sum()
+    }
+
+    pub fn has_lora(&self) -> bool {
+        self.projections().any(|p| p.lora_a.is_some())
     }
 }
 

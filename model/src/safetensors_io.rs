@@ -115,7 +115,8 @@ impl Weights {
             .map(|&i| self.files[i].path.as_path())
     }
 
-    pub fn read(&self, name: &str) -> Result<HostTensor> {
+    /// The file holding `name`, its stored dtype and its bytes' range there.
+    fn locate(&self, name: &str) -> Result<(&WeightFile, Dtype, std::ops::Range<usize>)> {
         let &i = self
             .location
             .get(name)
@@ -127,13 +128,20 @@ impl Weights {
         let info = file.metadata.info(name).expect("indexed tensor exists");
         let start = 8 + file.header_len + info.data_offsets.0;
         let end = 8 + file.header_len + info.data_offsets.1;
+        Ok((file, info.dtype, start..end))
+    }
+
+    pub fn read(&self, name: &str) -> Result<HostTensor> {
+        let (file, dtype, range) = self.locate(name)?;
+        let (start, end) = (range.start, range.end);
+        let info = file.metadata.info(name).expect("indexed tensor exists");
         let bytes = &file.map[start..end];
         let err = |reason: String| ModelError::Tensor {
             path: file.path.clone(),
             tensor: name.to_string(),
             reason,
         };
-        let data = to_f32(info.dtype, bytes).map_err(err)?;
+        let data = to_f32(dtype, bytes).map_err(err)?;
         file.release(start, end - start);
         if let Some(pos) = data.iter().position(|x| !x.is_finite()) {
             return Err(err(format!(
@@ -158,24 +166,15 @@ impl Weights {
         shape: [usize; 2],
     ) -> Result<crate::quant::QuantMatrix> {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let &i = self
-            .location
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                dir: self.dir.clone(),
-                tensor: name.to_string(),
-            })?;
-        let file = &self.files[i];
-        let info = file.metadata.info(name).expect("indexed tensor exists");
-        let start = 8 + file.header_len + info.data_offsets.0;
-        let end = 8 + file.header_len + info.data_offsets.1;
+        let (file, dtype, range) = self.locate(name)?;
+        let (start, end) = (range.start, range.end);
         let bytes = &file.map[start..end];
         let err = |reason: String| ModelError::Tensor {
             path: file.path.clone(),
             tensor: name.to_string(),
             reason,
         };
-        let width = match info.dtype {
+        let width = match dtype {
             Dtype::F32 => 4,
             Dtype::BF16 | Dtype::F16 => 2,
             other => {
@@ -190,7 +189,7 @@ impl Weights {
         }
         let decode = |at: usize| -> f32 {
             let b = &bytes[at * width..(at + 1) * width];
-            match info.dtype {
+            match dtype {
                 Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
                 Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
                 _ => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
