@@ -441,7 +441,12 @@ pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
         crate::print_stdout(&format!("{line}\n"))?;
     }
     let gbs = args.peak_gbs.or(measured_gbs);
-    for &shape in &args.shape {
+    // a checkpoint is one shape
+    let shapes = match &args.model {
+        Some(_) => &args.shape[..1],
+        None => &args.shape[..],
+    };
+    for &shape in shapes {
         let config = match &args.model {
             Some(dir) => posttrain_model::load_config(dir)?,
             None => shape_config(shape),
