@@ -51,6 +51,8 @@ pub enum Command {
     Reward(RewardArgs),
     /// Direct preference optimisation (DPO, or IPO) of a policy on preference pairs against a frozen reference.
     Dpo(DpoArgs),
+    /// Odds-ratio preference optimisation (ORPO): SFT on the chosen side plus an odds-ratio preference term, no reference model.
+    Orpo(OrpoArgs),
     /// Score prompt/completion rows with a reward model (JSONL or Parquet out).
     Score(RewardScoreArgs),
     /// Write SFT pairs with a teacher's completions (and top-k log-probs).
@@ -436,6 +438,26 @@ pub struct DpoArgs {
     pub train: TrainArgs,
     #[command(flatten)]
     pub frozen: FrozenArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct OrpoArgs {
+    /// The policy to train (with tokenizer.json), e.g. a base or SFT checkpoint.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// Preference pairs (JSONL or Parquet: `prompt` or `messages`, `chosen`, `rejected`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out preference pairs for the loss, accuracy and margin of the implicit rewards λ·ℓ.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// λ: weight of the odds-ratio term −log σ(log odds(chosen) − log odds(rejected)).
+    #[arg(long, default_value_t = 0.1)]
+    pub lambda: f64,
+    #[command(flatten)]
+    pub output: CheckpointOut,
+    #[command(flatten)]
+    pub train: TrainArgs,
 }
 
 #[derive(Debug, Args)]

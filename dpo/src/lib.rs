@@ -1,12 +1,14 @@
-//! Direct preference optimisation of a causal LM on preference pairs
-//! against a frozen reference: the DPO and IPO losses, and their stage in
-//! the shared training loop.
+//! Preference optimisation of a causal LM on preference pairs: DPO and IPO
+//! against a frozen reference, ORPO without one, and their stages in the
+//! shared training loop.
 
 pub mod dpo;
+pub mod orpo;
 pub mod train;
 
 pub use dpo::{DpoLoss, margins, preference_loss};
+pub use orpo::{OrpoConfig, odds_ratio_loss, train_orpo};
 pub use train::{
     DpoConfig, DpoError, DpoReport, PairExamples, PreferenceStats, encode_preferences, evaluate,
-    train_dpo,
+    pair_lengths, train_dpo,
 };

@@ -11,8 +11,8 @@ use posttrain_datasets::{ChatTokenizer, DataError, Epochs, Example, Preference};
 use posttrain_model::Gemma2ForCausalLM;
 use posttrain_train::logprobs::{batch_of, logprob_sums, sequence_logprobs};
 use posttrain_train::{
-    Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
-    Schedule, Stage, StepLog, StepStats, train as train_loop,
+    At, LoopError, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step,
+    StepLog, train as train_loop,
 };
 use serde_json::json;
 
@@ -63,6 +63,14 @@ pub fn encode_preferences(
         .collect()
 }
 
+/// Each pair's longer side, in tokens (its length in length-bucketed batches).
+pub fn pair_lengths(pairs: &[PairExamples]) -> Vec<usize> {
+    pairs
+        .iter()
+        .map(|p| p.chosen.ids.len().max(p.rejected.ids.len()))
+        .collect()
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DpoConfig {
     pub optim: OptimConfig,
@@ -86,23 +94,10 @@ pub struct PreferenceStats {
     pub pairs: usize,
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DpoReport {
-    #[serde(flatten)]
-    pub loss: LossSummary,
     pub eval: Option<PreferenceStats>,
     pub pairs_seen: u64,
-    pub seconds: f64,
-}
-
-impl Report for DpoReport {
-    fn loss_summary(&mut self) -> &mut LossSummary {
-        &mut self.loss
-    }
-
-    fn set_seconds(&mut self, seconds: f64) {
-        self.seconds = seconds;
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,92 +187,61 @@ struct DpoStage<'a> {
     pad: u32,
     cfg: &'a DpoConfig,
     device: Device,
-    data: Epochs,
-    report: DpoReport,
-    /// The current step's margins.
-    margins: Vec<f64>,
 }
 
 impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
     type Report = DpoReport;
     type Error = DpoError;
+    const VALUES: &'static [&'static str] = &["margin"];
 
     fn name(&self) -> &str {
         "dpo"
     }
 
-    fn report(&mut self) -> &mut DpoReport {
-        &mut self.report
-    }
-
-    fn restore(&mut self, report: DpoReport, state: &LoopState) -> Result<(), DpoError> {
-        self.report = report;
-        self.data.seek(state.epoch, state.next);
-        Ok(())
-    }
-
-    fn forward_backward(
+    fn loss(
         &mut self,
-        _step: usize,
+        _at: At,
+        rows: &[usize],
         model: &Gemma2ForCausalLM,
-        backward: &mut Backward<'_, Gemma2ForCausalLM>,
-    ) -> Result<u64, DpoError> {
-        let cfg = self.cfg;
-        let (mut tokens, mut margins) = (0u64, Vec::new());
-        let world = posttrain_train::dist::world();
-        for _ in 0..cfg.optim.accumulation.max(1) {
-            // this rank's share of the micro-batch (all of it in one process)
-            let all = self.data.next_batch();
-            let idx = &all[world.share(all.len())];
-            let b = idx.len();
-            if b == 0 {
-                backward.empty_share()?;
-                continue;
-            }
-            let rows: Vec<Example> = idx
-                .iter()
-                .map(|&i| self.train[i].chosen.clone())
-                .chain(idx.iter().map(|&i| self.train[i].rejected.clone()))
-                .collect();
-            let (batch, weights) = batch_of(&rows, self.pad, &self.device);
-            tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-            let sums = sequence_logprobs(model, &batch, weights, false).sums;
-            let pick = |v: &[f64]| -> Vec<f64> { idx.iter().map(|&i| v[i]).collect() };
-            let h = margins_of(
-                sums,
-                b,
-                &pick(&self.reference.0),
-                &pick(&self.reference.1),
-                cfg,
-            );
-            margins.extend(
-                h.clone()
-                    .inner()
-                    .into_data()
-                    .try_into_vec_as::<f64>()
-                    .expect("f64"),
-            );
-            let loss = preference_loss(h, cfg.loss, cfg.beta, cfg.label_smoothing);
-            backward.backward_share(model, loss, b as f64)?;
-        }
-        self.margins = world.all_gather_f64(&margins);
-        let mut tokens = [tokens as f64];
-        world.sum_f64(&mut tokens);
-        Ok(tokens[0] as u64)
+    ) -> Result<Share, DpoError> {
+        let (cfg, b) = (self.cfg, rows.len());
+        let examples: Vec<Example> = rows
+            .iter()
+            .map(|&i| self.train[i].chosen.clone())
+            .chain(rows.iter().map(|&i| self.train[i].rejected.clone()))
+            .collect();
+        let (batch, weights) = batch_of(&examples, self.pad, &self.device);
+        let tokens = batch.valid.iter().filter(|&&v| v).count() as u64;
+        let sums = sequence_logprobs(model, &batch, weights, false).sums;
+        let pick = |v: &[f64]| -> Vec<f64> { rows.iter().map(|&i| v[i]).collect() };
+        let h = margins_of(
+            sums,
+            b,
+            &pick(&self.reference.0),
+            &pick(&self.reference.1),
+            cfg,
+        );
+        let margins = h.clone().inner().into_data().try_into_vec_as::<f64>();
+        let loss = preference_loss(h, cfg.loss, cfg.beta, cfg.label_smoothing);
+        Ok(Share {
+            values: vec![margins.expect("f64")],
+            ..Share::new(loss, b as f64, tokens)
+        })
     }
 
-    fn metrics(&mut self, step: usize, loss: f64, stats: &StepStats) -> Result<StepLog, DpoError> {
-        let n = self.margins.len();
-        self.report.pairs_seen += n as u64;
+    fn metrics(&mut self, s: &Step<'_>, report: &mut Run<DpoReport>) -> Result<StepLog, DpoError> {
+        let margins = s.values("margin");
+        let n = margins.len();
+        report.pairs_seen += n as u64;
         let row = json!({
-            "step": step + 1,
-            "loss": loss,
-            "reward_accuracy": self.margins.iter().filter(|&&h| h > 0.0).count() as f64 / n.max(1) as f64,
-            "reward_margin": self.margins.iter().sum::<f64>() / n.max(1) as f64,
-            "lr": stats.lr,
-            "grad_norm": stats.grad_norm,
-            "pairs": self.report.pairs_seen,
-            "epoch": self.data.epoch,
+            "step": s.step + 1,
+            "loss": s.loss,
+            "reward_accuracy": margins.iter().filter(|&&h| h > 0.0).count() as f64 / n.max(1) as f64,
+            "reward_margin": margins.iter().sum::<f64>() / n.max(1) as f64,
+            "lr": s.optim.lr,
+            "grad_norm": s.optim.grad_norm,
+            "pairs": report.pairs_seen,
+            "epoch": s.epoch,
         });
         Ok(StepLog::of(row))
     }
@@ -287,6 +251,7 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
         step: usize,
         model: &Gemma2ForCausalLM,
         row: &mut serde_json::Map<String, serde_json::Value>,
+        report: &mut DpoReport,
     ) -> Result<Option<String>, DpoError> {
         if self.eval.is_empty() {
             return Ok(None);
@@ -295,7 +260,7 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
         row.insert("eval_loss".into(), s.loss.into());
         row.insert("eval_reward_accuracy".into(), s.accuracy.into());
         row.insert("eval_reward_margin".into(), s.margin.into());
-        self.report.eval = Some(s);
+        report.eval = Some(s);
         Ok(Some(format!(
             "dpo: step {}: eval loss {:.4}, reward accuracy {:.3}, margin {:.3}",
             step + 1,
@@ -303,10 +268,6 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
             s.accuracy,
             s.margin
         )))
-    }
-
-    fn position(&self) -> (u64, usize) {
-        (self.data.epoch, self.data.next)
     }
 }
 
@@ -342,15 +303,11 @@ pub fn train_dpo(
     log: &mut MetricsLog,
     resume: Option<&Resume>,
     saver: Option<Saver<Gemma2ForCausalLM>>,
-) -> Result<(Gemma2ForCausalLM, DpoReport), DpoError> {
+) -> Result<(Gemma2ForCausalLM, Run<DpoReport>), DpoError> {
     cfg.check()?;
     if train.is_empty() {
         return Err(DpoError::NoData);
     }
-    let lengths = train
-        .iter()
-        .map(|p| p.chosen.ids.len().max(p.rejected.ids.len()))
-        .collect();
     let mut stage = DpoStage {
         train,
         eval,
@@ -359,20 +316,12 @@ pub fn train_dpo(
         pad,
         cfg,
         device: model.model.embed_tokens.weight.device(),
-        data: Epochs::new(lengths, cfg.batch_size, cfg.seed),
-        report: DpoReport {
-            loss: LossSummary::default(),
-            eval: None,
-            pairs_seen: 0,
-            seconds: 0.0,
-        },
-        margins: Vec::new(),
     };
     let schedule = Schedule {
         optim: &cfg.optim,
+        data: Epochs::new(pair_lengths(train), cfg.batch_size, cfg.seed),
         eval_every: cfg.eval_every,
         seed: cfg.seed,
     };
-    let model = train_loop(&mut stage, model, schedule, log, resume, saver)?;
-    Ok((model, stage.report))
+    train_loop(&mut stage, model, schedule, log, resume, saver)
 }

@@ -7,8 +7,8 @@
 use posttrain_datasets::Epochs;
 use posttrain_model::{Gemma2ForSequenceClassification, Padding, TokenBatch};
 use posttrain_train::{
-    Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
-    Schedule, Stage, StepLog, StepStats, train as train_loop,
+    At, LoopError, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step,
+    StepLog, train as train_loop,
 };
 use serde_json::json;
 
@@ -33,13 +33,10 @@ pub struct RewardConfig {
     pub margin: f64,
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RewardReport {
-    #[serde(flatten)]
-    pub loss: LossSummary,
     pub eval: Option<PairStats>,
     pub pairs_seen: u64,
-    pub seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,98 +68,60 @@ struct RewardStage<'a> {
     eval: &'a [PairIds],
     pad: u32,
     cfg: &'a RewardConfig,
-    data: Epochs,
-    report: RewardReport,
-    /// The current step's pairs ranked right and pairs seen.
-    right: usize,
-    pairs: usize,
-}
-
-impl Report for RewardReport {
-    fn loss_summary(&mut self) -> &mut LossSummary {
-        &mut self.loss
-    }
-
-    fn set_seconds(&mut self, seconds: f64) {
-        self.seconds = seconds;
-    }
 }
 
 impl Stage<Gemma2ForSequenceClassification> for RewardStage<'_> {
     type Report = RewardReport;
     type Error = RewardError;
+    const COUNTS: &'static [&'static str] = &["right", "pairs"];
 
     fn name(&self) -> &str {
         "reward"
     }
 
-    fn report(&mut self) -> &mut RewardReport {
-        &mut self.report
-    }
-
-    fn restore(&mut self, report: RewardReport, state: &LoopState) -> Result<(), RewardError> {
-        self.report = report;
-        self.data.seek(state.epoch, state.next);
-        Ok(())
-    }
-
-    fn forward_backward(
+    fn loss(
         &mut self,
-        _step: usize,
+        _at: At,
+        rows: &[usize],
         model: &Gemma2ForSequenceClassification,
-        backward: &mut Backward<'_, Gemma2ForSequenceClassification>,
-    ) -> Result<u64, RewardError> {
-        let (mut right, mut pairs, mut tokens) = (0usize, 0usize, 0u64);
-        let world = posttrain_train::dist::world();
-        for _ in 0..self.cfg.optim.accumulation.max(1) {
-            // this rank's share of the micro-batch (all of it in one process)
-            let all = self.data.next_batch();
-            let idx = &all[world.share(all.len())];
-            let b = idx.len();
-            if b == 0 {
-                backward.empty_share()?;
-                continue;
-            }
-            let rows: Vec<Vec<u32>> = idx
-                .iter()
-                .map(|&i| self.train[i].chosen.clone())
-                .chain(idx.iter().map(|&i| self.train[i].rejected.clone()))
-                .collect();
-            let batch = TokenBatch::new(&rows, self.pad, Padding::Right);
-            tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-            let r = model.forward(&batch);
-            let (chosen, rejected) = (r.clone().narrow(0, 0, b), r.narrow(0, b, b));
-            let gaps = (chosen.clone() - rejected.clone())
-                .into_data()
-                .try_into_vec_as::<f32>()
-                .expect("f32");
-            right += gaps.iter().filter(|&&g| g > 0.0).count();
-            pairs += b;
-            let loss = bradley_terry_loss(chosen, rejected, self.cfg.margin);
-            backward.backward_share(model, loss, b as f64)?;
-        }
-        let mut counts = [right as f64, pairs as f64, tokens as f64];
-        world.sum_f64(&mut counts);
-        self.right = counts[0] as usize;
-        self.pairs = counts[1] as usize;
-        Ok(counts[2] as u64)
+    ) -> Result<Share, RewardError> {
+        let b = rows.len();
+        let ids: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|&i| self.train[i].chosen.clone())
+            .chain(rows.iter().map(|&i| self.train[i].rejected.clone()))
+            .collect();
+        let batch = TokenBatch::new(&ids, self.pad, Padding::Right);
+        let tokens = batch.valid.iter().filter(|&&v| v).count() as u64;
+        let r = model.forward(&batch);
+        let (chosen, rejected) = (r.clone().narrow(0, 0, b), r.narrow(0, b, b));
+        let gaps = (chosen.clone() - rejected.clone())
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("f32");
+        let right = gaps.iter().filter(|&&g| g > 0.0).count();
+        let loss = bradley_terry_loss(chosen, rejected, self.cfg.margin);
+        Ok(Share {
+            counts: vec![right as f64, b as f64],
+            ..Share::new(loss, b as f64, tokens)
+        })
     }
 
     fn metrics(
         &mut self,
-        step: usize,
-        loss: f64,
-        stats: &StepStats,
+        s: &Step<'_>,
+        report: &mut Run<RewardReport>,
     ) -> Result<StepLog, RewardError> {
-        self.report.pairs_seen += self.pairs as u64;
+        let pairs = s.count("pairs");
+        report.pairs_seen += pairs as u64;
         let row = json!({
-            "step": step + 1,
-            "loss": loss,
-            "accuracy": self.right as f64 / self.pairs.max(1) as f64,
-            "lr": stats.lr,
-            "grad_norm": stats.grad_norm,
-            "pairs": self.report.pairs_seen,
-            "epoch": self.data.epoch,
+            "step": s.step + 1,
+            "loss": s.loss,
+            "accuracy": s.count("right") / pairs.max(1.0),
+            "lr": s.optim.lr,
+            "grad_norm": s.optim.grad_norm,
+            "pairs": report.pairs_seen,
+            "epoch": s.epoch,
         });
         Ok(StepLog::of(row))
     }
@@ -172,6 +131,7 @@ impl Stage<Gemma2ForSequenceClassification> for RewardStage<'_> {
         step: usize,
         model: &Gemma2ForSequenceClassification,
         row: &mut serde_json::Map<String, serde_json::Value>,
+        report: &mut RewardReport,
     ) -> Result<Option<String>, RewardError> {
         if self.eval.is_empty() {
             return Ok(None);
@@ -190,12 +150,8 @@ impl Stage<Gemma2ForSequenceClassification> for RewardStage<'_> {
             s.mean_gap,
             s.std_gap
         );
-        self.report.eval = Some(s);
+        report.eval = Some(s);
         Ok(Some(line))
-    }
-
-    fn position(&self) -> (u64, usize) {
-        (self.data.epoch, self.data.next)
     }
 }
 
@@ -209,7 +165,7 @@ pub fn train_reward(
     log: &mut MetricsLog,
     resume: Option<&Resume>,
     saver: Option<Saver<Gemma2ForSequenceClassification>>,
-) -> Result<(Gemma2ForSequenceClassification, RewardReport), RewardError> {
+) -> Result<(Gemma2ForSequenceClassification, Run<RewardReport>), RewardError> {
     if train.is_empty() {
         return Err(RewardError::NoData);
     }
@@ -222,21 +178,12 @@ pub fn train_reward(
         eval,
         pad,
         cfg,
-        data: Epochs::new(lengths, cfg.batch_size, cfg.seed),
-        report: RewardReport {
-            loss: LossSummary::default(),
-            eval: None,
-            pairs_seen: 0,
-            seconds: 0.0,
-        },
-        right: 0,
-        pairs: 0,
     };
     let schedule = Schedule {
         optim: &cfg.optim,
+        data: Epochs::new(lengths, cfg.batch_size, cfg.seed),
         eval_every: cfg.eval_every,
         seed: cfg.seed,
     };
-    let model = train_loop(&mut stage, model, schedule, log, resume, saver)?;
-    Ok((model, stage.report))
+    train_loop(&mut stage, model, schedule, log, resume, saver)
 }

@@ -14,10 +14,10 @@ use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::logprobs::{
     SequenceLogprobs, batch_of, logprob_sums, per_example, sequence_logprobs, token_logprobs,
 };
-use posttrain_train::rollout::{PromptSet, gather_true_scores, roll_out_share};
+use posttrain_train::rollout::{PromptSet, Rollouts, roll_out_share};
 use posttrain_train::{
-    Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
-    Schedule, Stage, StepLog, StepStats, Vocab, train,
+    At, Draw, LoopError, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step,
+    StepLog, Vocab, train,
 };
 use posttrain_warp::{WarpError, ema};
 use serde_json::json;
@@ -70,9 +70,6 @@ pub struct RlhfConfig {
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RlhfReport {
     pub steps: usize,
-    /// First and last policy-gradient loss.
-    #[serde(flatten)]
-    pub loss: LossSummary,
     /// Completion tokens sampled.
     pub tokens: u64,
     /// Mean RM reward of the first and last steps' samples.
@@ -91,7 +88,6 @@ pub struct RlhfReport {
     pub reward_s: f64,
     pub logprob_s: f64,
     pub update_s: f64,
-    pub seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,23 +190,20 @@ struct RlhfStage<'a> {
     cfg: &'a RlhfConfig,
     snapshot: &'a mut dyn FnMut(usize, &Gemma2ForCausalLM) -> Result<(), String>,
     device: Device,
-    data: Epochs,
-    report: RlhfReport,
     step: Option<StepParts>,
 }
 
-/// What one step measured before the optimizer step.
+/// A step's samples with what the update needs of them, and its timings.
 struct StepParts {
+    rollouts: Rollouts,
     rewards: Vec<f64>,
-    samples: usize,
     /// The task scorer's (score, correct) of every sample, when it has one.
     true_scores: Option<Vec<(f64, bool)>>,
-    lengths: Vec<usize>,
-    shaped: Vec<f64>,
-    kl_anchor: Vec<f64>,
-    kl_init: Vec<f64>,
-    entropy_sum: f64,
-    chunks: usize,
+    /// Completion log-prob sums under the anchor and the init.
+    anchor_lp: Vec<f64>,
+    init_lp: Vec<f64>,
+    /// Per-token anchor log-probs, when the estimator or the loss needs them.
+    anchor_tokens: Option<Vec<Vec<f64>>>,
     rollout_s: f64,
     reward_s: f64,
     logprob_s: f64,
@@ -220,19 +213,19 @@ struct StepParts {
     update_s: f64,
 }
 
-impl Report for RlhfReport {
-    fn loss_summary(&mut self) -> &mut LossSummary {
-        &mut self.loss
-    }
-
-    fn set_seconds(&mut self, seconds: f64) {
-        self.seconds = seconds;
-    }
-}
-
 impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
     type Report = RlhfReport;
     type Error = RlhfError;
+    const MEANS: &'static [&'static str] = &["entropy"];
+    const VALUES: &'static [&'static str] = &[
+        "reward",
+        "length",
+        "shaped",
+        "kl_anchor",
+        "kl_init",
+        "score",
+        "correct",
+    ];
 
     fn name(&self) -> &str {
         "rlhf"
@@ -242,30 +235,22 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         "reward model"
     }
 
-    fn report(&mut self) -> &mut RlhfReport {
-        &mut self.report
+    fn units_per_row(&self) -> Option<usize> {
+        Some(self.cfg.samples)
     }
 
-    fn restore(&mut self, report: RlhfReport, state: &LoopState) -> Result<(), RlhfError> {
-        self.report = report;
-        self.data.seek(state.epoch, state.next);
-        Ok(())
-    }
-
-    fn forward_backward(
+    /// Rollouts of this rank's prompts, their rewards, and the anchor's and
+    /// the init's log-probs.
+    fn prepare(
         &mut self,
         step: usize,
+        draw: Draw<'_>,
         policy: &Gemma2ForCausalLM,
-        backward: &mut Backward<'_, Gemma2ForCausalLM>,
-    ) -> Result<u64, RlhfError> {
+    ) -> Result<(), RlhfError> {
         let (cfg, vocab, prompts) = (self.cfg, self.vocab, self.prompts);
         let pad = vocab.tokenizer.pad;
         // rollouts: K samples per prompt
         let t = Instant::now();
-        let world = posttrain_train::dist::world();
-        let indices = self.data.next_batch();
-        // this rank's whole prompt groups (all of them in one process)
-        let share = world.share(indices.len());
         let sampling = SamplingConfig {
             max_new_tokens: cfg.max_new_tokens,
             temperature: cfg.temperature,
@@ -276,8 +261,8 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         let rollouts = roll_out_share(
             &policy.valid(),
             prompts,
-            &indices,
-            share.clone(),
+            draw.all,
+            draw.share,
             cfg.samples,
             &sampling,
             vocab,
@@ -291,114 +276,102 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
 
         // log-probs under the anchor and the init
         let t = Instant::now();
-        let lengths = rollouts.lengths();
         let anchor_lp = logprob_sums(&self.anchor, &rollouts.examples, pad, cfg.batch_size);
         let init_lp = match cfg.anchor {
             Anchor::Sft => anchor_lp.clone(),
             Anchor::Ema => logprob_sums(&self.init, &rollouts.examples, pad, cfg.batch_size),
         };
         let logprob_s = t.elapsed().as_secs_f64();
-
-        // per-token anchor log-probs, when the estimator or the loss needs them
         let per_token = cfg.kl_estimator != KlEstimator::K1 || cfg.kl_in == KlIn::Loss;
         let anchor_tokens = per_token
             .then(|| token_logprobs(&self.anchor, &rollouts.examples, pad, cfg.batch_size));
+        self.step = Some(StepParts {
+            true_scores: rollouts.true_scores(prompts),
+            rollouts,
+            rewards,
+            anchor_lp,
+            init_lp,
+            anchor_tokens,
+            rollout_s,
+            reward_s,
+            logprob_s,
+            update_start: Instant::now(),
+            update_s: 0.0,
+        });
+        Ok(())
+    }
+
+    /// Shaped rewards, advantages and the policy gradient of whole prompt
+    /// groups.
+    fn loss(
+        &mut self,
+        _at: At,
+        rows: &[usize],
+        policy: &Gemma2ForCausalLM,
+    ) -> Result<Share, RlhfError> {
+        let (cfg, pad) = (self.cfg, self.vocab.tokenizer.pad);
+        let p = self.step.as_ref().expect("prepared");
+        let (at, n) = (rows[0], rows.len());
+        let chunk = &p.rollouts.examples[at..at + n];
+        let lengths = &p.rollouts.lengths()[at..at + n];
         let reward_beta = if cfg.kl_in == KlIn::Reward {
             cfg.beta
         } else {
             0.0
         };
-
-        // shaped rewards, advantages and the policy gradient, whole prompt
-        // groups per micro-batch
-        let update_start = Instant::now();
+        let (batch, weights) = batch_of(chunk, pad, &self.device);
+        let SequenceLogprobs {
+            sums,
+            tokens,
+            entropy,
+        } = sequence_logprobs(policy, &batch, weights.clone(), true);
+        let lp = sums.clone().inner().into_data().try_into_vec_as::<f64>();
+        // the KL that shapes the reward: k1 from the sums, else per token
+        let estimated = p
+            .anchor_tokens
+            .as_ref()
+            .map(|a| estimate_kl(cfg.kl_estimator, chunk, &tokens, &a[at..], batch.len));
         let (mut kl_anchor, mut kl_init, mut shaped) = (Vec::new(), Vec::new(), Vec::new());
-        let mut entropy_sum = 0.0;
-        let micro = cfg.optim.accumulation.max(1);
-        let per_chunk = cfg.samples * share.len().div_ceil(micro).max(1);
-        let chunks: Vec<&[Example]> = rollouts.examples.chunks(per_chunk).collect();
-        // every rank takes part in as many micro-batches as the others
-        let rounds = if world.size() == 1 {
-            chunks.len()
-        } else {
-            micro
-        };
-        for c in 0..rounds {
-            let Some(&chunk) = chunks.get(c) else {
-                backward.empty_share()?;
-                backward.combine(&mut [0.0]);
-                continue;
-            };
-            let at = c * per_chunk;
-            let (batch, weights) = batch_of(chunk, pad, &self.device);
-            let SequenceLogprobs {
-                sums,
-                tokens,
-                entropy,
-            } = sequence_logprobs(policy, &batch, weights.clone(), true);
-            let entropy = entropy.expect("asked for");
-            let lp = sums
-                .clone()
-                .inner()
-                .into_data()
-                .try_into_vec_as::<f64>()
-                .expect("float sums");
-            // the KL that shapes the reward: k1 from the sums, else per token
-            let estimated = anchor_tokens
-                .as_ref()
-                .map(|a| estimate_kl(cfg.kl_estimator, chunk, &tokens, &a[at..], batch.len));
-            let mut chunk_shaped = Vec::with_capacity(chunk.len());
-            for (j, lp) in lp.iter().enumerate() {
-                let i = at + j;
-                let kl = lp - anchor_lp[i];
-                kl_anchor.push(kl);
-                kl_init.push(lp - init_lp[i]);
-                let penalty = estimated.as_ref().map_or(kl, |e| e[j]);
-                chunk_shaped.push(shaped_reward(
-                    rewards[i],
-                    penalty,
-                    reward_beta,
-                    cfg.length_penalty,
-                    lengths[i],
-                ));
-            }
-            let advantages = cfg.advantage.of(&chunk_shaped, cfg.samples);
-            shaped.extend(chunk_shaped);
-            let mut loss: Tensor<1> = policy_gradient_loss(sums, &advantages);
-            if cfg.kl_in == KlIn::Loss {
-                let anchor = &anchor_tokens.as_ref().expect("computed for the loss")[at..];
-                let reference = positioned(chunk, anchor, batch.len, &self.device);
-                let k = cfg.kl_estimator.on(tokens, reference).mul(weights);
-                loss = loss.add(k.sum_dim(1).mean().reshape([1]).mul_scalar(cfg.beta));
-            }
-            backward.backward_share(policy, loss, chunk.len() as f64)?;
-            let mut entropy = [entropy];
-            backward.combine(&mut entropy);
-            entropy_sum += entropy[0];
+        for (j, lp) in lp.expect("float sums").iter().enumerate() {
+            let i = at + j;
+            let kl = lp - p.anchor_lp[i];
+            kl_anchor.push(kl);
+            kl_init.push(lp - p.init_lp[i]);
+            let penalty = estimated.as_ref().map_or(kl, |e| e[j]);
+            shaped.push(shaped_reward(
+                p.rewards[i],
+                penalty,
+                reward_beta,
+                cfg.length_penalty,
+                lengths[j],
+            ));
         }
-        // every rank's samples, for the metrics and the KL stop
-        let true_scores = rollouts.true_scores(prompts);
-        let gather = |v: &[f64]| world.all_gather_f64(v);
-        let lengths = world.all_gather_usize(&lengths);
-        let true_scores = gather_true_scores(true_scores);
-        let tokens = lengths.iter().sum::<usize>() as u64;
-        self.step = Some(StepParts {
-            chunks: rounds,
-            samples: lengths.len(),
-            true_scores,
-            rewards: gather(&rewards),
-            lengths,
-            shaped: gather(&shaped),
-            kl_anchor: gather(&kl_anchor),
-            kl_init: gather(&kl_init),
-            entropy_sum,
-            rollout_s,
-            reward_s,
-            logprob_s,
-            update_start,
-            update_s: 0.0,
-        });
-        Ok(tokens)
+        let advantages = cfg.advantage.of(&shaped, cfg.samples);
+        let mut loss: Tensor<1> = policy_gradient_loss(sums, &advantages);
+        if cfg.kl_in == KlIn::Loss {
+            let anchor = &p.anchor_tokens.as_ref().expect("computed for the loss")[at..];
+            let reference = positioned(chunk, anchor, batch.len, &self.device);
+            let k = cfg.kl_estimator.on(tokens, reference).mul(weights);
+            loss = loss.add(k.sum_dim(1).mean().reshape([1]).mul_scalar(cfg.beta));
+        }
+        let scores = p.true_scores.as_ref().map(|s| &s[at..at + n]);
+        let of =
+            |f: fn(&(f64, bool)) -> f64| scores.map_or(Vec::new(), |s| s.iter().map(f).collect());
+        let values = vec![
+            p.rewards[at..at + n].to_vec(),
+            lengths.iter().map(|&l| l as f64).collect(),
+            shaped,
+            kl_anchor,
+            kl_init,
+            of(|s| s.0),
+            of(|s| f64::from(u8::from(s.1))),
+        ];
+        let completion_tokens = lengths.iter().sum::<usize>() as u64;
+        Ok(Share {
+            means: vec![Some(entropy.expect("asked for"))],
+            values,
+            ..Share::new(loss, n as f64, completion_tokens)
+        })
     }
 
     fn after_update(&mut self, policy: &Gemma2ForCausalLM) -> Result<(), RlhfError> {
@@ -416,37 +389,42 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         Ok(())
     }
 
-    fn metrics(&mut self, step: usize, loss: f64, stats: &StepStats) -> Result<StepLog, RlhfError> {
+    fn metrics(
+        &mut self,
+        s: &Step<'_>,
+        report: &mut Run<RlhfReport>,
+    ) -> Result<StepLog, RlhfError> {
         let p = self.step.take().expect("a step was taken");
-        let report = &mut self.report;
-        let step_tokens: usize = p.lengths.iter().sum();
-        report.tokens += step_tokens as u64;
-        let reward = mean(&p.rewards);
+        let step = s.step;
+        let lengths = s.values("length");
+        let step_tokens = s.tokens;
+        report.tokens += step_tokens;
+        let reward = mean(s.values("reward"));
         let mut row = json!({
             "step": step + 1,
             "reward": reward,
-            "shaped_reward": mean(&p.shaped),
-            "kl_anchor": mean(&p.kl_anchor),
-            "kl_init": mean(&p.kl_init),
-            "length": step_tokens as f64 / p.lengths.len().max(1) as f64,
-            "entropy": p.entropy_sum / p.chunks as f64,
-            "loss": loss,
-            "lr": stats.lr,
-            "grad_norm": stats.grad_norm,
-            "samples": p.samples,
+            "shaped_reward": mean(s.values("shaped")),
+            "kl_anchor": mean(s.values("kl_anchor")),
+            "kl_init": mean(s.values("kl_init")),
+            "length": step_tokens as f64 / lengths.len().max(1) as f64,
+            "entropy": s.mean("entropy").unwrap_or(0.0),
+            "loss": s.loss,
+            "lr": s.optim.lr,
+            "grad_norm": s.optim.grad_norm,
+            "samples": lengths.len(),
             "tokens": report.tokens,
             "rollout_s": p.rollout_s,
             "reward_s": p.reward_s,
             "logprob_s": p.logprob_s,
             "update_s": p.update_s,
             "rollout_tokens_per_s": step_tokens as f64 / p.rollout_s.max(1e-9),
-            "epoch": self.data.epoch,
+            "epoch": s.epoch,
         });
-        let true_score = p.true_scores.as_ref().map(|s| {
-            let score = s.iter().map(|x| x.0).sum::<f64>() / s.len() as f64;
-            let accuracy = s.iter().filter(|x| x.1).count() as f64 / s.len() as f64;
+        let scores = s.values("score");
+        let true_score = (!scores.is_empty() && scores.len() == lengths.len()).then(|| {
+            let score = mean(scores);
             row["score"] = score.into();
-            row["accuracy"] = accuracy.into();
+            row["accuracy"] = mean(s.values("correct")).into();
             score
         });
         if step == 0 {
@@ -456,8 +434,8 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         report.steps = step + 1;
         report.last_reward = reward;
         report.last_score = true_score;
-        report.last_kl_init = mean(&p.kl_init);
-        report.last_kl_anchor = mean(&p.kl_anchor);
+        report.last_kl_init = mean(s.values("kl_init"));
+        report.last_kl_anchor = mean(s.values("kl_anchor"));
         report.rollout_s += p.rollout_s;
         report.reward_s += p.reward_s;
         report.logprob_s += p.logprob_s;
@@ -500,10 +478,6 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         Ok(())
     }
 
-    fn position(&self) -> (u64, usize) {
-        (self.data.epoch, self.data.next)
-    }
-
     fn extra(&self) -> Vec<(&str, &Gemma2ForCausalLM)> {
         vec![("anchor", &self.anchor)]
     }
@@ -526,7 +500,7 @@ pub fn train_rlhf(
     snapshot: &mut dyn FnMut(usize, &Gemma2ForCausalLM) -> Result<(), String>,
     resume: Option<(&Resume, ParamMap)>,
     saver: Option<Saver<Gemma2ForCausalLM>>,
-) -> Result<(Gemma2ForCausalLM, Gemma2ForCausalLM, RlhfReport), RlhfError> {
+) -> Result<(Gemma2ForCausalLM, Gemma2ForCausalLM, Run<RlhfReport>), RlhfError> {
     if prompts.is_empty() {
         return Err(RlhfError::NoPrompts);
     }
@@ -545,20 +519,19 @@ pub fn train_rlhf(
         cfg,
         snapshot,
         device: policy.model.embed_tokens.weight.device(),
+        step: None,
+    };
+    let schedule = Schedule {
+        optim: &cfg.optim,
         data: Epochs::new(
             prompts.ids.iter().map(Vec::len).collect(),
             cfg.prompts_per_step,
             cfg.seed,
         ),
-        report: RlhfReport::default(),
-        step: None,
-    };
-    let schedule = Schedule {
-        optim: &cfg.optim,
         eval_every: 0,
         seed: cfg.seed,
     };
     let resume = resume.as_ref().map(|(r, _)| *r);
-    let policy = train(&mut stage, policy, schedule, log, resume, saver)?;
-    Ok((policy, stage.anchor, stage.report))
+    let (policy, report) = train(&mut stage, policy, schedule, log, resume, saver)?;
+    Ok((policy, stage.anchor, report))
 }

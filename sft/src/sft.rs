@@ -16,8 +16,8 @@ use posttrain_model::lm_head::{RowTerms, Slots, target_ids, target_logprobs};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, TokenBatch};
 use posttrain_train::rollout::complete;
 use posttrain_train::{
-    Backward, LoopError, LoopState, LossSummary, MetricsLog, OptimConfig, Report, Resume, Saver,
-    Schedule, Stage, StepLog, StepStats, Vocab, make_batch, train as train_loop,
+    At, LoopError, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step,
+    StepLog, Vocab, make_batch, train as train_loop,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -70,15 +70,12 @@ pub struct SftConfig {
     pub eval_max_new_tokens: usize,
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SftReport {
-    #[serde(flatten)]
-    pub loss: LossSummary,
     pub eval_loss: Option<f64>,
     pub eval_score: Option<TaskScore>,
     pub on_policy_batches: usize,
     pub tokens: u64,
-    pub seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -388,37 +385,6 @@ fn on_policy_loss(
     }
 }
 
-/// Means of the parts' scalars over the micro-batches of a step.
-#[derive(Default)]
-struct Sums {
-    ce: (f64, usize),
-    kl: (f64, usize),
-    jsd: (f64, usize),
-}
-
-impl Sums {
-    /// Adds a micro-batch's terms (over every rank's share; `None`: this
-    /// rank's share is empty).
-    fn add<M: burn::module::Module>(&mut self, backward: &Backward<'_, M>, p: Option<&Parts>) {
-        let read = |t: &Option<Tensor<1>>| t.as_ref().map(|t| t.clone().into_scalar::<f64>());
-        let terms = p.map_or([None; 3], |p| [read(&p.ce), read(&p.kl), read(&p.jsd)]);
-        let mut values = terms.map(|t| t.unwrap_or(0.0));
-        backward.combine(&mut values);
-        let mut seen = terms.map(|t| f64::from(u8::from(t.is_some())));
-        posttrain_train::dist::world().sum_f64(&mut seen);
-        for ((acc, v), n) in [&mut self.ce, &mut self.kl, &mut self.jsd]
-            .into_iter()
-            .zip(values)
-            .zip(seen)
-        {
-            if n > 0.0 {
-                acc.0 += v;
-                acc.1 += 1;
-            }
-        }
-    }
-}
-
 /// `pretrain` and `sft` in the shared loop.
 struct LmStage<'a> {
     name: &'a str,
@@ -429,145 +395,95 @@ struct LmStage<'a> {
     cfg: &'a SftConfig,
     on_policy: Option<&'a OnPolicy>,
     device: Device,
-    data: Epochs,
-    /// Decides which micro-batches are on-policy.
-    coin: StdRng,
     start: Instant,
-    report: SftReport,
-    /// The current step's loss parts and on-policy micro-batches.
-    sums: Sums,
-    sampled: usize,
-    step_tokens: u64,
 }
 
-impl Report for SftReport {
-    fn loss_summary(&mut self) -> &mut LossSummary {
-        &mut self.loss
-    }
-
-    fn set_seconds(&mut self, seconds: f64) {
-        self.seconds = seconds;
+impl LmStage<'_> {
+    /// Whether micro-batch `at` is on-policy: a uniform draw of its own
+    /// seeded stream below λ, the same on every rank.
+    fn on_policy(&self, at: At) -> Option<&OnPolicy> {
+        let seed = self.cfg.seed ^ 0x6f6e_706f_6c69_6379;
+        let mut coin = StdRng::seed_from_u64(seed ^ at.index().wrapping_mul(0x9E37_79B9));
+        self.on_policy
+            .filter(|op| coin.random::<f64>() < op.fraction)
     }
 }
 
 impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
     type Report = SftReport;
     type Error = SftError;
+    const MEANS: &'static [&'static str] = &["ce", "kl", "jsd"];
+    const COUNTS: &'static [&'static str] = &["on_policy_batches"];
 
     fn name(&self) -> &str {
         self.name
     }
 
-    fn report(&mut self) -> &mut SftReport {
-        &mut self.report
-    }
-
-    fn restore(&mut self, report: SftReport, state: &LoopState) -> Result<(), SftError> {
-        self.report = report;
-        self.data.seek(state.epoch, state.next);
-        if self.on_policy.is_some() {
-            for _ in 0..state.step * self.cfg.optim.accumulation.max(1) {
-                self.coin.random::<f64>();
-            }
-        }
-        Ok(())
-    }
-
-    fn forward_backward(
+    fn loss(
         &mut self,
-        step: usize,
+        at: At,
+        rows: &[usize],
         model: &Gemma2ForCausalLM,
-        backward: &mut Backward<'_, Gemma2ForCausalLM>,
-    ) -> Result<u64, SftError> {
-        let micro_batches = self.cfg.optim.accumulation.max(1);
-        let pad = self.vocab.tokenizer.pad;
-        let (cfg, device) = (self.cfg, &self.device);
-        self.sums = Sums::default();
-        self.sampled = 0;
-        let mut tokens = 0u64;
-        let world = posttrain_train::dist::world();
-        for micro in 0..micro_batches {
-            // this rank's share of the micro-batch (all of it in one process)
-            let rows = self.data.next_batch();
-            let examples: Vec<&Example> = rows[world.share(rows.len())]
-                .iter()
-                .map(|&i| &self.train[i])
-                .collect();
-            let on_policy = self
-                .on_policy
-                .filter(|op| self.coin.random::<f64>() < op.fraction);
-            self.sampled += usize::from(on_policy.is_some());
-            if examples.is_empty() {
-                backward.empty_share()?;
-                self.sums.add(backward, None);
-                continue;
+    ) -> Result<Share, SftError> {
+        let (cfg, pad) = (self.cfg, self.vocab.tokenizer.pad);
+        let examples: Vec<&Example> = rows.iter().map(|&i| &self.train[i]).collect();
+        let sampled: Vec<Example>;
+        let on_policy = self.on_policy(at);
+        let examples: Vec<&Example> = match on_policy {
+            Some(op) => {
+                // ranks sample their own rows from their own streams
+                let seed =
+                    (cfg.seed ^ at.index().wrapping_mul(0x9E37_79B9)).wrapping_add(at.rank as u64);
+                sampled = sample_completions(model, &examples, self.vocab, op, seed);
+                sampled.iter().collect()
             }
-            let own = match on_policy {
-                Some(op) => {
-                    // ranks sample their own rows from their own streams
-                    let seed = (cfg.seed
-                        ^ ((step * micro_batches + micro) as u64).wrapping_mul(0x9E37_79B9))
-                    .wrapping_add(world.rank() as u64);
-                    Some((
-                        op,
-                        sample_completions(model, &examples, self.vocab, op, seed),
-                    ))
-                }
-                _ => None,
-            };
-            let (parts, targets) = match &own {
-                Some((op, rows)) => {
-                    let refs: Vec<&Example> = rows.iter().collect();
-                    let (batch, weights) = make_batch(&refs, pad, device);
-                    tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-                    let teacher = self.teacher.as_ref().expect("checked before the loop");
-                    let parts = on_policy_loss(model, teacher, &batch, weights, cfg, op);
-                    (parts, target_count(&refs))
-                }
-                None => {
-                    let (batch, weights) = make_batch(&examples, pad, device);
-                    tokens += batch.valid.iter().filter(|&&v| v).count() as u64;
-                    let parts = data_loss(
-                        model,
-                        self.teacher.as_ref(),
-                        &examples,
-                        &batch,
-                        weights,
-                        cfg,
-                    );
-                    (parts, target_count(&examples))
-                }
-            };
-            backward.backward_share(model, parts.loss.clone(), targets)?;
-            self.sums.add(backward, Some(&parts));
-        }
-        let mut all = [tokens as f64];
-        world.sum_f64(&mut all);
-        self.step_tokens = all[0] as u64;
-        Ok(self.step_tokens)
+            None => examples,
+        };
+        let (batch, weights) = make_batch(&examples, pad, &self.device);
+        let parts = match on_policy {
+            Some(op) => {
+                let teacher = self.teacher.as_ref().expect("checked before the loop");
+                on_policy_loss(model, teacher, &batch, weights, cfg, op)
+            }
+            None => data_loss(
+                model,
+                self.teacher.as_ref(),
+                &examples,
+                &batch,
+                weights,
+                cfg,
+            ),
+        };
+        let read = |t: &Option<Tensor<1>>| t.as_ref().map(|t| t.clone().into_scalar::<f64>());
+        let tokens = batch.valid.iter().filter(|&&v| v).count() as u64;
+        Ok(Share {
+            means: vec![read(&parts.ce), read(&parts.kl), read(&parts.jsd)],
+            // one rank counts the micro-batch
+            counts: vec![f64::from(u8::from(on_policy.is_some() && at.rank == 0))],
+            ..Share::new(parts.loss, target_count(&examples), tokens)
+        })
     }
 
-    fn metrics(&mut self, step: usize, loss: f64, stats: &StepStats) -> Result<StepLog, SftError> {
-        let report = &mut self.report;
-        report.tokens += self.step_tokens;
-        report.on_policy_batches += self.sampled;
+    fn metrics(&mut self, s: &Step<'_>, report: &mut Run<SftReport>) -> Result<StepLog, SftError> {
+        report.tokens += s.tokens;
+        let sampled = s.count("on_policy_batches") as usize;
+        report.on_policy_batches += sampled;
         let mut row = json!({
-            "step": step + 1,
-            "loss": loss,
-            "lr": stats.lr,
-            "grad_norm": stats.grad_norm,
+            "step": s.step + 1,
+            "loss": s.loss,
+            "lr": s.optim.lr,
+            "grad_norm": s.optim.grad_norm,
             "tokens": report.tokens,
             "tokens_per_s": report.tokens as f64 / self.start.elapsed().as_secs_f64(),
-            "epoch": self.data.epoch,
+            "epoch": s.epoch,
         });
-        let s = &self.sums;
-        for (name, (sum, n)) in [("ce", s.ce), ("kl", s.kl), ("jsd", s.jsd)] {
-            if n > 0 {
-                row[name] = (sum / n as f64).into();
+        for name in Self::MEANS {
+            if let Some(m) = s.mean(name) {
+                row[*name] = m.into();
             }
         }
         if self.on_policy.is_some() {
-            row["on_policy_batches"] = self.sampled.into();
+            row["on_policy_batches"] = sampled.into();
         }
         Ok(StepLog::of(row))
     }
@@ -577,6 +493,7 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
         step: usize,
         model: &Gemma2ForCausalLM,
         row: &mut serde_json::Map<String, serde_json::Value>,
+        report: &mut SftReport,
     ) -> Result<Option<String>, SftError> {
         let (eval, cfg) = (self.eval, self.cfg);
         if eval.examples.is_empty() {
@@ -589,7 +506,7 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
             cfg.batch_size,
         );
         row.insert("eval_loss".into(), e.into());
-        self.report.eval_loss = Some(e);
+        report.eval_loss = Some(e);
         let s = task_score(
             model,
             eval,
@@ -607,16 +524,12 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
             }
             None => String::new(),
         };
-        self.report.eval_score = s;
+        report.eval_score = s;
         Ok(Some(format!(
             "{}: step {}: eval loss {e:.4}{shown}",
             self.name,
             step + 1
         )))
-    }
-
-    fn position(&self) -> (u64, usize) {
-        (self.data.epoch, self.data.next)
     }
 }
 
@@ -634,7 +547,7 @@ pub fn train_lm(
     log: &mut MetricsLog,
     resume: Option<&Resume>,
     saver: Option<Saver<Gemma2ForCausalLM>>,
-) -> Result<(Gemma2ForCausalLM, SftReport), SftError> {
+) -> Result<(Gemma2ForCausalLM, Run<SftReport>), SftError> {
     if train.is_empty() {
         return Err(SftError::NoData);
     }
@@ -652,32 +565,19 @@ pub fn train_lm(
         cfg,
         on_policy,
         device: model.model.embed_tokens.weight.device(),
+        start: Instant::now(),
+    };
+    let schedule = Schedule {
+        optim: &cfg.optim,
         data: Epochs::new(
             train.iter().map(|e| e.ids.len()).collect(),
             cfg.batch_size,
             cfg.seed,
         ),
-        coin: StdRng::seed_from_u64(cfg.seed ^ 0x6f6e_706f_6c69_6379),
-        start: Instant::now(),
-        report: SftReport {
-            loss: LossSummary::default(),
-            eval_loss: None,
-            eval_score: None,
-            on_policy_batches: 0,
-            tokens: 0,
-            seconds: 0.0,
-        },
-        sums: Sums::default(),
-        sampled: 0,
-        step_tokens: 0,
-    };
-    let schedule = Schedule {
-        optim: &cfg.optim,
         eval_every: cfg.eval_every,
         seed: cfg.seed,
     };
-    let model = train_loop(&mut lm, model, schedule, log, resume, saver)?;
-    Ok((model, lm.report))
+    train_loop(&mut lm, model, schedule, log, resume, saver)
 }
 
 #[cfg(test)]
@@ -752,7 +652,7 @@ mod tests {
         train: &[Example],
     ) -> (
         std::collections::BTreeMap<String, Vec<f32>>,
-        SftReport,
+        Run<SftReport>,
         String,
     ) {
         let device = Device::default().autodiff();
@@ -956,7 +856,7 @@ mod tests {
         let mut saved = None;
         let save = |m: &Gemma2ForCausalLM,
                     o: &posttrain_train::Optimizer<Gemma2ForCausalLM>,
-                    st: &LoopState,
+                    st: &posttrain_train::LoopState,
                     _: &[(&str, &Gemma2ForCausalLM)]| {
             o.save_state(&optimizer)?;
             if st.step == 3 {

@@ -1,15 +1,54 @@
+use std::path::{Path, PathBuf};
+
 use anyhow::{Result, bail};
-use posttrain_datasets::{Preference, read_records};
-use posttrain_dpo::{DpoConfig, DpoLoss, encode_preferences, train_dpo};
+use posttrain_datasets::{ChatTokenizer, Preference, read_records};
+use posttrain_dpo::{DpoConfig, DpoLoss, PairExamples, encode_preferences, train_dpo};
 use posttrain_model::checkpoint::FrozenDtype;
-use posttrain_model::{CheckpointWriter, Provenance};
+use posttrain_model::{Gemma2Config, Provenance};
+use posttrain_train::memory::Plan;
 use serde_json::json;
 
+use super::training::Training;
 use crate::backend::Env;
 use crate::cli::{DpoArgs, DpoLossArg};
 
-pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
-    let (device, backend) = (env.device()?, env.backend());
+/// Training and held-out preference pairs, rendered for `tokenizer`.
+pub fn preference_pairs(
+    tokenizer: &ChatTokenizer,
+    data: &Path,
+    eval: Option<&Path>,
+    max_len: usize,
+) -> Result<(Vec<PairExamples>, Vec<PairExamples>)> {
+    let load = |path: &Path| -> Result<_> {
+        let rows: Vec<Preference> = read_records(path)?;
+        Ok(encode_preferences(tokenizer, &rows, max_len, path)?)
+    };
+    Ok((load(data)?, eval.map(load).transpose()?.unwrap_or_default()))
+}
+
+/// The memory plan of a preference stage: chosen and rejected sides as one batch.
+pub fn preference_plan<'a>(
+    t: &'a Training<'_>,
+    config: &'a Gemma2Config,
+    (train, batch_size): (&[PairExamples], usize),
+    policy: &Path,
+    frozen: (FrozenDtype, u64),
+) -> Result<Plan<'a>> {
+    Ok(Plan {
+        config,
+        lora: t.lora.as_ref(),
+        batch: 2 * batch_size,
+        longest: posttrain_dpo::pair_lengths(train)
+            .into_iter()
+            .max()
+            .unwrap_or(0),
+        base: t.base(policy)?,
+        frozen_bytes: frozen.1,
+        frozen_dtype: frozen.0,
+    })
+}
+
+fn config(args: &DpoArgs) -> Result<DpoConfig> {
     let cfg = DpoConfig {
         optim: args.train.optim()?,
         batch_size: args.train.batch_size,
@@ -23,62 +62,35 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         label_smoothing: args.label_smoothing,
     };
     cfg.check()?;
-    let lora = args.train.memory.lora.config()?;
-    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
+    Ok(cfg)
+}
+
+pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
+    let cfg = config(&args)?;
+    let t = Training::begin("dpo", env, &args.output, &args.train)?;
     let (config, tokenizer) = super::chat_config(&args.policy)?;
-    let (config, tokenizer) = (&config, &tokenizer);
     let max_len = config.max_position_embeddings;
-    let load = |path: &std::path::Path| -> Result<_> {
-        let rows: Vec<Preference> = read_records(path)?;
-        Ok(encode_preferences(tokenizer, &rows, max_len, path)?)
-    };
-    let train = load(&args.data)?;
-    let eval = match &args.eval {
-        Some(path) => load(path)?,
-        None => Vec::new(),
-    };
+    let (train, eval) = preference_pairs(&tokenizer, &args.data, args.eval.as_deref(), max_len)?;
     // a reference of its own, or (full fine-tuning) the policy's frozen copy
-    let (reference_dtype, reference_bytes) = match (&args.reference, &lora) {
-        (Some(dir), _) => super::frozen_bytes(dir, &device, args.frozen.weights_dtype)?,
+    let reference_held = match (&args.reference, &t.lora) {
+        (Some(dir), _) => super::frozen_bytes(dir, &t.device, args.frozen.weights_dtype)?,
         (None, None) => (FrozenDtype::F32, 4 * config.num_params() as u64),
         (None, Some(_)) => (FrozenDtype::F32, 0),
     };
-    let base = super::base_dtype(&args.policy, &device, &args.train.memory)?;
-    let plan = posttrain_train::memory::Plan {
-        config,
-        lora: lora.as_ref(),
-        batch: 2 * args.train.batch_size,
-        longest: train
-            .iter()
-            .map(|p| p.chosen.ids.len().max(p.rejected.ids.len()))
-            .max()
-            .unwrap_or(0),
-        base,
-        frozen_bytes: reference_bytes,
-        frozen_dtype: reference_dtype,
-    };
-    let memory = super::check_memory(&plan, args.train.memory.force)?;
-    let policy = super::load_trained_lm(&args.policy, &device, &args.train.memory)?;
+    let plan = preference_plan(
+        &t,
+        &config,
+        (&train, args.train.batch_size),
+        &args.policy,
+        reference_held,
+    )?;
+    t.check_memory(&plan)?;
+    let policy = t.lm(&args.policy)?;
     let reference = match &args.reference {
-        Some(dir) => {
-            let r = super::ChatModel::load(dir, &device, args.frozen.weights_dtype)?;
-            if r.config.vocab_size != config.vocab_size
-                || r.tokenizer.vocab_size() != tokenizer.vocab_size()
-            {
-                bail!(
-                    "{}: reference vocabulary ({} ids, tokenizer {}) differs from the policy's ({} ids, tokenizer {})",
-                    dir.display(),
-                    r.config.vocab_size,
-                    r.tokenizer.vocab_size(),
-                    config.vocab_size,
-                    tokenizer.vocab_size()
-                );
-            }
-            r.model
-        }
+        Some(dir) => load_reference(dir, &t.device, &args, &config, &tokenizer)?,
         None => burn::module::Module::valid(&policy),
     };
-    let policy_model = super::with_lora("dpo", policy, lora.as_ref(), args.train.seed);
+    let reference_dir: &PathBuf = args.reference.as_ref().unwrap_or(&args.policy);
     eprintln!(
         "dpo: {} params, {} train / {} eval pairs, β {}, {:?} loss, reference {}",
         config.num_params(),
@@ -86,68 +98,78 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         eval.len(),
         cfg.beta,
         cfg.loss,
-        args.reference.as_deref().unwrap_or(&args.policy).display()
+        reference_dir.display()
     );
-    eprintln!("dpo: {memory}");
-    let state = posttrain_train::StateDir::new(
-        &args.output.out,
-        json!({
-            "dpo": cfg,
-            "policy": args.policy,
-            "reference": args.reference,
-            "data": args.data,
-            "eval": args.eval,
-            "lora": lora,
-        }),
-        config,
-        &writer.path().join("metrics.jsonl"),
-    );
-    let (model, resume, mut log) = state.start("dpo", args.train.resume, policy_model)?;
-    let saver = state.saver(args.train.save_state_every);
-    let (model, report) = train_dpo(
-        model,
-        &reference,
-        (&train, &eval),
-        tokenizer.pad,
-        &cfg,
-        &mut log,
-        resume.as_ref(),
-        Some(saver),
-    )?;
-    let provenance = Provenance::new("dpo", backend, json!({ "dpo": cfg }))
+    let settings = json!({ "dpo": cfg, "policy": args.policy, "reference": args.reference,
+        "data": args.data, "eval": args.eval, "lora": t.lora });
+    let (model, report, state) = t.run(settings, &config, policy, |m, log, resume, saver| {
+        let pairs = (train.as_slice(), eval.as_slice());
+        train_dpo(
+            m,
+            &reference,
+            pairs,
+            tokenizer.pad,
+            &cfg,
+            log,
+            resume,
+            saver,
+        )
+    })?;
+    let mut provenance = Provenance::new("dpo", t.backend, json!({ "dpo": cfg }))
         .with_parent(&args.policy)?
         .with_parent(&args.data)?
-        .held("base", base.0);
-    let provenance = match &args.reference {
-        Some(_) => provenance.held("reference", reference_dtype),
-        None => provenance,
-    };
-    let provenance = super::lora_provenance::<posttrain_model::Gemma2ForCausalLM>(
-        provenance,
-        lora,
-        &args.policy,
-    )?;
-    let out = super::finish_checkpoint(
-        writer,
-        &model,
-        config,
-        tokenizer,
-        provenance,
-        &[args.eval.as_deref(), args.reference.as_deref()],
-        Some(args.train.seed),
-        serde_json::to_value(&report)?,
-    )?;
-    state.remove()?;
-    let eval = report.eval.map_or(String::new(), |s| {
+        .held("base", plan.base.0);
+    if args.reference.is_some() {
+        provenance = provenance.held("reference", reference_held.0);
+    }
+    let parents = [args.eval.as_deref(), args.reference.as_deref()];
+    let metrics = serde_json::to_value(&report)?;
+    let (tables, policy) = ((&config, &tokenizer), &args.policy);
+    let out = t.finish(&model, tables, provenance, policy, &parents, metrics, state)?;
+    print_preference_report("dpo", &report.loss, report.eval, &out);
+    Ok(())
+}
+
+/// A reference checkpoint, refused when its vocabulary differs from the policy's.
+fn load_reference(
+    dir: &Path,
+    device: &burn::tensor::Device,
+    args: &DpoArgs,
+    config: &Gemma2Config,
+    tokenizer: &ChatTokenizer,
+) -> Result<posttrain_model::Gemma2ForCausalLM> {
+    let r = super::ChatModel::load(dir, device, args.frozen.weights_dtype)?;
+    if r.config.vocab_size != config.vocab_size
+        || r.tokenizer.vocab_size() != tokenizer.vocab_size()
+    {
+        bail!(
+            "{}: reference vocabulary ({} ids, tokenizer {}) differs from the policy's ({} ids, tokenizer {})",
+            dir.display(),
+            r.config.vocab_size,
+            r.tokenizer.vocab_size(),
+            config.vocab_size,
+            tokenizer.vocab_size()
+        );
+    }
+    Ok(r.model)
+}
+
+/// The last line of a preference stage.
+pub fn print_preference_report(
+    stage: &str,
+    loss: &posttrain_train::LossSummary,
+    eval: Option<posttrain_dpo::PreferenceStats>,
+    out: &Path,
+) {
+    let eval = eval.map_or(String::new(), |s| {
         format!(
             ", eval reward accuracy {:.3} (margin {:.3})",
             s.accuracy, s.margin
         )
     });
-    let (first, last) = (report.loss.first_loss, report.loss.last_loss);
+    let (first, last) = (loss.first_loss, loss.last_loss);
     eprintln!(
-        "dpo: loss {first:.4} -> {last:.4}{eval} -> {}",
+        "{stage}: loss {first:.4} -> {last:.4}{eval} -> {}",
         out.display()
     );
-    Ok(())
 }

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod init;
 pub mod inspect;
 pub mod logits;
+pub mod orpo;
 pub mod pretrain;
 pub mod report;
 pub mod reward;
@@ -18,6 +19,7 @@ pub mod rlhf;
 pub mod sample;
 pub mod sft;
 pub mod tokenizer;
+pub mod training;
 pub mod warp;
 
 /// The embedded task's ground-truth scorer, as the stages take scorers.
@@ -292,7 +294,11 @@ impl TrainData {
 }
 
 /// The last line of a training stage.
-pub fn print_report(stage: &str, report: &posttrain_sft::SftReport, out: &Path) {
+pub fn print_report(
+    stage: &str,
+    report: &posttrain_train::Run<posttrain_sft::SftReport>,
+    out: &Path,
+) {
     let score = report.eval_score.map_or(String::new(), |s| {
         format!(", eval score {:.3} (accuracy {:.3})", s.score, s.accuracy)
     });
@@ -426,44 +432,4 @@ pub fn load_reward(
     let tokenizer = posttrain_datasets::ChatTokenizer::from_file(&path)?;
     check_tokenizer_fits(&tokenizer, &path, &config, &dir.join("config.json"))?;
     Ok((config, model, tokenizer))
-}
-
-/// The LM training loop of `pretrain` and `sft` with resumable state in
-/// `OUT.state` (`--save-state-every`, `--resume`); returns the state
-/// directory for the caller to remove once the output is written.
-#[allow(clippy::too_many_arguments)]
-pub fn train_resumable(
-    stage: &str,
-    model: posttrain_model::Gemma2ForCausalLM,
-    teacher: Option<&posttrain_model::Gemma2ForCausalLM>,
-    data: &TrainData,
-    vocab: &posttrain_train::Vocab,
-    cfg: &posttrain_sft::SftConfig,
-    args: &crate::cli::TrainArgs,
-    out: &Path,
-    writer: &Path,
-    config: &posttrain_model::Gemma2Config,
-    fingerprint: serde_json::Value,
-) -> anyhow::Result<(
-    posttrain_model::Gemma2ForCausalLM,
-    posttrain_sft::SftReport,
-    posttrain_train::StateDir,
-)> {
-    let state =
-        posttrain_train::StateDir::new(out, fingerprint, config, &writer.join("metrics.jsonl"));
-    let (model, resume, mut log) = state.start(stage, args.resume, model)?;
-    let saver = state.saver(args.save_state_every);
-    let (model, report) = posttrain_sft::train_lm(
-        stage,
-        model,
-        teacher,
-        &data.train,
-        &data.eval,
-        vocab,
-        cfg,
-        &mut log,
-        resume.as_ref(),
-        Some(saver),
-    )?;
-    Ok((model, report, state))
 }

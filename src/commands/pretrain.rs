@@ -1,11 +1,12 @@
 use anyhow::{Result, bail};
 use posttrain_datasets::{ChatTokenizer, LossOn};
-use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
-use posttrain_sft::{Distill, SftConfig};
+use posttrain_model::{Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
+use posttrain_sft::{Distill, SftConfig, train_lm};
 use posttrain_train::OptimConfig;
 use posttrain_train::Vocab;
 use serde_json::json;
 
+use super::training::Training;
 use crate::backend::Env;
 use crate::cli::{AdamArgs, DistillArgs, LmArgs, LossOnArg, PretrainArgs, TrainArgs};
 
@@ -68,7 +69,6 @@ impl TrainArgs {
 }
 
 pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
-    let (device, backend) = (env.device()?, env.backend());
     let distill = if args.teacher.is_some() {
         Distill::Live
     } else {
@@ -76,11 +76,11 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     };
     if args.train.memory.lora.lora_rank.is_some() {
         bail!(
-            "--lora-rank needs a checkpoint to adapt: use it with sft, reward --init, dpo or rlhf"
+            "--lora-rank needs a checkpoint to adapt: use it with sft, reward --init, dpo, orpo or rlhf"
         );
     }
     let cfg = args.train.sft_config(distill, &args.distill, &args.lm)?;
-    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
+    let t = Training::begin("pretrain", env, &args.output, &args.train)?;
     let config = Gemma2Config::from_file(&args.config)?;
     let tokenizer = ChatTokenizer::from_file(&args.tokenizer)?;
     super::check_tokenizer_fits(&tokenizer, &args.tokenizer, &config, &args.config)?;
@@ -98,20 +98,17 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
         false,
     )?;
     let teacher = match &args.teacher {
-        Some(dir) => Some(super::load_teacher(
-            dir,
-            &config,
-            &tokenizer,
-            &device,
-            args.frozen.weights_dtype,
-        )?),
+        Some(dir) => {
+            let dtype = args.frozen.weights_dtype;
+            Some(super::load_teacher(
+                dir, &config, &tokenizer, &t.device, dtype,
+            )?)
+        }
         None => None,
     };
-    let model = Gemma2ForCausalLM::new(
-        &config,
-        &mut RandomInit::new(args.train.seed),
-        &super::train_device(&device, args.train.memory.checkpoint_activations),
-    )?;
+    let checkpointing = args.train.memory.checkpoint_activations;
+    let device = super::train_device(&t.device, checkpointing);
+    let model = Gemma2ForCausalLM::new(&config, &mut RandomInit::new(args.train.seed), &device)?;
     eprintln!(
         "pretrain: {} params, {} train / {} eval sequences, {} steps of {}{}",
         config.num_params(),
@@ -130,37 +127,31 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
         stop_ids: super::stop_ids(&config, &tokenizer),
         max_len: config.max_position_embeddings,
     };
-    let (model, report, state) = super::train_resumable(
-        "pretrain",
-        model,
-        teacher.as_ref(),
-        &data,
-        &vocab,
-        &cfg,
-        &args.train,
-        &args.output.out,
-        writer.path(),
-        &config,
-        json!({"train": cfg, "config": args.config, "data": args.data, "eval": args.eval, "teacher": args.teacher, "tokenizer": args.tokenizer}),
-    )?;
-    let provenance = Provenance::new(
-        "pretrain",
-        backend,
-        json!({"train": cfg, "loss_on": format!("{:?}", args.loss_on).to_lowercase(), "config": config}),
-    )
-    .with_parent(&args.data)?
-    .with_parent(&args.tokenizer)?;
-    let out = super::finish_checkpoint(
-        writer,
+    let settings = json!({"train": cfg, "config": args.config, "data": args.data, "eval": args.eval,
+        "teacher": args.teacher, "tokenizer": args.tokenizer});
+    let (model, report, state) = t.run(settings, &config, model, |m, log, resume, saver| {
+        let (teacher, examples) = (teacher.as_ref(), &data.train);
+        train_lm(
+            "pretrain", m, teacher, examples, &data.eval, &vocab, &cfg, log, resume, saver,
+        )
+    })?;
+    let loss_on = format!("{:?}", args.loss_on).to_lowercase();
+    let settings = json!({"train": cfg, "loss_on": loss_on, "config": config});
+    let provenance = Provenance::new("pretrain", t.backend, settings)
+        .with_parent(&args.data)?
+        .with_parent(&args.tokenizer)?;
+    let parents = [args.eval.as_deref(), args.teacher.as_deref()];
+    let metrics = serde_json::to_value(&report)?;
+    let tables = (&config, &tokenizer);
+    let out = t.finish(
         &model,
-        &config,
-        &tokenizer,
+        tables,
         provenance,
-        &[args.eval.as_deref(), args.teacher.as_deref()],
-        Some(args.train.seed),
-        serde_json::to_value(&report)?,
+        &args.config,
+        &parents,
+        metrics,
+        state,
     )?;
-    state.remove()?;
     super::print_report("pretrain", &report, &out);
     Ok(())
 }

@@ -2,7 +2,7 @@ use anyhow::{Result, bail};
 use posttrain_datasets::{ChatTokenizer, Preference, Record, SftPair, read_records, write_records};
 use posttrain_model::checkpoint::{FrozenDtype, TOKENIZER_FILE, load_reward_trunk_as};
 use posttrain_model::{
-    CheckpointWriter, Gemma2ForSequenceClassification, Padding, Provenance, RandomInit, load_config,
+    Gemma2ForSequenceClassification, Padding, Provenance, RandomInit, load_config,
 };
 use posttrain_reward::{
     PairIds, RewardConfig, encode_pairs, evaluate, scale_config, score_examples_shared,
@@ -11,6 +11,7 @@ use posttrain_reward::{
 use serde_json::{Value, json};
 
 use super::JsonRow;
+use super::training::Training;
 use burn::tensor::Device;
 use posttrain_model::Gemma2Config;
 
@@ -114,17 +115,26 @@ fn initial_model(
     })
 }
 
-pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
-    let (device, backend) = (env.device()?, env.backend());
+/// Refuses settings that cannot run, before any work.
+fn validate(args: &RewardArgs) -> Result<RewardConfig> {
     if !(args.size_ratio > 0.0 && args.size_ratio.is_finite()) {
         bail!("--size-ratio must be positive, got {}", args.size_ratio);
     }
-    let optim = args.train.optim()?;
-    let lora = args.train.memory.lora.config()?;
-    if lora.is_some() && args.init.is_none() {
+    if args.train.memory.lora.lora_rank.is_some() && args.init.is_none() {
         bail!("--lora-rank needs --init: LoRA adapts an existing checkpoint, not new weights");
     }
-    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
+    Ok(RewardConfig {
+        optim: args.train.optim()?,
+        batch_size: args.train.batch_size,
+        eval_every: args.train.eval_every,
+        seed: args.train.seed,
+        margin: args.margin,
+    })
+}
+
+pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
+    let cfg = validate(&args)?;
+    let t = Training::begin("reward", env, &args.output, &args.train)?;
     let policy = load_config(&args.policy)?;
     let tokenizer = ChatTokenizer::from_file(&args.policy.join(TOKENIZER_FILE))?;
     let planned = match &args.init {
@@ -137,39 +147,23 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         Some(p) => load_pairs(&tokenizer, p, max_len)?,
         None => Vec::new(),
     };
-    let longest = train
-        .iter()
-        .map(|p| p.chosen.len().max(p.rejected.len()))
-        .max()
-        .unwrap_or(0);
+    let longest = train.iter().map(|p| p.chosen.len().max(p.rejected.len()));
     let base = match &args.init {
-        Some(dir) => super::base_dtype(dir, &device, &args.train.memory)?,
+        Some(dir) => t.base(dir)?,
         None => (FrozenDtype::F32, 4 * planned.num_params() as u64),
     };
-    let plan = posttrain_train::memory::Plan {
+    t.check_memory(&posttrain_train::memory::Plan {
         config: &planned,
-        lora: lora.as_ref(),
+        lora: t.lora.as_ref(),
         batch: 2 * args.train.batch_size,
-        longest,
+        longest: longest.max().unwrap_or(0),
         frozen_bytes: 0,
         frozen_dtype: FrozenDtype::F32,
         base,
-    };
-    let memory = super::check_memory(&plan, args.train.memory.force)?;
-    let (mut config, model, origin, drawn) = initial_model(
-        &args,
-        &policy,
-        &super::train_device(&device, args.train.memory.checkpoint_activations),
-        base.0,
-    )?;
+    })?;
+    let device = super::train_device(&t.device, args.train.memory.checkpoint_activations);
+    let (mut config, model, origin, drawn) = initial_model(&args, &policy, &device, base.0)?;
     let ratio = config.num_params() as f64 / policy.num_params() as f64;
-    let cfg = RewardConfig {
-        optim,
-        batch_size: args.train.batch_size,
-        eval_every: args.train.eval_every,
-        seed: args.train.seed,
-        margin: args.margin,
-    };
     eprintln!(
         "reward: {} params = {ratio:.2}x the policy's {} ({origin}: hidden {}, {} layers), {} train / {} eval pairs",
         config.num_params(),
@@ -179,42 +173,19 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         train.len(),
         eval.len()
     );
-    eprintln!("reward: {memory}");
-    config.extra.insert(
-        "architectures".into(),
-        json!(["Gemma2ForSequenceClassification"]),
-    );
+    let architectures = json!(["Gemma2ForSequenceClassification"]);
+    config.extra.insert("architectures".into(), architectures);
     config.extra.insert("num_labels".into(), 1.into());
-    let model = super::with_lora("reward", model, lora.as_ref(), args.train.seed);
-    let state = posttrain_train::StateDir::new(
-        &args.output.out,
-        json!({
-            "train": cfg,
-            "policy": args.policy,
-            "init": args.init,
-            "head_seed": drawn,
-            "size_ratio": args.size_ratio,
-            "data": args.data,
-            "eval": args.eval,
-            "lora": lora,
-        }),
-        &config,
-        &writer.path().join("metrics.jsonl"),
-    );
-    let (model, resume, mut log) = state.start("reward", args.train.resume, model)?;
-    let saver = state.saver(args.train.save_state_every);
-    let (model, report) = train_reward(
-        model,
-        (&train, &eval),
-        tokenizer.pad,
-        &cfg,
-        &mut log,
-        resume.as_ref(),
-        Some(saver),
-    )?;
+    let model = super::with_lora("reward", model, t.lora.as_ref(), args.train.seed);
+    let settings = json!({"train": cfg, "policy": args.policy, "init": args.init, "head_seed": drawn,
+        "size_ratio": args.size_ratio, "data": args.data, "eval": args.eval, "lora": t.lora});
+    let (model, report, state) = t.run(settings, &config, model, |m, log, resume, saver| {
+        let pairs = (train.as_slice(), eval.as_slice());
+        train_reward(m, pairs, tokenizer.pad, &cfg, log, resume, saver)
+    })?;
     let provenance = Provenance::new(
         "reward",
-        backend,
+        t.backend,
         json!({
             "train": cfg,
             "init": args.init,
@@ -229,26 +200,15 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
     .with_parent(&args.policy)?
     .with_parent(&args.data)?
     .held("base", base.0);
-    // LoRA implies --init (checked above): the adapter's base
-    let provenance = match &args.init {
-        Some(init) => super::lora_provenance::<posttrain_model::Gemma2ForSequenceClassification>(
-            provenance, lora, init,
-        )?,
-        None => provenance,
-    };
     let mut metrics = serde_json::to_value(&report)?;
     metrics["size_ratio"] = ratio.into();
-    let out = super::finish_checkpoint(
-        writer,
-        &model,
-        &config,
-        &tokenizer,
-        provenance,
-        &[args.eval.as_deref(), args.init.as_deref()],
-        Some(args.train.seed),
-        metrics,
+    // LoRA implies --init: the adapter's base
+    let adapted = args.init.as_deref().unwrap_or(&args.policy);
+    let parents = [args.eval.as_deref(), args.init.as_deref()];
+    let tables = (&config, &tokenizer);
+    let out = t.finish(
+        &model, tables, provenance, adapted, &parents, metrics, state,
     )?;
-    state.remove()?;
     let eval = report.eval.map_or(String::new(), |s| {
         format!(
             ", eval accuracy {:.3} (gap {:.3} ± {:.3})",

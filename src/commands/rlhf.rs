@@ -233,7 +233,7 @@ fn provenance(
     super::lora_provenance::<Gemma2ForCausalLM>(p, lora, &args.policy)
 }
 
-fn print_summary(report: &RlhfReport, out: &std::path::Path) {
+fn print_summary(report: &posttrain_train::Run<RlhfReport>, out: &std::path::Path) {
     let score = match (report.first_score, report.last_score) {
         (Some(a), Some(b)) => format!(", true score {a:.3} -> {b:.3}"),
         _ => String::new(),

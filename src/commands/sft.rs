@@ -1,17 +1,18 @@
 use anyhow::{Context, Result, bail};
 use posttrain_datasets::LossOn;
 use posttrain_model::checkpoint::FrozenDtype;
-use posttrain_model::{CheckpointWriter, Gemma2ForCausalLM, Provenance};
-use posttrain_sft::{Distill, OnPolicy, check_topk};
+use posttrain_model::{Gemma2Config, Provenance};
+use posttrain_sft::{Distill, OnPolicy, SftConfig, check_topk, train_lm};
 use posttrain_train::Vocab;
 use posttrain_train::memory::Plan;
 use serde_json::json;
 
+use super::training::Training;
 use crate::backend::Env;
 use crate::cli::{KdArg, SftArgs};
 
-pub fn run(args: SftArgs, env: &Env) -> Result<()> {
-    let (device, backend) = (env.device()?, env.backend());
+/// Refuses settings that cannot run, before any work.
+fn validate(args: &SftArgs) -> Result<()> {
     let lambda = args.on_policy_fraction;
     if !(0.0..=1.0).contains(&lambda) {
         bail!("--on-policy-fraction must be in [0, 1], got {lambda}");
@@ -22,17 +23,43 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     if args.on_policy_temperature.is_nan() || args.on_policy_temperature <= 0.0 {
         bail!("--on-policy-temperature must be positive");
     }
-    // the settings' own check, before anything is loaded
     let kd = if args.kd == KdArg::Live {
         Distill::Live
     } else {
         Distill::None
     };
     let mut settings = args.train.sft_config(kd, &args.distill, &args.lm)?;
-    settings.on_policy = Some(on_policy(&args));
+    settings.on_policy = Some(on_policy(args));
     settings.check(args.teacher.is_some())?;
-    let lora = args.train.memory.lora.config()?;
-    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
+    Ok(())
+}
+
+/// The distillation `--kd` asks for, given the data and the teacher.
+fn distill(
+    args: &SftArgs,
+    train: &[posttrain_datasets::Example],
+    vocab_size: usize,
+) -> Result<Distill> {
+    let has_topk = train.iter().all(|e| e.topk.is_some());
+    let topk = Distill::TopK {
+        rest: args.topk_rest,
+    };
+    let distill = match (args.kd, &args.teacher) {
+        (KdArg::None, _) => Distill::None,
+        (KdArg::Live, _) | (KdArg::Auto, Some(_)) => Distill::Live,
+        (KdArg::Topk, _) => topk,
+        (KdArg::Auto, None) if has_topk => topk,
+        (KdArg::Auto, None) => Distill::None,
+    };
+    if let Distill::TopK { .. } = distill {
+        check_topk(train, vocab_size).with_context(|| args.data.display().to_string())?;
+    }
+    Ok(distill)
+}
+
+pub fn run(args: SftArgs, env: &Env) -> Result<()> {
+    validate(&args)?;
+    let t = Training::begin("sft", env, &args.output, &args.train)?;
     let (config, tokenizer) = super::chat_config(&args.model)?;
     let (config, tokenizer) = (&config, &tokenizer);
     let data = super::TrainData::load(
@@ -44,59 +71,87 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         LossOn::Completion,
         true,
     )?;
-    let (teacher_dtype, teacher_bytes) = match &args.teacher {
-        Some(dir) => super::frozen_bytes(dir, &device, args.frozen.weights_dtype)?,
+    let teacher_held = match &args.teacher {
+        Some(dir) => super::frozen_bytes(dir, &t.device, args.frozen.weights_dtype)?,
         None => (FrozenDtype::F32, 0),
     };
     let plan = Plan {
         config,
-        lora: lora.as_ref(),
+        lora: t.lora.as_ref(),
         batch: args.train.batch_size,
         longest: data.longest(),
-        base: super::base_dtype(&args.model, &device, &args.train.memory)?,
-        frozen_bytes: teacher_bytes,
-        frozen_dtype: teacher_dtype,
+        base: t.base(&args.model)?,
+        frozen_bytes: teacher_held.1,
+        frozen_dtype: teacher_held.0,
     };
-    let memory = super::check_memory(&plan, args.train.memory.force)?;
-    let student = super::load_trained_lm(&args.model, &device, &args.train.memory)?;
-    let student = super::with_lora("sft", student, lora.as_ref(), args.train.seed);
-    let has_topk = data.train.iter().all(|e| e.topk.is_some());
-    let distill = match (args.kd, &args.teacher) {
-        (KdArg::None, _) => Distill::None,
-        (KdArg::Live, _) | (KdArg::Auto, Some(_)) => Distill::Live,
-        (KdArg::Topk, _) => Distill::TopK {
-            rest: args.topk_rest,
-        },
-        (KdArg::Auto, None) if has_topk => Distill::TopK {
-            rest: args.topk_rest,
-        },
-        (KdArg::Auto, None) => Distill::None,
-    };
-    if let Distill::TopK { .. } = distill {
-        check_topk(&data.train, config.vocab_size)
-            .with_context(|| args.data.display().to_string())?;
-    }
+    t.check_memory(&plan)?;
+    let student = t.lm(&args.model)?;
+    let distill = distill(&args, &data.train, config.vocab_size)?;
     let mut cfg = args.train.sft_config(distill, &args.distill, &args.lm)?;
     cfg.on_policy = Some(on_policy(&args));
     let teacher = match &args.teacher {
-        Some(dir) => Some(super::load_teacher(
-            dir,
-            config,
-            tokenizer,
-            &device,
-            args.frozen.weights_dtype,
-        )?),
+        Some(dir) => {
+            let dtype = args.frozen.weights_dtype;
+            Some(super::load_teacher(
+                dir, config, tokenizer, &t.device, dtype,
+            )?)
+        }
         None => None,
     };
-    eprintln!(
-        "sft: {} params, {} train / {} eval pairs, {} steps of {}x{}, distillation: {}{}",
+    eprintln!("sft: {}", describe(&args, config, &data, &cfg));
+    let vocab = Vocab {
+        tokenizer,
+        stop_ids: super::stop_ids(config, tokenizer),
+        max_len: config.max_position_embeddings,
+    };
+    let settings = json!({"train": cfg, "lora": t.lora, "model": args.model, "data": args.data,
+        "eval": args.eval, "teacher": args.teacher});
+    let (model, report, state) = t.run(settings, config, student, |m, log, resume, saver| {
+        let (teacher, examples) = (teacher.as_ref(), &data.train);
+        train_lm(
+            "sft", m, teacher, examples, &data.eval, &vocab, &cfg, log, resume, saver,
+        )
+    })?;
+    let mut provenance = Provenance::new("sft", t.backend, json!({"train": cfg}))
+        .with_parent(&args.model)?
+        .with_parent(&args.data)?
+        .held("base", plan.base.0);
+    if args.teacher.is_some() {
+        provenance = provenance.held("teacher", teacher_held.0);
+    }
+    let parents = [args.eval.as_deref(), args.teacher.as_deref()];
+    let metrics = serde_json::to_value(&report)?;
+    let tables = (config, tokenizer);
+    let out = t.finish(
+        &model,
+        tables,
+        provenance,
+        &args.model,
+        &parents,
+        metrics,
+        state,
+    )?;
+    super::print_report("sft", &report, &out);
+    Ok(())
+}
+
+/// The first line: the run's size and its distillation.
+fn describe(
+    args: &SftArgs,
+    config: &Gemma2Config,
+    data: &super::TrainData,
+    cfg: &SftConfig,
+) -> String {
+    let lambda = args.on_policy_fraction;
+    format!(
+        "{} params, {} train / {} eval pairs, {} steps of {}x{}, distillation: {}{}",
         config.num_params(),
         data.train.len(),
         data.eval.examples.len(),
         cfg.optim.steps,
         cfg.optim.accumulation,
         cfg.batch_size,
-        match distill {
+        match cfg.distill {
             Distill::None => "none".to_string(),
             Distill::TopK { rest } =>
                 format!("stored top-k{}", if rest { " + rest bucket" } else { "" }),
@@ -107,48 +162,7 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
         } else {
             String::new()
         }
-    );
-    eprintln!("sft: {memory}");
-    let vocab = Vocab {
-        tokenizer,
-        stop_ids: super::stop_ids(config, tokenizer),
-        max_len: config.max_position_embeddings,
-    };
-    let (model, report, state) = super::train_resumable(
-        "sft",
-        student,
-        teacher.as_ref(),
-        &data,
-        &vocab,
-        &cfg,
-        &args.train,
-        &args.output.out,
-        writer.path(),
-        config,
-        json!({"train": cfg, "lora": lora, "model": args.model, "data": args.data, "eval": args.eval, "teacher": args.teacher}),
-    )?;
-    let provenance = Provenance::new("sft", backend, json!({"train": cfg}))
-        .with_parent(&args.model)?
-        .with_parent(&args.data)?
-        .held("base", plan.base.0);
-    let provenance = match &args.teacher {
-        Some(_) => provenance.held("teacher", teacher_dtype),
-        None => provenance,
-    };
-    let provenance = super::lora_provenance::<Gemma2ForCausalLM>(provenance, lora, &args.model)?;
-    let out = super::finish_checkpoint(
-        writer,
-        &model,
-        config,
-        tokenizer,
-        provenance,
-        &[args.eval.as_deref(), args.teacher.as_deref()],
-        Some(args.train.seed),
-        serde_json::to_value(&report)?,
-    )?;
-    state.remove()?;
-    super::print_report("sft", &report, &out);
-    Ok(())
+    )
 }
 
 fn on_policy(args: &SftArgs) -> OnPolicy {

@@ -9,6 +9,7 @@ mod lora;
 mod makefile;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod orpo;
 mod pipeline;
 mod quantized;
 mod resume;

@@ -24,4 +24,6 @@ pub use posttrain_dist as dist;
 pub use progress::Progress;
 pub use schedule::warmup_cosine;
 pub use state::{LoopState, Resume, SaveFn, Saver, StateDir, StateError};
-pub use train_loop::{Backward, LoopError, LossSummary, Report, Schedule, Stage, StepLog, train};
+pub use train_loop::{
+    At, Draw, LoopError, LossSummary, Run, Schedule, Share, Stage, Step, StepLog, train,
+};

@@ -1,0 +1,151 @@
+//! What every training command does around its stage, in this order:
+//! claim the output ([`Training::begin`], before any work), check the memory
+//! estimate ([`Training::check_memory`], before any weight is read), load the
+//! model with LoRA when asked ([`Training::lm`]), run the stage's loop with
+//! resumable state in `OUT.state` ([`Training::run`]), then write the
+//! checkpoint with its provenance and remove the state
+//! ([`Training::finish`]). A command supplies its settings, data and stage.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use burn::module::Module;
+use burn::tensor::Device;
+use posttrain_datasets::ChatTokenizer;
+use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, LoraConfig, Provenance};
+use posttrain_train::memory::Plan;
+use posttrain_train::{MetricsLog, Resume, Run, Saver, StateDir};
+use serde_json::Value;
+
+use crate::backend::Env;
+use crate::cli::{CheckpointOut, MemoryArgs, TrainArgs};
+
+pub struct Training<'a> {
+    pub stage: &'static str,
+    pub backend: &'a str,
+    pub device: Device,
+    pub lora: Option<LoraConfig>,
+    pub run: RunArgs<'a>,
+    /// The memory estimate's line, printed when the loop starts.
+    memory: std::cell::OnceCell<String>,
+    writer: CheckpointWriter,
+    out: &'a Path,
+}
+
+/// The flags of every training command that the skeleton reads.
+pub struct RunArgs<'a> {
+    pub memory: &'a MemoryArgs,
+    pub seed: u64,
+    pub resume: bool,
+    pub save_state_every: usize,
+}
+
+impl<'a> From<&'a TrainArgs> for RunArgs<'a> {
+    fn from(a: &'a TrainArgs) -> Self {
+        Self {
+            memory: &a.memory,
+            seed: a.seed,
+            resume: a.resume,
+            save_state_every: a.save_state_every,
+        }
+    }
+}
+
+impl<'a> Training<'a> {
+    /// Claims `output` (an existing one is refused unless `--overwrite`).
+    pub fn begin(
+        stage: &'static str,
+        env: &'a Env,
+        output: &'a CheckpointOut,
+        run: impl Into<RunArgs<'a>>,
+    ) -> Result<Self> {
+        let run = run.into();
+        let lora = run.memory.lora.config()?;
+        Ok(Self {
+            stage,
+            backend: env.backend(),
+            device: env.device()?,
+            lora,
+            writer: CheckpointWriter::create(&output.out, output.overwrite)?,
+            out: &output.out,
+            run,
+            memory: std::cell::OnceCell::new(),
+        })
+    }
+
+    /// Refuses a run whose estimate exceeds the available memory (unless
+    /// `--force`); the estimate is printed when the loop starts.
+    pub fn check_memory(&self, plan: &Plan) -> Result<()> {
+        let line = super::check_memory(plan, self.run.memory.force)?;
+        self.memory.get_or_init(|| line);
+        Ok(())
+    }
+
+    /// How the base of the checkpoint at `dir` is held, and its bytes.
+    pub fn base(&self, dir: &Path) -> Result<(posttrain_model::checkpoint::FrozenDtype, u64)> {
+        super::base_dtype(dir, &self.device, self.run.memory)
+    }
+
+    /// The causal LM at `dir` to train, with LoRA factors when asked.
+    pub fn lm(&self, dir: &Path) -> Result<Gemma2ForCausalLM> {
+        let model = super::load_trained_lm(dir, &self.device, self.run.memory)?;
+        let lora = self.lora.as_ref();
+        Ok(super::with_lora(self.stage, model, lora, self.run.seed))
+    }
+
+    /// Runs `train` on `model` with resumable state; `settings` identify the
+    /// run (a resume with other settings is refused).
+    pub fn run<M: Module, R, E: Into<anyhow::Error>>(
+        &self,
+        settings: Value,
+        config: &Gemma2Config,
+        model: M,
+        train: impl FnOnce(
+            M,
+            &mut MetricsLog,
+            Option<&Resume>,
+            Option<Saver<M>>,
+        ) -> Result<(M, Run<R>), E>,
+    ) -> Result<(M, Run<R>, StateDir)> {
+        if let Some(memory) = self.memory.get() {
+            eprintln!("{}: {memory}", self.stage);
+        }
+        let metrics = self.writer.path().join("metrics.jsonl");
+        let state = StateDir::new(self.out, settings, config, &metrics);
+        let (model, resume, mut log) = state.start(self.stage, self.run.resume, model)?;
+        let saver = state.saver(self.run.save_state_every);
+        let (model, report) =
+            train(model, &mut log, resume.as_ref(), Some(saver)).map_err(Into::into)?;
+        Ok((model, report, state))
+    }
+
+    /// Writes the checkpoint (an adapter on `base` with LoRA) with
+    /// `provenance`, the optional parents given, the seed and `report`,
+    /// then removes the resumable state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish<M: posttrain_model::lora::Adaptable>(
+        self,
+        model: &M,
+        (config, tokenizer): (&Gemma2Config, &ChatTokenizer),
+        provenance: Provenance,
+        base: &Path,
+        parents: &[Option<&Path>],
+        report: Value,
+        state: StateDir,
+    ) -> Result<PathBuf> {
+        let provenance = super::lora_provenance::<M>(provenance, self.lora, base)?;
+        let seed = Some(self.run.seed);
+        let out = super::finish_checkpoint(
+            self.writer,
+            model,
+            config,
+            tokenizer,
+            provenance,
+            parents,
+            seed,
+            report,
+        )?;
+        state.remove()?;
+        Ok(out)
+    }
+}
