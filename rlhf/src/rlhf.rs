@@ -1,4 +1,4 @@
-//! The RLHF loop (WARP stage 1), one flat loop: each step samples K
+//! The RLHF stage (WARP stage 1) in the shared loop: each step samples K
 //! completions for a batch of prompts from the policy, scores them with the
 //! reward model, shapes the reward with the KL to the anchor, takes one
 //! REINFORCE step with leave-one-out advantages, and moves the EMA anchor
@@ -471,8 +471,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
 
     fn after_log(&mut self, done: usize, policy: &Gemma2ForCausalLM) -> Result<(), RlhfError> {
         let every = self.cfg.snapshot_every;
-        let root = posttrain_train::dist::world().is_root();
-        if root && every > 0 && done.is_multiple_of(every) && done < self.cfg.optim.steps {
+        if every > 0 && done.is_multiple_of(every) && done < self.cfg.optim.steps {
             (self.snapshot)(done, policy).map_err(RlhfError::Snapshot)?;
         }
         Ok(())

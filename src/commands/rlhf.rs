@@ -11,8 +11,10 @@ use posttrain_rlhf::{
     train_rlhf,
 };
 use posttrain_train::Vocab;
+use posttrain_train::memory::Plan;
 use serde_json::json;
 
+use super::training::{RunArgs, Training};
 use crate::backend::Env;
 use crate::cli::{AdvantageArg, AnchorArg, KlEstimatorArg, KlInArg, RlhfArgs};
 
@@ -54,97 +56,112 @@ fn config(args: &RlhfArgs) -> Result<RlhfConfig> {
     Ok(cfg)
 }
 
+impl<'a> From<&'a RlhfArgs> for RunArgs<'a> {
+    fn from(a: &'a RlhfArgs) -> Self {
+        Self {
+            memory: &a.memory,
+            seed: a.seed,
+            resume: a.resume,
+            save_state_every: a.save_state_every,
+        }
+    }
+}
+
+/// The memory plan: K samples of each prompt of a step, the reward model
+/// and, without LoRA, the init's and the anchor's copies of the policy.
+fn plan<'a>(
+    t: &'a Training<'_>,
+    (args, cfg): (&RlhfArgs, &RlhfConfig),
+    (config, tokenizer): (&'a Gemma2Config, &ChatTokenizer),
+    prompts: &[posttrain_datasets::Prompt],
+    rm: (FrozenDtype, u64),
+) -> Result<Plan<'a>> {
+    let longest = prompts
+        .iter()
+        .map(|p| {
+            tokenizer
+                .render_prompt(&p.messages())
+                .map_or(0, |ids| ids.len())
+        })
+        .max()
+        .unwrap_or(0);
+    let copies = if t.lora.is_some() { 0 } else { 2 };
+    Ok(Plan {
+        config,
+        lora: t.lora.as_ref(),
+        batch: cfg.prompts_per_step * cfg.samples,
+        longest: longest + cfg.max_new_tokens,
+        base: t.base(&args.policy)?,
+        frozen_bytes: rm.1 + copies * 4 * config.num_params() as u64,
+        frozen_dtype: rm.0,
+    })
+}
+
 pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
-    let (device, backend) = (env.device()?, env.backend());
     let cfg = config(&args)?;
-    let lora = args.memory.lora.config()?;
-    let writer = CheckpointWriter::create(&args.output.out, args.output.overwrite)?;
+    let t = Training::begin("rlhf", env, &args.output, &args)?;
     let anchor_writer = match &args.anchor_out {
         Some(dir) => Some(CheckpointWriter::create(dir, args.output.overwrite)?),
         None => None,
     };
     let (config, tokenizer) = super::chat_config(&args.policy)?;
     let prompt_rows = read_prompts(&args.prompts)?;
-    let (rm_dtype, rm_bytes) = match &args.reward {
-        Some(dir) => super::frozen_bytes(dir, &device, args.frozen.weights_dtype)?,
+    let rm_held = match &args.reward {
+        Some(dir) => super::frozen_bytes(dir, &t.device, args.frozen.weights_dtype)?,
         None => (FrozenDtype::F32, 0),
     };
-    // without LoRA the init and the anchor are copies of the policy
-    let copies = if lora.is_some() { 0 } else { 2 };
-    let plan = posttrain_train::memory::Plan {
-        config: &config,
-        lora: lora.as_ref(),
-        batch: cfg.prompts_per_step * cfg.samples,
-        longest: prompt_rows
-            .iter()
-            .map(|p| {
-                tokenizer
-                    .render_prompt(&p.messages())
-                    .map_or(0, |ids| ids.len())
-            })
-            .max()
-            .unwrap_or(0)
-            + cfg.max_new_tokens,
-        base: super::base_dtype(&args.policy, &device, &args.memory)?,
-        frozen_bytes: rm_bytes + copies * 4 * config.num_params() as u64,
-        frozen_dtype: rm_dtype,
-    };
-    let memory = super::check_memory(&plan, args.memory.force)?;
-    let held = [plan.base.0, rm_dtype];
-    let policy = super::load_trained_lm(&args.policy, &device, &args.memory)?;
-    let policy = super::with_lora("rlhf", policy, lora.as_ref(), args.seed);
+    let plan = plan(
+        &t,
+        (&args, &cfg),
+        (&config, &tokenizer),
+        &prompt_rows,
+        rm_held,
+    )?;
+    t.check_memory(&plan)?;
+    let held = [plan.base.0, rm_held.0];
+    let policy = t.lm(&args.policy)?;
     let init = policy.valid();
     let rm = match &args.reward {
-        Some(dir) => Some(super::load_reward(dir, &device, args.frozen.weights_dtype)?),
+        Some(dir) => Some(super::load_reward(
+            dir,
+            &t.device,
+            args.frozen.weights_dtype,
+        )?),
         None => None,
     };
     let max_len = config.max_position_embeddings;
-    let policy_params = config.num_params();
     let prompts = PromptSet::new(&prompt_rows, &tokenizer, max_len, &args.prompts)?
         .with_scorer(super::task_scorer);
-    let (reward, judged_by) = reward_source(rm.as_ref(), &prompts, &args, &cfg, policy_params)?;
+    let (reward, judged_by) = reward_source(rm.as_ref(), &prompts, &args, &cfg, &config)?;
     let vocab = Vocab {
         tokenizer: &tokenizer,
         stop_ids: super::stop_ids(&config, &tokenizer),
         max_len,
     };
     eprintln!(
-        "rlhf: policy {policy_params} params, {judged_by}, {} prompts, {} x {} samples per step, {:?} anchor",
+        "rlhf: policy {} params, {judged_by}, {} prompts, {} x {} samples per step, {:?} anchor",
+        config.num_params(),
         prompts.len(),
         cfg.prompts_per_step,
         cfg.samples,
         cfg.anchor
     );
-    eprintln!("rlhf: {memory}");
-    let mut state = posttrain_train::StateDir::new(
-        &args.output.out,
-        json!({
-            "rlhf": cfg,
-            "policy": args.policy,
-            "reward": args.reward,
-            "task_reward": args.task_reward,
-            "prompts": args.prompts,
-            "lora": lora,
-        }),
-        &config,
-        &writer.path().join("metrics.jsonl"),
-    );
-    state.carry = Some(writer.path().join("snapshots"));
-    let (policy, resume, mut log) = state.start("rlhf", args.resume, policy)?;
-    let resume = match resume {
-        Some(r) => {
-            state.restore_carried()?;
-            Some((r, state.extra("anchor", &device)?))
-        }
-        None => None,
-    };
-    // the policy, its snapshots and the anchor are written the same way
+    // the policy's snapshots and the anchor are written as the policy is
     let save = |w: CheckpointWriter, model: &Gemma2ForCausalLM, stage: &str, metrics| {
-        let p = provenance(stage, backend, &args, &cfg, lora.clone(), held)?;
-        let seed = Some(args.seed);
-        super::finish_checkpoint(w, model, &config, &tokenizer, p, &[], seed, metrics)
+        let p = provenance(stage, t.backend, &args, &cfg, held)?;
+        let p = super::lora_provenance::<Gemma2ForCausalLM>(p, t.lora.clone(), &args.policy)?;
+        super::finish_checkpoint(
+            w,
+            model,
+            &config,
+            &tokenizer,
+            p,
+            &[],
+            Some(args.seed),
+            metrics,
+        )
     };
-    let snapshots = writer.path().join("snapshots");
+    let snapshots = t.staging().join("snapshots");
     let mut snapshot = |step: usize, model: &Gemma2ForCausalLM| {
         CheckpointWriter::create(&snapshots.join(format!("step-{step:06}")), false)
             .map_err(anyhow::Error::from)
@@ -152,25 +169,43 @@ pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
             .map(drop)
             .map_err(|e| format!("{e:#}"))
     };
-    let saver = state.saver(args.save_state_every);
-    let (policy, anchor, report) = train_rlhf(
-        policy,
-        &init,
-        &reward,
-        &prompts,
-        &vocab,
-        &cfg,
-        &mut log,
-        &mut snapshot,
-        resume.as_ref().map(|(r, a)| (r, a.clone())),
-        Some(saver),
-    )?;
+    let settings = json!({ "rlhf": cfg, "policy": args.policy, "reward": args.reward,
+        "task_reward": args.task_reward, "prompts": args.prompts, "lora": t.lora });
+    let carry = Some("snapshots");
+    let ((policy, anchor), report, state) =
+        t.run_carrying(settings, &config, policy, carry, |m, log, resume, saver| {
+            let resume = resume
+                .map(|(r, state)| Ok::<_, anyhow::Error>((r, state.extra("anchor", &t.device)?)));
+            let resume = resume.transpose()?;
+            let (policy, anchor, report) = train_rlhf(
+                m,
+                &init,
+                &reward,
+                &prompts,
+                &vocab,
+                &cfg,
+                log,
+                &mut snapshot,
+                resume,
+                saver,
+            )?;
+            Ok(((policy, anchor), report))
+        })?;
     let metrics = serde_json::to_value(&report)?;
-    let out = save(writer, &policy, "rlhf", metrics.clone())?;
     if let Some(w) = anchor_writer {
-        save(w, &anchor, "rlhf-anchor", metrics)?;
+        save(w, &anchor, "rlhf-anchor", metrics.clone())?;
     }
-    state.remove()?;
+    let provenance = provenance("rlhf", t.backend, &args, &cfg, held)?;
+    let tables = (&config, &tokenizer);
+    let out = t.finish(
+        &policy,
+        tables,
+        provenance,
+        &args.policy,
+        &[],
+        metrics,
+        state,
+    )?;
     print_summary(&report, &out);
     Ok(())
 }
@@ -182,8 +217,9 @@ fn reward_source<'a>(
     prompts: &PromptSet,
     args: &RlhfArgs,
     cfg: &RlhfConfig,
-    policy_params: usize,
+    policy: &Gemma2Config,
 ) -> Result<(Reward<'a>, String)> {
+    let policy_params = policy.num_params();
     Ok(match rm {
         Some((config, model, tokenizer)) => (
             Reward::Model(Judge {
@@ -216,21 +252,16 @@ fn provenance(
     backend: &str,
     args: &RlhfArgs,
     cfg: &RlhfConfig,
-    lora: Option<posttrain_model::LoraConfig>,
     held: [FrozenDtype; 2],
 ) -> Result<Provenance> {
-    let mut p = Provenance::new(
-        stage,
-        backend,
-        json!({ "rlhf": cfg, "task_reward": args.task_reward }),
-    )
-    .with_parent(&args.policy)?
-    .held("base", held[0]);
+    let settings = json!({ "rlhf": cfg, "task_reward": args.task_reward });
+    let mut p = Provenance::new(stage, backend, settings)
+        .with_parent(&args.policy)?
+        .held("base", held[0]);
     if let Some(rm) = &args.reward {
         p = p.with_parent(rm)?.held("reward", held[1]);
     }
-    let p = p.with_parent(&args.prompts)?;
-    super::lora_provenance::<Gemma2ForCausalLM>(p, lora, &args.policy)
+    Ok(p.with_parent(&args.prompts)?)
 }
 
 fn print_summary(report: &posttrain_train::Run<RlhfReport>, out: &std::path::Path) {

@@ -93,6 +93,11 @@ impl<'a> Training<'a> {
         Ok(super::with_lora(self.stage, model, lora, self.run.seed))
     }
 
+    /// The output directory while it is written.
+    pub fn staging(&self) -> &Path {
+        self.writer.path()
+    }
+
     /// Runs `train` on `model` with resumable state; `settings` identify the
     /// run (a resume with other settings is refused).
     pub fn run<M: Module, R, E: Into<anyhow::Error>>(
@@ -107,16 +112,41 @@ impl<'a> Training<'a> {
             Option<Saver<M>>,
         ) -> Result<(M, Run<R>), E>,
     ) -> Result<(M, Run<R>, StateDir)> {
+        self.run_carrying(settings, config, model, None, |m, log, resume, saver| {
+            train(m, log, resume.map(|(r, _)| r), saver).map_err(Into::into)
+        })
+    }
+
+    /// [`Training::run`] for a stage that writes into its output while it
+    /// trains (`carry`, RLHF's snapshots: kept with the state) and reads
+    /// modules of its own from the state when it resumes.
+    pub fn run_carrying<M: Module, T, R>(
+        &self,
+        settings: Value,
+        config: &Gemma2Config,
+        model: M,
+        carry: Option<&str>,
+        train: impl FnOnce(
+            M,
+            &mut MetricsLog,
+            Option<(&Resume, &StateDir)>,
+            Option<Saver<M>>,
+        ) -> Result<(T, Run<R>)>,
+    ) -> Result<(T, Run<R>, StateDir)> {
         if let Some(memory) = self.memory.get() {
             eprintln!("{}: {memory}", self.stage);
         }
         let metrics = self.writer.path().join("metrics.jsonl");
-        let state = StateDir::new(self.out, settings, config, &metrics);
+        let mut state = StateDir::new(self.out, settings, config, &metrics);
+        state.carry = carry.map(|dir| self.writer.path().join(dir));
         let (model, resume, mut log) = state.start(self.stage, self.run.resume, model)?;
+        if resume.is_some() {
+            state.restore_carried()?;
+        }
         let saver = state.saver(self.run.save_state_every);
-        let (model, report) =
-            train(model, &mut log, resume.as_ref(), Some(saver)).map_err(Into::into)?;
-        Ok((model, report, state))
+        let resume = resume.as_ref().map(|r| (r, &state));
+        let (out, report) = train(model, &mut log, resume, Some(saver))?;
+        Ok((out, report, state))
     }
 
     /// Writes the checkpoint (an adapter on `base` with LoRA) with

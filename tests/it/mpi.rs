@@ -182,6 +182,39 @@ fn two_ranks_train_a_reward_model_like_one_process() {
     });
 }
 
+#[test]
+fn two_ranks_train_dpo_and_orpo_like_one_process() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prefs = m.prefs(&policy);
+    for (stage, lr) in [("dpo", "2e-3"), ("orpo", "1e-2")] {
+        one_and_two(&m, "adapter_model.safetensors", |out| {
+            strings(&[
+                stage,
+                "--policy",
+                s(&policy),
+                "--data",
+                s(&prefs),
+                "--out",
+                s(out),
+                "--overwrite",
+                "--steps",
+                "10",
+                "--batch-size",
+                "6",
+                "--grad-accum",
+                "2",
+                "--eval-every",
+                "0",
+                "--lr",
+                lr,
+                "--lora-rank",
+                "4",
+            ])
+        });
+    }
+}
+
 fn rlhf_args(policy: &Path, prompts: &Path, steps: &str) -> impl Fn(&Path) -> Vec<String> {
     let (policy, prompts, steps) = (
         policy.to_path_buf(),

@@ -243,7 +243,8 @@ pub trait Stage<M: Module> {
         Ok(None)
     }
 
-    /// Runs after the row is logged (RLHF writes its snapshots).
+    /// Runs after the row is logged, on rank 0 alone (RLHF writes its
+    /// snapshots).
     fn after_log(&mut self, _done: usize, _model: &M) -> Result<(), Self::Error> {
         Ok(())
     }
@@ -586,7 +587,9 @@ pub fn train<M: Module, S: Stage<M>>(
             progress.println(&line);
         }
         progress.advance(1, done.tokens);
-        stage.after_log(step + 1, &model)?;
+        if w.is_root() {
+            stage.after_log(step + 1, &model)?;
+        }
 
         // resumable state when due
         if let Some(s) = saver.as_mut() {
