@@ -440,6 +440,14 @@ pub struct DpoArgs {
     pub frozen: FrozenArgs,
 }
 
+/// A finite number ≥ 0.
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x >= 0.0 && x.is_finite() => Ok(x),
+        _ => Err(format!("expected a non-negative number, got {text}")),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct OrpoArgs {
     /// The policy to train (with tokenizer.json), e.g. a base or SFT checkpoint.
@@ -452,7 +460,7 @@ pub struct OrpoArgs {
     #[arg(long)]
     pub eval: Option<PathBuf>,
     /// λ: weight of the odds-ratio term −log σ(log odds(chosen) − log odds(rejected)).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = non_negative)]
     pub lambda: f64,
     #[command(flatten)]
     pub output: CheckpointOut,

@@ -1,30 +1,29 @@
-//! Odds-ratio preference optimisation (ORPO, Hong et al. 2024, arXiv
-//! 2403.07691): supervised fine-tuning and preference alignment in one loss,
-//! without a reference model. With `ℓ` a completion's length-normalised
-//! log-probability (its mean log-prob per completion token) and
+//! Odds-ratio preference optimisation (ORPO, Hong et al. 2024, arXiv 2403.07691): supervised
+//! fine-tuning and preference alignment in one loss, without a reference model. With `ℓ` a
+//! completion's length-normalised log-probability (its mean log-prob per completion token) and
 //! `log odds(ℓ) = ℓ − log(1 − e^ℓ)`, per pair
 //!
 //! `r = log odds(ℓ⁺) − log odds(ℓ⁻)`,
 //! `L = −ℓ⁺ − λ·log σ(r)`,
 //!
-//! the mean over pairs (λ = 0.1, TRL's `ORPOTrainer` default). The first
-//! term is the chosen completion's NLL per token, as in the paper's
-//! expectation over pairs; TRL takes it as one token mean over the batch's
-//! chosen completions (the same when they are equally long). The implicit
-//! rewards are `λ·ℓ`: accuracy counts `ℓ⁺ > ℓ⁻`, margin `λ·(ℓ⁺ − ℓ⁻)`.
+//! the mean over pairs (λ = 0.1, TRL's `ORPOTrainer` default). The first term is the chosen
+//! completion's NLL per token, as in the paper's expectation over pairs; TRL takes it as one
+//! token mean over the batch's chosen completions (the same when they are equally long). The
+//! implicit rewards are `λ·ℓ`, their margin `λ·(ℓ⁺ − ℓ⁻)`; accuracy counts positive margins.
 
+use burn::tensor::Tensor;
 use burn::tensor::activation::log_sigmoid;
-use burn::tensor::{Device, Tensor, TensorData};
-use posttrain_datasets::Example;
+use posttrain_datasets::Epochs;
 use posttrain_model::Gemma2ForCausalLM;
-use posttrain_train::logprobs::{batch_of, sequence_logprobs};
+use posttrain_train::logprobs::mean_logprobs;
 use posttrain_train::{
-    At, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step, StepLog, train,
+    At, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step, StepLog,
+    train as train_loop,
 };
-use serde_json::json;
+use serde_json::{Map, Value};
 
-use crate::DpoError;
-use crate::train::{PairExamples, PreferenceStats, pair_lengths};
+use crate::train::{PairExamples, PreferenceStats, both_sides, pair_lengths, preference_row};
+use crate::{DpoError, DpoReport};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OrpoConfig {
@@ -50,63 +49,22 @@ pub fn odds_ratio_loss(
     (loss.mean(), r)
 }
 
-/// Each example's completion tokens.
-fn completion_tokens(examples: &[Example], device: &Device) -> Tensor<1> {
-    let n: Vec<f32> = examples
-        .iter()
-        .map(|e| e.target.iter().skip(1).filter(|&&t| t).count().max(1) as f32)
-        .collect();
-    Tensor::from_data(TensorData::new(n.clone(), [n.len()]), device)
-}
-
-/// `(L, r, ℓ⁺ − ℓ⁻)` of `pairs` under `model`: chosen and rejected sides as
-/// one batch.
+/// `rows` of `pairs` under `model`: `L`, then per pair `r` and the margin
+/// `λ·(ℓ⁺ − ℓ⁻)`, and the tokens.
 fn pair_loss(
     model: &Gemma2ForCausalLM,
-    pairs: &[&PairExamples],
+    pairs: &[PairExamples],
+    rows: &[usize],
     pad: u32,
     lambda: f64,
-) -> (Tensor<1>, Vec<f64>, Vec<f64>, u64) {
-    let b = pairs.len();
-    let rows: Vec<Example> = pairs
-        .iter()
-        .map(|p| p.chosen.clone())
-        .chain(pairs.iter().map(|p| p.rejected.clone()))
-        .collect();
-    let device = model.model.embed_tokens.weight.device();
-    let (batch, weights) = batch_of(&rows, pad, &device);
-    let tokens = batch.valid.iter().filter(|&&v| v).count() as u64;
-    let mean =
-        sequence_logprobs(model, &batch, weights, false).sums / completion_tokens(&rows, &device);
+) -> (Tensor<1>, [Vec<f64>; 2], u64) {
+    let b = rows.len();
+    let (mean, tokens) = mean_logprobs(model, &both_sides(pairs, rows), pad);
     let (chosen, rejected) = (mean.clone().narrow(0, 0, b), mean.narrow(0, b, b));
-    let gap = chosen.clone().sub(rejected.clone()).inner().into_data();
+    let margin = chosen.clone().sub(rejected.clone()).mul_scalar(lambda);
     let (loss, r) = odds_ratio_loss(chosen, rejected, lambda);
-    let read = |d: TensorData| d.try_into_vec_as::<f64>().expect("f64");
-    (loss, read(r.inner().into_data()), read(gap), tokens)
-}
-
-/// Held-out loss, accuracy and margin of the implicit rewards (no gradients).
-pub fn evaluate(
-    model: &Gemma2ForCausalLM,
-    pairs: &[PairExamples],
-    pad: u32,
-    cfg: &OrpoConfig,
-) -> PreferenceStats {
-    let model = burn::module::Module::valid(model);
-    let (mut loss, mut gaps) = (0.0, Vec::new());
-    for chunk in pairs.chunks(cfg.batch_size.max(1)) {
-        let refs: Vec<&PairExamples> = chunk.iter().collect();
-        let (l, _, g, _) = pair_loss(&model, &refs, pad, cfg.lambda);
-        loss += l.into_scalar::<f64>() * chunk.len() as f64;
-        gaps.extend(g);
-    }
-    let n = gaps.len().max(1) as f64;
-    PreferenceStats {
-        loss: loss / n,
-        accuracy: gaps.iter().filter(|&&g| g > 0.0).count() as f64 / n,
-        margin: cfg.lambda * gaps.iter().sum::<f64>() / n,
-        pairs: gaps.len(),
-    }
+    let read = |t: Tensor<1>| t.inner().into_data().try_into_vec_as::<f64>().expect("f64");
+    (loss, [read(r), read(margin)], tokens)
 }
 
 struct OrpoStage<'a> {
@@ -117,9 +75,9 @@ struct OrpoStage<'a> {
 }
 
 impl Stage<Gemma2ForCausalLM> for OrpoStage<'_> {
-    type Report = crate::DpoReport;
+    type Report = DpoReport;
     type Error = DpoError;
-    const VALUES: &'static [&'static str] = &["log_odds_ratio", "gap"];
+    const VALUES: &'static [&'static str] = &["log_odds_ratio", "margin"];
 
     fn name(&self) -> &str {
         "orpo"
@@ -131,55 +89,35 @@ impl Stage<Gemma2ForCausalLM> for OrpoStage<'_> {
         rows: &[usize],
         model: &Gemma2ForCausalLM,
     ) -> Result<Share, DpoError> {
-        let pairs: Vec<&PairExamples> = rows.iter().map(|&i| &self.train[i]).collect();
-        let (loss, r, gap, tokens) = pair_loss(model, &pairs, self.pad, self.cfg.lambda);
-        Ok(Share {
-            values: vec![r, gap],
-            ..Share::new(loss, rows.len() as f64, tokens)
-        })
+        let (loss, values, tokens) = pair_loss(model, self.train, rows, self.pad, self.cfg.lambda);
+        Ok(Share::new(loss, rows.len() as f64, tokens).with_values(values.into()))
     }
 
-    fn metrics(
-        &mut self,
-        s: &Step<'_>,
-        report: &mut Run<crate::DpoReport>,
-    ) -> Result<StepLog, DpoError> {
-        let (r, gap) = (s.values("log_odds_ratio"), s.values("gap"));
-        let n = gap.len().max(1) as f64;
-        report.pairs_seen += gap.len() as u64;
-        Ok(StepLog::of(json!({
-            "step": s.step + 1,
-            "loss": s.loss,
-            "log_odds_ratio": r.iter().sum::<f64>() / n,
-            "reward_accuracy": gap.iter().filter(|&&g| g > 0.0).count() as f64 / n,
-            "reward_margin": self.cfg.lambda * gap.iter().sum::<f64>() / n,
-            "lr": s.optim.lr,
-            "grad_norm": s.optim.grad_norm,
-            "pairs": report.pairs_seen,
-            "epoch": s.epoch,
-        })))
+    fn metrics(&mut self, s: &Step<'_>, report: &mut Run<DpoReport>) -> Result<StepLog, DpoError> {
+        let mut log = preference_row(s, s.values("margin"), report);
+        let r = s.values("log_odds_ratio");
+        let mean = r.iter().sum::<f64>() / r.len().max(1) as f64;
+        log.row.insert("log_odds_ratio".into(), mean.into());
+        Ok(log)
     }
 
     fn evaluate(
         &mut self,
         step: usize,
         model: &Gemma2ForCausalLM,
-        row: &mut serde_json::Map<String, serde_json::Value>,
-        report: &mut crate::DpoReport,
+        row: &mut Map<String, Value>,
+        report: &mut DpoReport,
     ) -> Result<Option<String>, DpoError> {
-        if self.eval.is_empty() {
-            return Ok(None);
+        let model = burn::module::Module::valid(model);
+        let (mut loss, mut margins) = (0.0, Vec::new());
+        let all: Vec<usize> = (0..self.eval.len()).collect();
+        for rows in all.chunks(self.cfg.batch_size.max(1)) {
+            let (l, [_, m], _) = pair_loss(&model, self.eval, rows, self.pad, self.cfg.lambda);
+            loss += l.into_scalar::<f64>() * rows.len() as f64;
+            margins.extend(m);
         }
-        let s = evaluate(model, self.eval, self.pad, self.cfg);
-        row.insert("eval_loss".into(), s.loss.into());
-        row.insert("eval_reward_accuracy".into(), s.accuracy.into());
-        row.insert("eval_reward_margin".into(), s.margin.into());
-        report.eval = Some(s);
-        let (loss, accuracy) = (s.loss, s.accuracy);
-        Ok(Some(format!(
-            "orpo: step {}: eval loss {loss:.4}, reward accuracy {accuracy:.3}",
-            step + 1
-        )))
+        let s = PreferenceStats::of(loss / all.len().max(1) as f64, &margins);
+        Ok((!all.is_empty()).then(|| s.record(("orpo", step), row, report)))
     }
 }
 
@@ -187,34 +125,35 @@ impl Stage<Gemma2ForCausalLM> for OrpoStage<'_> {
 /// in every stage.
 pub fn train_orpo(
     model: Gemma2ForCausalLM,
-    (train_pairs, eval): (&[PairExamples], &[PairExamples]),
+    (train, eval): (&[PairExamples], &[PairExamples]),
     pad: u32,
     cfg: &OrpoConfig,
     log: &mut MetricsLog,
     resume: Option<&Resume>,
     saver: Option<Saver<Gemma2ForCausalLM>>,
-) -> Result<(Gemma2ForCausalLM, Run<crate::DpoReport>), DpoError> {
-    if train_pairs.is_empty() {
+) -> Result<(Gemma2ForCausalLM, Run<DpoReport>), DpoError> {
+    if train.is_empty() {
         return Err(DpoError::NoData);
     }
     let mut stage = OrpoStage {
-        train: train_pairs,
+        train,
         eval,
         pad,
         cfg,
     };
     let schedule = Schedule {
         optim: &cfg.optim,
-        data: posttrain_datasets::Epochs::new(pair_lengths(train_pairs), cfg.batch_size, cfg.seed),
+        data: Epochs::new(pair_lengths(train), cfg.batch_size, cfg.seed),
         eval_every: cfg.eval_every,
         seed: cfg.seed,
     };
-    train(&mut stage, model, schedule, log, resume, saver)
+    train_loop(&mut stage, model, schedule, log, resume, saver)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::{Device, TensorData};
 
     fn t(v: &[f32]) -> Tensor<1> {
         Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Device::default())

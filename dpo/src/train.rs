@@ -168,12 +168,61 @@ pub fn evaluate(
     );
     let hs = h.clone().into_data().try_into_vec_as::<f64>().expect("f64");
     let loss = preference_loss(h, cfg.loss, cfg.beta, cfg.label_smoothing).into_scalar::<f64>();
-    let n = hs.len().max(1) as f64;
-    PreferenceStats {
-        loss,
-        accuracy: hs.iter().filter(|&&x| x > 0.0).count() as f64 / n,
-        margin: hs.iter().sum::<f64>() / n,
-        pairs: hs.len(),
+    PreferenceStats::of(loss, &hs)
+}
+
+/// The chosen sides of `rows` then their rejected sides: one batch of 2·B.
+pub fn both_sides(pairs: &[PairExamples], rows: &[usize]) -> Vec<Example> {
+    let side = |f: fn(&PairExamples) -> &Example| rows.iter().map(move |&i| f(&pairs[i]).clone());
+    side(|p| &p.chosen).chain(side(|p| &p.rejected)).collect()
+}
+
+/// A preference stage's metrics row from its pairs' implicit-reward margins.
+pub fn preference_row(s: &Step<'_>, margins: &[f64], report: &mut Run<DpoReport>) -> StepLog {
+    let n = margins.len().max(1) as f64;
+    report.pairs_seen += margins.len() as u64;
+    StepLog::of(json!({
+        "step": s.step + 1,
+        "loss": s.loss,
+        "reward_accuracy": margins.iter().filter(|&&h| h > 0.0).count() as f64 / n,
+        "reward_margin": margins.iter().sum::<f64>() / n,
+        "lr": s.optim.lr,
+        "grad_norm": s.optim.grad_norm,
+        "pairs": report.pairs_seen,
+        "epoch": s.epoch,
+    }))
+}
+
+impl PreferenceStats {
+    /// Of held-out pairs' margins `h` and their mean loss.
+    pub fn of(loss: f64, h: &[f64]) -> Self {
+        let n = h.len().max(1) as f64;
+        Self {
+            loss,
+            accuracy: h.iter().filter(|&&x| x > 0.0).count() as f64 / n,
+            margin: h.iter().sum::<f64>() / n,
+            pairs: h.len(),
+        }
+    }
+
+    /// Records held-out statistics in the row and the report; the log line.
+    pub fn record(
+        self,
+        (stage, step): (&str, usize),
+        row: &mut serde_json::Map<String, serde_json::Value>,
+        report: &mut DpoReport,
+    ) -> String {
+        row.insert("eval_loss".into(), self.loss.into());
+        row.insert("eval_reward_accuracy".into(), self.accuracy.into());
+        row.insert("eval_reward_margin".into(), self.margin.into());
+        report.eval = Some(self);
+        format!(
+            "{stage}: step {}: eval loss {:.4}, reward accuracy {:.3}, margin {:.3}",
+            step + 1,
+            self.loss,
+            self.accuracy,
+            self.margin
+        )
     }
 }
 
@@ -205,12 +254,7 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
         model: &Gemma2ForCausalLM,
     ) -> Result<Share, DpoError> {
         let (cfg, b) = (self.cfg, rows.len());
-        let examples: Vec<Example> = rows
-            .iter()
-            .map(|&i| self.train[i].chosen.clone())
-            .chain(rows.iter().map(|&i| self.train[i].rejected.clone()))
-            .collect();
-        let (batch, weights) = batch_of(&examples, self.pad, &self.device);
+        let (batch, weights) = batch_of(&both_sides(self.train, rows), self.pad, &self.device);
         let tokens = batch.valid.iter().filter(|&&v| v).count() as u64;
         let sums = sequence_logprobs(model, &batch, weights, false).sums;
         let pick = |v: &[f64]| -> Vec<f64> { rows.iter().map(|&i| v[i]).collect() };
@@ -230,20 +274,7 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
     }
 
     fn metrics(&mut self, s: &Step<'_>, report: &mut Run<DpoReport>) -> Result<StepLog, DpoError> {
-        let margins = s.values("margin");
-        let n = margins.len();
-        report.pairs_seen += n as u64;
-        let row = json!({
-            "step": s.step + 1,
-            "loss": s.loss,
-            "reward_accuracy": margins.iter().filter(|&&h| h > 0.0).count() as f64 / n.max(1) as f64,
-            "reward_margin": margins.iter().sum::<f64>() / n.max(1) as f64,
-            "lr": s.optim.lr,
-            "grad_norm": s.optim.grad_norm,
-            "pairs": report.pairs_seen,
-            "epoch": s.epoch,
-        });
-        Ok(StepLog::of(row))
+        Ok(preference_row(s, s.values("margin"), report))
     }
 
     fn evaluate(
@@ -257,17 +288,7 @@ impl Stage<Gemma2ForCausalLM> for DpoStage<'_> {
             return Ok(None);
         }
         let s = evaluate(model, self.eval, &self.eval_reference, self.pad, self.cfg);
-        row.insert("eval_loss".into(), s.loss.into());
-        row.insert("eval_reward_accuracy".into(), s.accuracy.into());
-        row.insert("eval_reward_margin".into(), s.margin.into());
-        report.eval = Some(s);
-        Ok(Some(format!(
-            "dpo: step {}: eval loss {:.4}, reward accuracy {:.3}, margin {:.3}",
-            step + 1,
-            s.loss,
-            s.accuracy,
-            s.margin
-        )))
+        Ok(Some(s.record(("dpo", step), row, report)))
     }
 }
 

@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Result, bail};
 use posttrain_datasets::{ChatTokenizer, Preference, read_records};
@@ -77,43 +77,26 @@ pub fn run(args: DpoArgs, env: &Env) -> Result<()> {
         (None, None) => (FrozenDtype::F32, 4 * config.num_params() as u64),
         (None, Some(_)) => (FrozenDtype::F32, 0),
     };
-    let plan = preference_plan(
-        &t,
-        &config,
-        (&train, args.train.batch_size),
-        &args.policy,
-        reference_held,
-    )?;
+    let shape = (&train[..], args.train.batch_size);
+    let plan = preference_plan(&t, &config, shape, &args.policy, reference_held)?;
     t.check_memory(&plan)?;
     let policy = t.lm(&args.policy)?;
     let reference = match &args.reference {
         Some(dir) => load_reference(dir, &t.device, &args, &config, &tokenizer)?,
         None => burn::module::Module::valid(&policy),
     };
-    let reference_dir: &PathBuf = args.reference.as_ref().unwrap_or(&args.policy);
+    let reference_dir = args.reference.as_ref().unwrap_or(&args.policy).display();
+    let (params, pairs) = (config.num_params(), (train.len(), eval.len()));
+    let (beta, loss) = (cfg.beta, cfg.loss);
     eprintln!(
-        "dpo: {} params, {} train / {} eval pairs, β {}, {:?} loss, reference {}",
-        config.num_params(),
-        train.len(),
-        eval.len(),
-        cfg.beta,
-        cfg.loss,
-        reference_dir.display()
+        "dpo: {params} params, {} train / {} eval pairs, β {beta}, {loss:?} loss, reference {reference_dir}",
+        pairs.0, pairs.1
     );
     let settings = json!({ "dpo": cfg, "policy": args.policy, "reference": args.reference,
         "data": args.data, "eval": args.eval, "lora": t.lora });
     let (model, report, state) = t.run(settings, &config, policy, |m, log, resume, saver| {
-        let pairs = (train.as_slice(), eval.as_slice());
-        train_dpo(
-            m,
-            &reference,
-            pairs,
-            tokenizer.pad,
-            &cfg,
-            log,
-            resume,
-            saver,
-        )
+        let (pairs, pad) = ((&train[..], &eval[..]), tokenizer.pad);
+        train_dpo(m, &reference, pairs, pad, &cfg, log, resume, saver)
     })?;
     let mut provenance = Provenance::new("dpo", t.backend, json!({ "dpo": cfg }))
         .with_parent(&args.policy)?

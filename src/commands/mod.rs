@@ -193,6 +193,18 @@ pub fn train_device(
     }
 }
 
+/// The tokenizer side of a run on `config`.
+pub fn vocab<'a>(
+    config: &posttrain_model::Gemma2Config,
+    tokenizer: &'a posttrain_datasets::ChatTokenizer,
+) -> posttrain_train::Vocab<'a> {
+    posttrain_train::Vocab {
+        tokenizer,
+        stop_ids: stop_ids(config, tokenizer),
+        max_len: config.max_position_embeddings,
+    }
+}
+
 /// Generation stops at the config's EOS ids, `<eos>` and `<end_of_turn>`.
 pub fn stop_ids(
     config: &posttrain_model::Gemma2Config,

@@ -1,7 +1,6 @@
 use anyhow::Result;
 use posttrain_dpo::{OrpoConfig, train_orpo};
-use posttrain_model::Provenance;
-use posttrain_model::checkpoint::FrozenDtype;
+use posttrain_model::{Provenance, checkpoint::FrozenDtype};
 use serde_json::json;
 
 use super::dpo::{preference_pairs, preference_plan, print_preference_report};
@@ -10,12 +9,6 @@ use crate::backend::Env;
 use crate::cli::OrpoArgs;
 
 pub fn run(args: OrpoArgs, env: &Env) -> Result<()> {
-    if !(args.lambda >= 0.0 && args.lambda.is_finite()) {
-        anyhow::bail!(
-            "--lambda must be a non-negative number, got {}",
-            args.lambda
-        );
-    }
     let cfg = OrpoConfig {
         optim: args.train.optim()?,
         batch_size: args.train.batch_size,
@@ -27,21 +20,14 @@ pub fn run(args: OrpoArgs, env: &Env) -> Result<()> {
     let (config, tokenizer) = super::chat_config(&args.policy)?;
     let max_len = config.max_position_embeddings;
     let (train, eval) = preference_pairs(&tokenizer, &args.data, args.eval.as_deref(), max_len)?;
-    let plan = preference_plan(
-        &t,
-        &config,
-        (&train, args.train.batch_size),
-        &args.policy,
-        (FrozenDtype::F32, 0),
-    )?;
+    let shape = (&train[..], args.train.batch_size);
+    let plan = preference_plan(&t, &config, shape, &args.policy, (FrozenDtype::F32, 0))?;
     t.check_memory(&plan)?;
     let policy = t.lm(&args.policy)?;
+    let (params, n) = (config.num_params(), (train.len(), eval.len()));
     eprintln!(
-        "orpo: {} params, {} train / {} eval pairs, λ {}",
-        config.num_params(),
-        train.len(),
-        eval.len(),
-        cfg.lambda
+        "orpo: {params} params, {} train / {} eval pairs, λ {}",
+        n.0, n.1, cfg.lambda
     );
     let settings = json!({ "orpo": cfg, "policy": args.policy, "data": args.data,
         "eval": args.eval, "lora": t.lora });
@@ -54,16 +40,8 @@ pub fn run(args: OrpoArgs, env: &Env) -> Result<()> {
         .with_parent(&args.data)?
         .held("base", plan.base.0);
     let metrics = serde_json::to_value(&report)?;
-    let (tables, parents) = ((&config, &tokenizer), [args.eval.as_deref()]);
-    let out = t.finish(
-        &model,
-        tables,
-        provenance,
-        &args.policy,
-        &parents,
-        metrics,
-        state,
-    )?;
+    let (tables, parents, base) = ((&config, &tokenizer), [args.eval.as_deref()], &args.policy);
+    let out = t.finish(&model, tables, provenance, base, &parents, metrics, state)?;
     print_preference_report("orpo", &report.loss, report.eval, &out);
     Ok(())
 }

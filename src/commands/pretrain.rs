@@ -3,7 +3,6 @@ use posttrain_datasets::{ChatTokenizer, LossOn};
 use posttrain_model::{Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
 use posttrain_sft::{Distill, SftConfig, train_lm};
 use posttrain_train::OptimConfig;
-use posttrain_train::Vocab;
 use serde_json::json;
 
 use super::training::Training;
@@ -69,67 +68,37 @@ impl TrainArgs {
 }
 
 pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
-    let distill = if args.teacher.is_some() {
-        Distill::Live
-    } else {
-        Distill::None
-    };
     if args.train.memory.lora.lora_rank.is_some() {
         bail!(
             "--lora-rank needs a checkpoint to adapt: use it with sft, reward --init, dpo, orpo or rlhf"
         );
     }
+    let distill = match args.teacher {
+        Some(_) => Distill::Live,
+        None => Distill::None,
+    };
     let cfg = args.train.sft_config(distill, &args.distill, &args.lm)?;
     let t = Training::begin("pretrain", env, &args.output, &args.train)?;
-    let config = Gemma2Config::from_file(&args.config)?;
-    let tokenizer = ChatTokenizer::from_file(&args.tokenizer)?;
-    super::check_tokenizer_fits(&tokenizer, &args.tokenizer, &config, &args.config)?;
+    let config = &Gemma2Config::from_file(&args.config)?;
+    let tokenizer = &ChatTokenizer::from_file(&args.tokenizer)?;
+    super::check_tokenizer_fits(tokenizer, &args.tokenizer, config, &args.config)?;
     let loss_on = match args.loss_on {
         LossOnArg::Completion => LossOn::Completion,
         LossOnArg::All => LossOn::All,
     };
-    let data = super::TrainData::load(
-        &tokenizer,
-        &args.data,
-        args.eval.as_deref(),
-        config.max_position_embeddings,
-        args.lm.truncate,
-        loss_on,
-        false,
-    )?;
-    let teacher = match &args.teacher {
-        Some(dir) => {
-            let dtype = args.frozen.weights_dtype;
-            Some(super::load_teacher(
-                dir, &config, &tokenizer, &t.device, dtype,
-            )?)
-        }
-        None => None,
-    };
-    let checkpointing = args.train.memory.checkpoint_activations;
-    let device = super::train_device(&t.device, checkpointing);
-    let model = Gemma2ForCausalLM::new(&config, &mut RandomInit::new(args.train.seed), &device)?;
-    eprintln!(
-        "pretrain: {} params, {} train / {} eval sequences, {} steps of {}{}",
-        config.num_params(),
-        data.train.len(),
-        data.eval.examples.len(),
-        cfg.optim.steps,
-        cfg.batch_size,
-        if teacher.is_some() {
-            ", distilling from the teacher"
-        } else {
-            ""
-        }
-    );
-    let vocab = Vocab {
-        tokenizer: &tokenizer,
-        stop_ids: super::stop_ids(&config, &tokenizer),
-        max_len: config.max_position_embeddings,
-    };
+    let (max_len, truncate) = (config.max_position_embeddings, args.lm.truncate);
+    let (data, eval) = (&args.data, args.eval.as_deref());
+    let data = super::TrainData::load(tokenizer, data, eval, max_len, truncate, loss_on, false)?;
+    let dtype = args.frozen.weights_dtype;
+    let load = |dir| super::load_teacher(dir, config, tokenizer, &t.device, dtype);
+    let teacher = args.teacher.as_deref().map(load).transpose()?;
+    let device = super::train_device(&t.device, args.train.memory.checkpoint_activations);
+    let model = Gemma2ForCausalLM::new(config, &mut RandomInit::new(args.train.seed), &device)?;
+    eprintln!("pretrain: {}", describe(config, &data, &cfg));
+    let vocab = super::vocab(config, tokenizer);
     let settings = json!({"train": cfg, "config": args.config, "data": args.data, "eval": args.eval,
         "teacher": args.teacher, "tokenizer": args.tokenizer});
-    let (model, report, state) = t.run(settings, &config, model, |m, log, resume, saver| {
+    let (model, report, state) = t.run(settings, config, model, |m, log, resume, saver| {
         let (teacher, examples) = (teacher.as_ref(), &data.train);
         train_lm(
             "pretrain", m, teacher, examples, &data.eval, &vocab, &cfg, log, resume, saver,
@@ -142,7 +111,7 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
         .with_parent(&args.tokenizer)?;
     let parents = [args.eval.as_deref(), args.teacher.as_deref()];
     let metrics = serde_json::to_value(&report)?;
-    let tables = (&config, &tokenizer);
+    let tables = (config, tokenizer);
     let out = t.finish(
         &model,
         tables,
@@ -154,4 +123,21 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     )?;
     super::print_report("pretrain", &report, &out);
     Ok(())
+}
+
+/// The first line: the run's size and whether it distills.
+fn describe(config: &Gemma2Config, data: &super::TrainData, cfg: &SftConfig) -> String {
+    let distilling = if cfg.distill == Distill::Live {
+        ", distilling from the teacher"
+    } else {
+        ""
+    };
+    format!(
+        "{} params, {} train / {} eval sequences, {} steps of {}{distilling}",
+        config.num_params(),
+        data.train.len(),
+        data.eval.examples.len(),
+        cfg.optim.steps,
+        cfg.batch_size,
+    )
 }

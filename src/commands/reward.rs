@@ -5,8 +5,8 @@ use posttrain_model::{
     Gemma2ForSequenceClassification, Padding, Provenance, RandomInit, load_config,
 };
 use posttrain_reward::{
-    PairIds, RewardConfig, encode_pairs, evaluate, scale_config, score_examples_shared,
-    train_reward,
+    PairIds, RewardConfig, RewardReport, encode_pairs, evaluate, scale_config,
+    score_examples_shared, train_reward,
 };
 use serde_json::{Value, json};
 
@@ -143,26 +143,17 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
     };
     let max_len = planned.max_position_embeddings;
     let train = load_pairs(&tokenizer, &args.data, max_len)?;
-    let eval = match &args.eval {
-        Some(p) => load_pairs(&tokenizer, p, max_len)?,
-        None => Vec::new(),
-    };
+    let eval = args
+        .eval
+        .as_deref()
+        .map(|p| load_pairs(&tokenizer, p, max_len));
+    let eval = eval.transpose()?.unwrap_or_default();
     let longest = train.iter().map(|p| p.chosen.len().max(p.rejected.len()));
-    let base = match &args.init {
-        Some(dir) => t.base(dir)?,
-        None => (FrozenDtype::F32, 4 * planned.num_params() as u64),
-    };
-    t.check_memory(&posttrain_train::memory::Plan {
-        config: &planned,
-        lora: t.lora.as_ref(),
-        batch: 2 * args.train.batch_size,
-        longest: longest.max().unwrap_or(0),
-        frozen_bytes: 0,
-        frozen_dtype: FrozenDtype::F32,
-        base,
-    })?;
+    let shape = (2 * args.train.batch_size, longest.max().unwrap_or(0));
+    let plan = t.plan(&planned, shape, args.init.as_deref(), (FrozenDtype::F32, 0))?;
+    t.check_memory(&plan)?;
     let device = super::train_device(&t.device, args.train.memory.checkpoint_activations);
-    let (mut config, model, origin, drawn) = initial_model(&args, &policy, &device, base.0)?;
+    let (mut config, model, origin, drawn) = initial_model(&args, &policy, &device, plan.base.0)?;
     let ratio = config.num_params() as f64 / policy.num_params() as f64;
     eprintln!(
         "reward: {} params = {ratio:.2}x the policy's {} ({origin}: hidden {}, {} layers), {} train / {} eval pairs",
@@ -183,23 +174,11 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         let pairs = (train.as_slice(), eval.as_slice());
         train_reward(m, pairs, tokenizer.pad, &cfg, log, resume, saver)
     })?;
-    let provenance = Provenance::new(
-        "reward",
-        t.backend,
-        json!({
-            "train": cfg,
-            "init": args.init,
-            "head_seed": drawn,
-            "size_ratio_requested": args.init.is_none().then_some(args.size_ratio),
-            "size_ratio": ratio,
-            "policy_params": policy.num_params(),
-            "params": config.num_params(),
-            "config": config,
-        }),
-    )
-    .with_parent(&args.policy)?
-    .with_parent(&args.data)?
-    .held("base", base.0);
+    let settings = provenance_settings(&args, &cfg, (&policy, &config), drawn);
+    let provenance = Provenance::new("reward", t.backend, settings)
+        .with_parent(&args.policy)?
+        .with_parent(&args.data)?
+        .held("base", plan.base.0);
     let mut metrics = serde_json::to_value(&report)?;
     metrics["size_ratio"] = ratio.into();
     // LoRA implies --init: the adapter's base
@@ -209,6 +188,11 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
     let out = t.finish(
         &model, tables, provenance, adapted, &parents, metrics, state,
     )?;
+    print_summary(&report, ratio, &out);
+    Ok(())
+}
+
+fn print_summary(report: &posttrain_train::Run<RewardReport>, ratio: f64, out: &std::path::Path) {
     let eval = report.eval.map_or(String::new(), |s| {
         format!(
             ", eval accuracy {:.3} (gap {:.3} ± {:.3})",
@@ -216,11 +200,27 @@ pub fn run(args: RewardArgs, env: &Env) -> Result<()> {
         )
     });
     let (first, last) = (report.loss.first_loss, report.loss.last_loss);
-    eprintln!(
-        "reward: loss {first:.4} -> {last:.4}{eval}, size ratio {ratio:.2}x -> {}",
-        out.display()
-    );
-    Ok(())
+    let out = out.display();
+    eprintln!("reward: loss {first:.4} -> {last:.4}{eval}, size ratio {ratio:.2}x -> {out}");
+}
+
+/// The settings `posttrain.json` records: the run's, the weights' origin and sizes.
+fn provenance_settings(
+    args: &RewardArgs,
+    cfg: &RewardConfig,
+    (policy, config): (&Gemma2Config, &Gemma2Config),
+    drawn: Option<u64>,
+) -> Value {
+    json!({
+        "train": cfg,
+        "init": args.init,
+        "head_seed": drawn,
+        "size_ratio_requested": args.init.is_none().then_some(args.size_ratio),
+        "size_ratio": config.num_params() as f64 / policy.num_params() as f64,
+        "policy_params": policy.num_params(),
+        "params": config.num_params(),
+        "config": config,
+    })
 }
 
 pub fn score(args: RewardScoreArgs, env: &Env) -> Result<()> {

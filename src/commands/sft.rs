@@ -1,10 +1,7 @@
 use anyhow::{Context, Result, bail};
 use posttrain_datasets::LossOn;
-use posttrain_model::checkpoint::FrozenDtype;
 use posttrain_model::{Gemma2Config, Provenance};
 use posttrain_sft::{Distill, OnPolicy, SftConfig, check_topk, train_lm};
-use posttrain_train::Vocab;
-use posttrain_train::memory::Plan;
 use serde_json::json;
 
 use super::training::Training;
@@ -57,53 +54,46 @@ fn distill(
     Ok(distill)
 }
 
+/// The loop's settings: the distillation `--kd` asks for and on-policy batches.
+fn sft_config(
+    args: &SftArgs,
+    train: &[posttrain_datasets::Example],
+    vocab: usize,
+) -> Result<SftConfig> {
+    let mut cfg = args
+        .train
+        .sft_config(distill(args, train, vocab)?, &args.distill, &args.lm)?;
+    cfg.on_policy = Some(on_policy(args));
+    Ok(cfg)
+}
+
 pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     validate(&args)?;
     let t = Training::begin("sft", env, &args.output, &args.train)?;
-    let (config, tokenizer) = super::chat_config(&args.model)?;
-    let (config, tokenizer) = (&config, &tokenizer);
+    let (config, tokenizer) = &super::chat_config(&args.model)?;
+    let max_len = config.max_position_embeddings;
+    let (data, eval) = (&args.data, args.eval.as_deref());
+    let completion = LossOn::Completion;
     let data = super::TrainData::load(
         tokenizer,
-        &args.data,
-        args.eval.as_deref(),
-        config.max_position_embeddings,
+        data,
+        eval,
+        max_len,
         args.lm.truncate,
-        LossOn::Completion,
+        completion,
         true,
     )?;
-    let teacher_held = match &args.teacher {
-        Some(dir) => super::frozen_bytes(dir, &t.device, args.frozen.weights_dtype)?,
-        None => (FrozenDtype::F32, 0),
-    };
-    let plan = Plan {
-        config,
-        lora: t.lora.as_ref(),
-        batch: args.train.batch_size,
-        longest: data.longest(),
-        base: t.base(&args.model)?,
-        frozen_bytes: teacher_held.1,
-        frozen_dtype: teacher_held.0,
-    };
+    let teacher_held = t.frozen(args.teacher.as_deref(), args.frozen.weights_dtype)?;
+    let shape = (args.train.batch_size, data.longest());
+    let plan = t.plan(config, shape, Some(&args.model), teacher_held)?;
     t.check_memory(&plan)?;
     let student = t.lm(&args.model)?;
-    let distill = distill(&args, &data.train, config.vocab_size)?;
-    let mut cfg = args.train.sft_config(distill, &args.distill, &args.lm)?;
-    cfg.on_policy = Some(on_policy(&args));
-    let teacher = match &args.teacher {
-        Some(dir) => {
-            let dtype = args.frozen.weights_dtype;
-            Some(super::load_teacher(
-                dir, config, tokenizer, &t.device, dtype,
-            )?)
-        }
-        None => None,
-    };
+    let cfg = sft_config(&args, &data.train, config.vocab_size)?;
+    let dtype = args.frozen.weights_dtype;
+    let load = |dir| super::load_teacher(dir, config, tokenizer, &t.device, dtype);
+    let teacher = args.teacher.as_deref().map(load).transpose()?;
     eprintln!("sft: {}", describe(&args, config, &data, &cfg));
-    let vocab = Vocab {
-        tokenizer,
-        stop_ids: super::stop_ids(config, tokenizer),
-        max_len: config.max_position_embeddings,
-    };
+    let vocab = super::vocab(config, tokenizer);
     let settings = json!({"train": cfg, "lora": t.lora, "model": args.model, "data": args.data,
         "eval": args.eval, "teacher": args.teacher});
     let (model, report, state) = t.run(settings, config, student, |m, log, resume, saver| {

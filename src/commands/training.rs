@@ -12,6 +12,7 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::Device;
 use posttrain_datasets::ChatTokenizer;
+use posttrain_model::checkpoint::FrozenDtype;
 use posttrain_model::{CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, LoraConfig, Provenance};
 use posttrain_train::memory::Plan;
 use posttrain_train::{MetricsLog, Resume, Run, Saver, StateDir};
@@ -82,8 +83,45 @@ impl<'a> Training<'a> {
     }
 
     /// How the base of the checkpoint at `dir` is held, and its bytes.
-    pub fn base(&self, dir: &Path) -> Result<(posttrain_model::checkpoint::FrozenDtype, u64)> {
+    pub fn base(&self, dir: &Path) -> Result<(FrozenDtype, u64)> {
         super::base_dtype(dir, &self.device, self.run.memory)
+    }
+
+    /// How a frozen model from `dir` is held and its bytes (none without one).
+    pub fn frozen(
+        &self,
+        dir: Option<&Path>,
+        dtype: crate::cli::WeightsDtype,
+    ) -> Result<(FrozenDtype, u64)> {
+        match dir {
+            Some(dir) => super::frozen_bytes(dir, &self.device, dtype),
+            None => Ok((FrozenDtype::F32, 0)),
+        }
+    }
+
+    /// The memory plan of training `config` (the checkpoint `trained`, or new
+    /// weights when `None`) on micro-batches of `batch` sequences of at most
+    /// `longest` tokens beside frozen models of `frozen` bytes.
+    pub fn plan<'c>(
+        &'c self,
+        config: &'c Gemma2Config,
+        (batch, longest): (usize, usize),
+        trained: Option<&Path>,
+        frozen: (FrozenDtype, u64),
+    ) -> Result<Plan<'c>> {
+        let base = match trained {
+            Some(dir) => self.base(dir)?,
+            None => (FrozenDtype::F32, 4 * config.num_params() as u64),
+        };
+        Ok(Plan {
+            config,
+            lora: self.lora.as_ref(),
+            batch,
+            longest,
+            base,
+            frozen_bytes: frozen.1,
+            frozen_dtype: frozen.0,
+        })
     }
 
     /// The causal LM at `dir` to train, with LoRA factors when asked.

@@ -2,7 +2,7 @@
 //! answer) under any causal LM: per sequence, per token, with or without
 //! gradients.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use posttrain_datasets::Example;
 use posttrain_model::gemma2::next_token_logprobs;
 use posttrain_model::kernels::log_softmax::log_softmax;
@@ -15,6 +15,27 @@ use crate::make_batch;
 pub fn batch_of(examples: &[Example], pad: u32, device: &Device) -> (TokenBatch, Tensor<2>) {
     let refs: Vec<&Example> = examples.iter().collect();
     make_batch(&refs, pad, device)
+}
+
+/// Each example's mean log-prob per target token (its length-normalised
+/// log-probability) `[n]`, differentiable, and the batch's tokens.
+pub fn mean_logprobs(
+    model: &Gemma2ForCausalLM,
+    examples: &[Example],
+    pad: u32,
+) -> (Tensor<1>, u64) {
+    let device = model.model.embed_tokens.weight.device();
+    let (batch, weights) = batch_of(examples, pad, &device);
+    let tokens = batch.valid.iter().filter(|&&v| v).count() as u64;
+    let lengths: Vec<f32> = examples
+        .iter()
+        .map(|e| e.target.iter().skip(1).filter(|&&t| t).count().max(1) as f32)
+        .collect();
+    let lengths = Tensor::from_data(TensorData::new(lengths, [examples.len()]), &device);
+    (
+        sequence_logprobs(model, &batch, weights, false).sums / lengths,
+        tokens,
+    )
 }
 
 /// The sampled tokens' log-probabilities under a model: per sequence,

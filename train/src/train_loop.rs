@@ -113,6 +113,13 @@ impl Share {
     }
 }
 
+impl Share {
+    /// With per-unit values in the order of [`Stage::VALUES`].
+    pub fn with_values(self, values: Vec<Vec<f64>>) -> Self {
+        Self { values, ..self }
+    }
+}
+
 /// Where a share sits in the run.
 #[derive(Debug, Clone, Copy)]
 pub struct At {
