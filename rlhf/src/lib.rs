@@ -14,6 +14,6 @@ pub use grpo::Advantage;
 pub use kl_estimators::{KlEstimator, KlIn};
 pub use posttrain_train::logprobs::logprob_sums;
 pub use posttrain_train::rollout::{PromptSet, Rollouts, Scorer, roll_out};
-pub use rlhf::{Anchor, RlhfConfig, RlhfError, RlhfReport, train_rlhf};
+pub use rlhf::{Anchor, Inputs, RlhfConfig, RlhfError, RlhfReport, train_rlhf};
 pub use rloo::{policy_gradient_loss, rloo_advantages, shaped_reward};
 pub use rollout::{Judge, Reward};

@@ -482,24 +482,35 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
     }
 }
 
+/// What an RLHF run reads besides the policy it trains.
+pub struct Inputs<'a> {
+    /// The SFT policy the run starts from (the KL's reference).
+    pub init: &'a Gemma2ForCausalLM,
+    pub reward: &'a Reward<'a>,
+    pub prompts: &'a PromptSet,
+    pub vocab: &'a Vocab<'a>,
+}
+
 /// Trains `policy` (on an autodiff device) from `init` (the SFT policy);
 /// returns the policy and the final anchor. `snapshot(step, policy)` is
 /// called every `snapshot_every` steps before the last. With `resume` (and the
 /// anchor saved with it) it continues a saved run; `saver` stores the state
 /// (the anchor as `anchor`) every N steps.
-#[allow(clippy::too_many_arguments)]
 pub fn train_rlhf(
     policy: Gemma2ForCausalLM,
-    init: &Gemma2ForCausalLM,
-    reward: &Reward,
-    prompts: &PromptSet,
-    vocab: &Vocab,
+    inputs: &Inputs<'_>,
     cfg: &RlhfConfig,
     log: &mut MetricsLog,
     snapshot: &mut dyn FnMut(usize, &Gemma2ForCausalLM) -> Result<(), String>,
     resume: Option<(&Resume, ParamMap)>,
     saver: Option<Saver<Gemma2ForCausalLM>>,
 ) -> Result<(Gemma2ForCausalLM, Gemma2ForCausalLM, Run<RlhfReport>), RlhfError> {
+    let Inputs {
+        init,
+        reward,
+        prompts,
+        vocab,
+    } = *inputs;
     if prompts.is_empty() {
         return Err(RlhfError::NoPrompts);
     }

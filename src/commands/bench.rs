@@ -327,12 +327,15 @@ fn bench_rlhf_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result<V
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("metrics.jsonl");
     let mut log = MetricsLog::create(&path)?;
+    let inputs = posttrain_rlhf::Inputs {
+        init: &init,
+        reward: &Reward::Scorer,
+        prompts: &set,
+        vocab: &vocab,
+    };
     train_rlhf(
         policy,
-        &init,
-        &Reward::Scorer,
-        &set,
-        &vocab,
+        &inputs,
         &cfg,
         &mut log,
         &mut |_, _| Ok(()),

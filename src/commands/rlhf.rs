@@ -7,12 +7,11 @@ use posttrain_model::{
     CheckpointWriter, Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification, Provenance,
 };
 use posttrain_rlhf::{
-    Advantage, Anchor, Judge, KlEstimator, KlIn, PromptSet, Reward, RlhfConfig, RlhfReport,
+    Advantage, Anchor, Inputs, Judge, KlEstimator, KlIn, PromptSet, Reward, RlhfConfig, RlhfReport,
     train_rlhf,
 };
-use posttrain_train::Vocab;
 use posttrain_train::memory::Plan;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::training::{RunArgs, Training};
 use crate::backend::Env;
@@ -97,123 +96,163 @@ fn plan<'a>(
     })
 }
 
-pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
-    let cfg = config(&args)?;
-    let t = Training::begin("rlhf", env, &args.output, &args)?;
-    let anchor_writer = match &args.anchor_out {
-        Some(dir) => Some(CheckpointWriter::create(dir, args.output.overwrite)?),
-        None => None,
-    };
-    let (config, tokenizer) = super::chat_config(&args.policy)?;
-    let prompt_rows = read_prompts(&args.prompts)?;
-    let rm_held = match &args.reward {
-        Some(dir) => super::frozen_bytes(dir, &t.device, args.frozen.weights_dtype)?,
-        None => (FrozenDtype::F32, 0),
-    };
-    let plan = plan(
-        &t,
-        (&args, &cfg),
-        (&config, &tokenizer),
-        &prompt_rows,
-        rm_held,
-    )?;
-    t.check_memory(&plan)?;
-    let held = [plan.base.0, rm_held.0];
-    let policy = t.lm(&args.policy)?;
-    let init = policy.valid();
-    let rm = match &args.reward {
-        Some(dir) => Some(super::load_reward(
-            dir,
-            &t.device,
-            args.frozen.weights_dtype,
-        )?),
-        None => None,
-    };
-    let max_len = config.max_position_embeddings;
-    let prompts = PromptSet::new(&prompt_rows, &tokenizer, max_len, &args.prompts)?
-        .with_scorer(super::task_scorer);
-    let (reward, judged_by) = reward_source(rm.as_ref(), &prompts, &args, &cfg, &config)?;
-    let vocab = Vocab {
-        tokenizer: &tokenizer,
-        stop_ids: super::stop_ids(&config, &tokenizer),
-        max_len,
-    };
-    eprintln!(
-        "rlhf: policy {} params, {judged_by}, {} prompts, {} x {} samples per step, {:?} anchor",
-        config.num_params(),
-        prompts.len(),
-        cfg.prompts_per_step,
-        cfg.samples,
-        cfg.anchor
-    );
-    // the policy's snapshots and the anchor are written as the policy is
-    let save = |w: CheckpointWriter, model: &Gemma2ForCausalLM, stage: &str, metrics| {
-        let p = provenance(stage, t.backend, &args, &cfg, held)?;
-        let p = super::lora_provenance::<Gemma2ForCausalLM>(p, t.lora.clone(), &args.policy)?;
+/// Writes the policy, its snapshots and the anchor alike.
+struct Writer<'a> {
+    args: &'a RlhfArgs,
+    cfg: &'a RlhfConfig,
+    tables: (&'a Gemma2Config, &'a ChatTokenizer),
+    backend: &'a str,
+    lora: Option<posttrain_model::LoraConfig>,
+    held: [FrozenDtype; 2],
+}
+
+impl<'a> Writer<'a> {
+    fn new(
+        (args, cfg): (&'a RlhfArgs, &'a RlhfConfig),
+        tables: (&'a Gemma2Config, &'a ChatTokenizer),
+        t: &'a Training<'_>,
+        held: [FrozenDtype; 2],
+    ) -> Self {
+        let (backend, lora) = (t.backend, t.lora.clone());
+        Self {
+            args,
+            cfg,
+            tables,
+            backend,
+            lora,
+            held,
+        }
+    }
+
+    fn provenance(&self, stage: &str) -> Result<Provenance> {
+        provenance(stage, self.backend, self.args, self.cfg, self.held)
+    }
+
+    fn save(
+        &self,
+        w: CheckpointWriter,
+        model: &Gemma2ForCausalLM,
+        stage: &str,
+        metrics: Value,
+    ) -> Result<std::path::PathBuf> {
+        let (args, (config, tokenizer)) = (self.args, self.tables);
+        let p = super::lora_provenance::<Gemma2ForCausalLM>(
+            self.provenance(stage)?,
+            self.lora.clone(),
+            &args.policy,
+        )?;
         super::finish_checkpoint(
             w,
             model,
-            &config,
-            &tokenizer,
+            config,
+            tokenizer,
             p,
             &[],
             Some(args.seed),
             metrics,
         )
-    };
-    let snapshots = t.staging().join("snapshots");
-    let mut snapshot = |step: usize, model: &Gemma2ForCausalLM| {
-        CheckpointWriter::create(&snapshots.join(format!("step-{step:06}")), false)
+    }
+
+    /// `OUT/snapshots/step-N` while the run trains.
+    fn snapshot(
+        &self,
+        dir: &std::path::Path,
+        step: usize,
+        model: &Gemma2ForCausalLM,
+    ) -> Result<(), String> {
+        CheckpointWriter::create(&dir.join(format!("step-{step:06}")), false)
             .map_err(anyhow::Error::from)
-            .and_then(|w| save(w, model, "rlhf", json!({ "step": step })))
+            .and_then(|w| self.save(w, model, "rlhf", json!({ "step": step })))
             .map(drop)
             .map_err(|e| format!("{e:#}"))
+    }
+}
+
+pub fn run(args: RlhfArgs, env: &Env) -> Result<()> {
+    let cfg = config(&args)?;
+    let t = Training::begin("rlhf", env, &args.output, &args)?;
+    let anchor_out = args.anchor_out.as_deref();
+    let anchor_out = anchor_out.map(|d| CheckpointWriter::create(d, args.output.overwrite));
+    let anchor_out = anchor_out.transpose()?;
+    let (config, tokenizer) = &super::chat_config(&args.policy)?;
+    let rows = read_prompts(&args.prompts)?;
+    let rm_held = t.frozen(args.reward.as_deref(), args.frozen.weights_dtype)?;
+    let plan = plan(&t, (&args, &cfg), (config, tokenizer), &rows, rm_held)?;
+    t.check_memory(&plan)?;
+    let policy = t.lm(&args.policy)?;
+    let init = policy.valid();
+    let rm = reward_model(&args, &t.device)?;
+    let max_len = config.max_position_embeddings;
+    let prompts = PromptSet::new(&rows, tokenizer, max_len, &args.prompts)?;
+    let prompts = prompts.with_scorer(super::task_scorer);
+    let (reward, judged_by) = reward_source(rm.as_ref(), &prompts, &args, &cfg, config)?;
+    let vocab = super::vocab(config, tokenizer);
+    eprintln!("rlhf: {}", describe(config, &judged_by, &prompts, &cfg));
+    let tables = (config, tokenizer);
+    let writer = Writer::new((&args, &cfg), tables, &t, [plan.base.0, rm_held.0]);
+    let snapshots = t.staging().join("snapshots");
+    let mut snapshot = |step, model: &_| writer.snapshot(&snapshots, step, model);
+    let inputs = Inputs {
+        init: &init,
+        reward: &reward,
+        prompts: &prompts,
+        vocab: &vocab,
     };
     let settings = json!({ "rlhf": cfg, "policy": args.policy, "reward": args.reward,
         "task_reward": args.task_reward, "prompts": args.prompts, "lora": t.lora });
     let carry = Some("snapshots");
     let ((policy, anchor), report, state) =
-        t.run_carrying(settings, &config, policy, carry, |m, log, resume, saver| {
-            let resume = resume
-                .map(|(r, state)| Ok::<_, anyhow::Error>((r, state.extra("anchor", &t.device)?)));
-            let resume = resume.transpose()?;
-            let (policy, anchor, report) = train_rlhf(
-                m,
-                &init,
-                &reward,
-                &prompts,
-                &vocab,
-                &cfg,
-                log,
-                &mut snapshot,
-                resume,
-                saver,
-            )?;
+        t.run_carrying(settings, config, policy, carry, |m, log, resume, saver| {
+            let resume = match resume {
+                Some((r, state)) => Some((r, state.extra("anchor", &t.device)?)),
+                None => None,
+            };
+            let snapshot = &mut snapshot;
+            let (policy, anchor, report) =
+                train_rlhf(m, &inputs, &cfg, log, snapshot, resume, saver)?;
             Ok(((policy, anchor), report))
         })?;
     let metrics = serde_json::to_value(&report)?;
-    if let Some(w) = anchor_writer {
-        save(w, &anchor, "rlhf-anchor", metrics.clone())?;
+    if let Some(w) = anchor_out {
+        writer.save(w, &anchor, "rlhf-anchor", metrics.clone())?;
     }
-    let provenance = provenance("rlhf", t.backend, &args, &cfg, held)?;
-    let tables = (&config, &tokenizer);
-    let out = t.finish(
-        &policy,
-        tables,
-        provenance,
-        &args.policy,
-        &[],
-        metrics,
-        state,
-    )?;
+    let provenance = writer.provenance("rlhf")?;
+    let base = &args.policy;
+    let out = t.finish(&policy, tables, provenance, base, &[], metrics, state)?;
     print_summary(&report, &out);
     Ok(())
+}
+
+/// The first line: the policy, what judges it and the step's shape.
+fn describe(
+    config: &Gemma2Config,
+    judged_by: &str,
+    prompts: &PromptSet,
+    cfg: &RlhfConfig,
+) -> String {
+    format!(
+        "policy {} params, {judged_by}, {} prompts, {} x {} samples per step, {:?} anchor",
+        config.num_params(),
+        prompts.len(),
+        cfg.prompts_per_step,
+        cfg.samples,
+        cfg.anchor
+    )
+}
+
+type RewardModel = (Gemma2Config, Gemma2ForSequenceClassification, ChatTokenizer);
+
+/// `--reward`'s model, held as `--weights-dtype` says.
+fn reward_model(args: &RlhfArgs, device: &burn::tensor::Device) -> Result<Option<RewardModel>> {
+    let dtype = args.frozen.weights_dtype;
+    let load = |dir| super::load_reward(dir, device, dtype);
+    args.reward.as_deref().map(load).transpose()
 }
 
 /// The reward model, or the task scorer (which scores only the task's
 /// questions), and how the first line names it.
 fn reward_source<'a>(
-    rm: Option<&'a (Gemma2Config, Gemma2ForSequenceClassification, ChatTokenizer)>,
+    rm: Option<&'a RewardModel>,
     prompts: &PromptSet,
     args: &RlhfArgs,
     cfg: &RlhfConfig,
