@@ -159,6 +159,43 @@ fn killed_and_resumed_reward_equals_the_uninterrupted_run() {
     );
 }
 
+#[test]
+fn killed_and_resumed_orpo_equals_the_uninterrupted_run() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prefs = m.prefs(&policy);
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "orpo",
+            "--policy",
+            s(&policy),
+            "--data",
+            s(&prefs),
+            "--out",
+            s(out),
+            "--steps",
+            "80",
+            "--batch-size",
+            "8",
+            "--grad-accum",
+            "2",
+            "--eval-every",
+            "0",
+            "--save-state-every",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (whole, cut) = whole_and_resumed(&m, args);
+    assert_eq!(
+        std::fs::read(cut.join("model.safetensors")).unwrap(),
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        "resumed orpo policy differs"
+    );
+    assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
+}
+
 /// `sft` on the micro policy, 60 steps with state every 4, plus `extra`.
 fn sft_args(m: &Micro, extra: &[&str]) -> impl Fn(&std::path::Path) -> Vec<String> {
     let (policy, data) = (m.path("policy"), m.task.join("train.jsonl"));
