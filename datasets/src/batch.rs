@@ -58,10 +58,7 @@ impl ChatTokenizer {
         messages: &[Message],
         completion: &str,
     ) -> Result<Example, crate::TokenizerError> {
-        let mut ids = self.render_prompt(messages)?;
-        let prompt_len = ids.len();
-        ids.extend(self.encode(completion)?);
-        ids.push(self.end_of_turn);
+        let (ids, prompt_len) = self.render_reply(messages, completion)?;
         let target = (0..ids.len()).map(|i| i >= prompt_len).collect();
         Ok(Example {
             ids,

@@ -2,11 +2,13 @@
 //! embedded English task. No ML framework here: everything is plain data.
 
 pub mod batch;
+pub mod chat_template;
 pub mod records;
 pub mod task;
 pub mod tokenizer;
 
 pub use batch::{Epochs, Example, LossOn, Overflow, bucketed_batches, encode_records};
+pub use chat_template::{ChatTemplate, TemplateError};
 pub use records::{
     DataError, Preference, Prompt, Record, SftPair, TopK, TrainRecord, read_prompts, read_records,
     write_records,

@@ -1,16 +1,21 @@
-//! `tokenizer.json` through the `tokenizers` crate, and the Gemma turn format
+//! `tokenizer.json` through the `tokenizers` crate, and conversations
+//! rendered by the checkpoint's chat template ([`ChatTemplate`]; Gemma's
 //!
 //! ```text
 //! <bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n{completion}<end_of_turn>\n
 //! ```
 //!
-//! Control tokens are inserted by id; text from data is always encoded as
-//! plain text, so a literal `<start_of_turn>` in a prompt never becomes the
-//! control token.
+//! when the directory has none) and encoded in one pass as `transformers`'
+//! `apply_chat_template(…, tokenize=True)` encodes them. One difference, on
+//! purpose: a special token's spelling inside a message (a literal
+//! `<start_of_turn>` in a prompt) stays text and never becomes the control
+//! token.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::chat_template::ChatTemplate;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::{
@@ -40,6 +45,8 @@ pub enum TokenizerError {
     Train(String),
     #[error("cannot encode text: {0}")]
     Encode(String),
+    #[error(transparent)]
+    Template(#[from] crate::chat_template::TemplateError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +75,13 @@ pub const SPECIAL_TOKENS_FILE: &str = "special_tokens_map.json";
 #[derive(Clone)]
 pub struct ChatTokenizer {
     inner: Tokenizer,
+    /// `inner` for text that does not start the rendered string (a
+    /// Metaspace pre-tokenizer that prepends `▁` to the first piece only
+    /// leaves it alone, as it does after a special token in one pass).
+    rest: Tokenizer,
+    /// The special tokens' spellings, longest first, and their ids.
+    specials: Vec<(String, u32)>,
+    template: ChatTemplate,
     /// The directory `tokenizer.json` was read from.
     source: Option<PathBuf>,
     pub pad: u32,
@@ -75,11 +89,6 @@ pub struct ChatTokenizer {
     pub bos: u32,
     pub start_of_turn: u32,
     pub end_of_turn: u32,
-}
-
-enum Piece<'a> {
-    Control(u32),
-    Text(&'a str),
 }
 
 impl ChatTokenizer {
@@ -90,6 +99,9 @@ impl ChatTokenizer {
         })?;
         let mut t = Self::new(inner, path)?;
         t.source = path.parent().map(Path::to_path_buf);
+        if let Some(dir) = &t.source {
+            t.template = ChatTemplate::of_dir(dir)?;
+        }
         Ok(t)
     }
 
@@ -103,12 +115,25 @@ impl ChatTokenizer {
                     token,
                 })
         };
+        let mut specials: Vec<(String, u32)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         Ok(Self {
             pad: id(PAD)?,
             eos: id(EOS)?,
             bos: id(BOS)?,
             start_of_turn: id(START_OF_TURN)?,
             end_of_turn: id(END_OF_TURN)?,
+            rest: not_first(&inner).map_err(|reason| TokenizerError::Load {
+                path: path.to_path_buf(),
+                reason,
+            })?,
+            specials,
+            template: ChatTemplate::default(),
             inner,
             source: None,
         })
@@ -228,40 +253,133 @@ impl ChatTokenizer {
             .map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
-    fn render(&self, pieces: &[Piece]) -> Result<Vec<u32>, TokenizerError> {
-        let mut ids = Vec::new();
-        let mut text = String::new();
-        for piece in pieces {
-            match piece {
-                Piece::Text(t) => text.push_str(t),
-                Piece::Control(id) => {
-                    ids.extend(self.encode(&text)?);
-                    text.clear();
+    /// Rendered text to ids in one pass, as the tokenizer splits it: the
+    /// special tokens that `literal` (the text rendered with the messages'
+    /// special-token spellings defused, byte for byte as long) holds become
+    /// their ids, the text between them is encoded piece by piece.
+    /// `first`: `text` starts the rendered string.
+    fn encode_rendered(
+        &self,
+        (text, literal): (&str, &str),
+        first: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let (mut ids, mut start, mut at) = (Vec::new(), 0, 0);
+        while at < literal.len() {
+            let found = self
+                .specials
+                .iter()
+                .find(|(s, _)| literal[at..].starts_with(s.as_str()));
+            match found {
+                Some((spelling, id)) => {
+                    self.encode_piece(&text[start..at], first && start == 0, &mut ids)?;
                     ids.push(*id);
+                    at += spelling.len();
+                    start = at;
                 }
+                None => at += literal[at..].chars().next().map_or(1, char::len_utf8),
             }
         }
-        ids.extend(self.encode(&text)?);
+        self.encode_piece(&text[start..], first && start == 0, &mut ids)?;
         Ok(ids)
+    }
+
+    fn encode_piece(
+        &self,
+        text: &str,
+        first: bool,
+        ids: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let tokenizer = if first { &self.inner } else { &self.rest };
+        let enc = tokenizer
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        ids.extend_from_slice(enc.get_ids());
+        Ok(())
+    }
+
+    /// `messages` rendered by the template, and the same rendered with the
+    /// messages' special-token spellings defused (byte for byte as long).
+    fn rendered(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<(String, String), TokenizerError> {
+        let text = self.template.render(messages, add_generation_prompt)?;
+        let defused: Vec<Message> = messages
+            .iter()
+            .map(|m| Message {
+                role: m.role,
+                content: self.defuse(&m.content),
+            })
+            .collect();
+        if defused == messages {
+            return Ok((text.clone(), text));
+        }
+        let literal = self.template.render(&defused, add_generation_prompt)?;
+        // a template that changed the messages' lengths: its specials count as such
+        let literal = if literal.len() == text.len() {
+            literal
+        } else {
+            text.clone()
+        };
+        Ok((text, literal))
+    }
+
+    /// `text` with the first character of every special token's spelling
+    /// replaced by as many bytes of U+0001.
+    fn defuse(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (spelling, _) in &self.specials {
+            let first = spelling.chars().next().map_or(0, char::len_utf8);
+            let blank = "\u{1}".repeat(first) + &spelling[first..];
+            out = out.replace(spelling.as_str(), &blank);
+        }
+        out
     }
 
     /// A conversation, ending with the opening of the model's turn so that
     /// generation continues it.
     pub fn render_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, TokenizerError> {
-        let mut pieces = vec![Piece::Control(self.bos)];
-        for m in messages {
-            pieces.push(Piece::Control(self.start_of_turn));
-            pieces.push(Piece::Text(match m.role {
-                Role::User => "user\n",
-                Role::Model => "model\n",
-            }));
-            pieces.push(Piece::Text(&m.content));
-            pieces.push(Piece::Control(self.end_of_turn));
-            pieces.push(Piece::Text("\n"));
+        let (text, literal) = self.rendered(messages, true)?;
+        self.encode_rendered((&text, &literal), true)
+    }
+
+    /// A conversation and the model's reply to it: the ids of the whole
+    /// rendered conversation up to and including the first `<end_of_turn>`
+    /// or `<eos>` after the prompt (what a template puts after the turn's
+    /// end, Gemma's `\n`, is not part of it: generation stops there), and
+    /// the length of the rendered prompt ([`ChatTokenizer::render_prompt`]).
+    /// Where one pass merges the reply's first characters into the prompt's
+    /// last token, the prompt keeps its own ids (those generation continues)
+    /// and the reply is encoded after them.
+    pub fn render_reply(
+        &self,
+        messages: &[Message],
+        reply: &str,
+    ) -> Result<(Vec<u32>, usize), TokenizerError> {
+        let prompt = self.render_prompt(messages)?;
+        let prompt_len = prompt.len();
+        let mut all = messages.to_vec();
+        all.push(Message {
+            role: Role::Model,
+            content: reply.to_string(),
+        });
+        let (text, literal) = self.rendered(&all, false)?;
+        let mut ids = self.encode_rendered((&text, &literal), true)?;
+        let prompt_text = self.template.render(messages, true)?;
+        if !ids.starts_with(&prompt) && text.starts_with(&prompt_text) {
+            let at = prompt_text.len();
+            ids = prompt;
+            ids.extend(self.encode_rendered((&text[at..], &literal[at..]), false)?);
         }
-        pieces.push(Piece::Control(self.start_of_turn));
-        pieces.push(Piece::Text("model\n"));
-        self.render(&pieces)
+        let stop = [self.end_of_turn, self.eos];
+        if let Some(end) = ids.iter().skip(prompt_len).position(|id| stop.contains(id)) {
+            ids.truncate(prompt_len + end + 1);
+        }
+        Ok((ids, prompt_len))
     }
 
     /// A single-turn prompt and its completion: the ids and, per id, whether
@@ -272,16 +390,46 @@ impl ChatTokenizer {
         prompt: &str,
         completion: &str,
     ) -> Result<(Vec<u32>, Vec<bool>), TokenizerError> {
-        let mut ids = self.render_prompt(&[Message {
+        let user = Message {
             role: Role::User,
             content: prompt.to_string(),
-        }])?;
-        let prompt_len = ids.len();
-        ids.extend(self.encode(completion)?);
-        ids.push(self.end_of_turn);
+        };
+        let (ids, prompt_len) = self.render_reply(&[user], completion)?;
         let mask = (0..ids.len()).map(|i| i >= prompt_len).collect();
         Ok((ids, mask))
     }
+}
+
+/// `tokenizer` with a Metaspace pre-tokenizer's `prepend_scheme: first`
+/// made `never` (the same tokenizer when it has none).
+fn not_first(tokenizer: &Tokenizer) -> Result<Tokenizer, String> {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&tokenizer.to_string(false).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map.get("type").and_then(|t| t.as_str()) == Some("Metaspace")
+                    && map.get("prepend_scheme").and_then(|p| p.as_str()) == Some("first")
+                {
+                    map.insert("prepend_scheme".into(), "never".into());
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    match json.get_mut("pre_tokenizer") {
+        Some(pre) => walk(pre),
+        None => return Ok(tokenizer.clone()),
+    }
+    let mut rest: Tokenizer = json
+        .to_string()
+        .parse()
+        .map_err(|e: tokenizers::Error| e.to_string())?;
+    rest.set_encode_special_tokens(true);
+    Ok(rest)
 }
 
 fn special_tokens_map() -> String {

@@ -117,7 +117,7 @@ pub fn generate_pairs(
             report.new_tokens += tokens;
             report.pairs.extend(kept);
             progress.advance(chunk.len() as u64, tokens);
-            Ok(())
+            Ok::<(), TokenizerError>(())
         },
     )?;
     progress.finish();
