@@ -47,6 +47,25 @@ fn first_row(path: &Path) -> Option<Map<String, Value>> {
     }
 }
 
+/// An eval row whose checkpoint lies under `root`, named as the run labels
+/// are: `root`'s name joined with the path below it.
+fn relative(root: &Path, mut row: Map<String, Value>) -> Map<String, Value> {
+    let Some(Value::String(c)) = row.get("checkpoint") else {
+        return row;
+    };
+    let (root, path) = (fs_err::canonicalize(root), fs_err::canonicalize(c));
+    if let (Ok(root), Ok(path)) = (root, path)
+        && let Ok(rel) = path.strip_prefix(&root)
+    {
+        let name = root.file_name().map(PathBuf::from).unwrap_or_default();
+        row.insert(
+            "checkpoint".into(),
+            name.join(rel).display().to_string().into(),
+        );
+    }
+    row
+}
+
 fn walk(
     root: &Path,
     dir: &Path,
@@ -91,7 +110,7 @@ fn walk(
             || name.ends_with(".parquet") && name.contains("eval")
         {
             let rows: Vec<JsonRow> = read_records(&path)?;
-            let rows: Vec<_> = rows.into_iter().map(|r| r.0).collect();
+            let rows: Vec<_> = rows.into_iter().map(|r| relative(root, r.0)).collect();
             if rows.first().is_some_and(is_eval_row) {
                 let rel = path.strip_prefix(root).unwrap_or(&path);
                 tables.push(Table {

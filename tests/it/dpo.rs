@@ -54,7 +54,10 @@ fn dpo_and_ipo_train_from_the_reference_and_are_reproducible() {
         rows.iter().map(|r| r[k].as_f64().unwrap()).sum::<f64>() / rows.len() as f64
     };
     let losses: Vec<f64> = log.iter().map(|r| r["loss"].as_f64().unwrap()).collect();
-    assert!(mean(&log[20..], "loss") < 0.9 * first, "the loss falls: {losses:?}");
+    assert!(
+        mean(&log[20..], "loss") < 0.9 * first,
+        "the loss falls: {losses:?}"
+    );
     assert!(
         mean(&log[20..], "reward_accuracy") > 0.6,
         "{}",

@@ -105,6 +105,14 @@ fn embedded_makefile_runs_every_stage() {
     // the eval table: teacher, SFT policy, 5 runs with one snapshot each, 2 x 5 LITI points
     let rows = std::fs::read_to_string(run.join("warp/eval.jsonl")).unwrap();
     assert_eq!(rows.lines().count(), 2 + 5 * 2 + 2 * 5);
+    // the report names runs relative to the run directory, not by absolute path
+    let svg = std::fs::read_to_string(run.join("report/pareto_reward_1.svg")).unwrap();
+    let name = run.file_name().unwrap().to_str().unwrap();
+    assert!(svg.contains(&format!("RL: {name}/warp/it1/rl-s0")), "{svg}");
+    assert!(
+        !svg.contains(run.to_str().unwrap()),
+        "an absolute path in the legend"
+    );
     // nothing left to do
     let again = make(tmp.path(), &run, &micro_flags());
     let stdout = String::from_utf8_lossy(&again.stdout);
