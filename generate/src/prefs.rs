@@ -126,20 +126,13 @@ pub fn make_preferences(
     for (prompt, mut cands) in prompts.iter().zip(candidates) {
         cands.sort_by(|a, b| a.0.cmp(&b.0));
         cands.dedup_by(|a, b| a.0 == b.0);
-        let mut pairs: Vec<(usize, usize)> = (0..cands.len())
-            .flat_map(|i| (0..cands.len()).map(move |j| (i, j)))
-            .filter(|&(i, j)| cands[i].1 > cands[j].1)
-            .collect();
+        let scores: Vec<f64> = cands.iter().map(|c| c.1).collect();
+        let pairs = pick_pairs(&scores, cfg.pairs_per_prompt.max(1), &mut rng);
         if pairs.is_empty() {
             report.skipped += 1;
             continue;
         }
-        pairs.shuffle(&mut rng);
-        pairs.sort_by(|a, b| {
-            let gap = |&(i, j): &(usize, usize)| cands[i].1 - cands[j].1;
-            gap(b).total_cmp(&gap(a))
-        });
-        for &(i, j) in pairs.iter().take(cfg.pairs_per_prompt.max(1)) {
+        for &(i, j) in &pairs {
             let (mut chosen, mut rejected) = (cands[i].0.clone(), cands[j].0.clone());
             report.mean_chosen_score += cands[i].1;
             report.mean_rejected_score += cands[j].1;
@@ -158,4 +151,47 @@ pub fn make_preferences(
     report.mean_chosen_score /= n;
     report.mean_rejected_score /= n;
     Ok(report)
+}
+
+/// The `n` pairs `(chosen, rejected)` of candidates with the largest score
+/// gaps, equal gaps in a seeded random order; equal scores never pair.
+fn pick_pairs(scores: &[f64], n: usize, rng: &mut StdRng) -> Vec<(usize, usize)> {
+    let mut pairs: Vec<(usize, usize)> = (0..scores.len())
+        .flat_map(|i| (0..scores.len()).map(move |j| (i, j)))
+        .filter(|&(i, j)| scores[i] > scores[j])
+        .collect();
+    pairs.shuffle(rng);
+    let gap = |&(i, j): &(usize, usize)| scores[i] - scores[j];
+    pairs.sort_by(|a, b| gap(b).total_cmp(&gap(a)));
+    pairs.truncate(n);
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_come_largest_gap_first_and_ties_never_pair() {
+        let mut rng = StdRng::seed_from_u64(0);
+        // gaps: (1, 0) 1.0, (1, 2) 0.7, (2, 0) 0.3
+        assert_eq!(pick_pairs(&[0.0, 1.0, 0.3], 2, &mut rng), [(1, 0), (1, 2)]);
+        assert_eq!(pick_pairs(&[0.0, 1.0, 0.3], 9, &mut rng).len(), 3);
+        assert!(pick_pairs(&[0.5, 0.5, 0.5], 4, &mut rng).is_empty());
+        assert!(pick_pairs(&[0.5], 4, &mut rng).is_empty());
+    }
+
+    #[test]
+    fn equal_gaps_are_ordered_by_the_seed_alone() {
+        // (1, 0) and (2, 1) both have gap 0.5
+        let order = |seed| pick_pairs(&[0.0, 0.5, 1.0], 3, &mut StdRng::seed_from_u64(seed));
+        assert_eq!(order(3)[0], (2, 0), "the largest gap first");
+        assert_eq!(order(3), order(3));
+        let seconds: std::collections::BTreeSet<_> = (0..32).map(|s| order(s)[1]).collect();
+        assert_eq!(
+            seconds.len(),
+            2,
+            "both orders of the tie occur: {seconds:?}"
+        );
+    }
 }

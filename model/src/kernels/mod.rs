@@ -57,11 +57,12 @@ macro_rules! multiversion {
                 unsafe fn wide($($arg: $ty),*) {
                     body($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f") {
+                let allowed = $crate::kernels::widest_build();
+                if allowed >= 2 && std::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the running CPU has AVX-512F.
                     return unsafe { widest($($arg),*) };
                 }
-                if std::is_x86_feature_detected!("avx2") {
+                if allowed >= 1 && std::is_x86_feature_detected!("avx2") {
                     // SAFETY: the running CPU has AVX2.
                     return unsafe { wide($($arg),*) };
                 }
@@ -71,6 +72,20 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// The widest build of a multi-versioned kernel that may run: 2 AVX-512F,
+/// 1 AVX2, 0 the baseline.
+static WIDEST_BUILD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Caps the builds the kernels pick from (2 AVX-512F, 1 AVX2, 0 the
+/// baseline): every build gives the same bits, and tests compare them.
+pub fn cap_build(widest: u8) {
+    WIDEST_BUILD.store(widest, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub(crate) fn widest_build() -> u8 {
+    WIDEST_BUILD.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Elements a core takes at once: small tensors stay on one core.
 pub(crate) const GRAIN: usize = 1 << 14;
@@ -381,4 +396,53 @@ impl OwnedF32 {
 /// A plain flex tensor of these values.
 pub fn flex_f32<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(flex_tensor(values, &shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Gemma2Config, Gemma2ForCausalLM, Padding, RandomInit, TokenBatch};
+    use burn::tensor::Device;
+
+    /// A small model's logits and its embedding's gradient (through every
+    /// layer's backward) under the kernels' builds capped at `widest`.
+    fn run(widest: u8) -> (Vec<f32>, Vec<f32>) {
+        super::cap_build(widest);
+        let device = Device::default().autodiff();
+        let mut c = Gemma2Config::new(64, 32, 64, 2, 4, 2, 8, 16);
+        c.max_position_embeddings = 32;
+        let model = Gemma2ForCausalLM::new(&c, &mut RandomInit::new(7), &device).unwrap();
+        let rows: Vec<Vec<u32>> = (0..3)
+            .map(|r| (0..11).map(|i| (i * 5 + r * 3) % 64).collect())
+            .collect();
+        let batch = TokenBatch::new(&rows, 0, Padding::Right);
+        let logits = model.forward(&batch);
+        let grads = logits.clone().square().mean().backward();
+        let grad = model.model.embed_tokens.weight.grad(&grads).unwrap();
+        let flat = |d: burn::tensor::TensorData| d.iter::<f32>().collect::<Vec<_>>();
+        super::cap_build(2);
+        (flat(logits.inner().into_data()), flat(grad.into_data()))
+    }
+
+    #[test]
+    fn the_baseline_and_the_vector_builds_give_the_same_bits() {
+        let native = run(2);
+        for widest in [1, 0] {
+            let (logits, grad) = run(widest);
+            assert!(
+                logits
+                    .iter()
+                    .zip(&native.0)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "logits, build ≤ {widest}"
+            );
+            assert!(
+                grad.iter()
+                    .zip(&native.1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "gradient, build ≤ {widest}"
+            );
+        }
+        // the check can fail: another model gives other bits
+        assert!(native.0.iter().any(|x| *x != 0.0));
+    }
 }
