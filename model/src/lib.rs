@@ -2,27 +2,27 @@
 //! config, layers, causal LM and reward variants, KV-cached sampling, and
 //! checkpoint IO in Hugging Face names and layouts.
 
-pub mod attention;
+mod attention;
 pub mod checkpoint;
 pub mod config;
-pub mod error;
-pub mod frozen_linear;
+mod error;
+mod frozen_linear;
 pub mod gemma2;
 pub mod generate;
-pub mod init;
+mod init;
 pub mod kernels;
-pub mod layers;
+mod layers;
 pub mod lm_head;
 pub mod lora;
-pub mod pair;
+mod pair;
 pub mod params;
 pub mod provenance;
 pub mod quant;
-pub mod quantized_linear;
-pub mod rope;
+mod quantized_linear;
+mod rope;
 pub mod safetensors_io;
-pub mod skinny_matmul;
-pub mod tokens;
+mod skinny_matmul;
+mod tokens;
 
 /// `t` as a constant on the autodiff device `like` (with its gradient
 /// checkpointing strategy: operands of one operation must share it).

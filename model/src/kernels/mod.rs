@@ -17,16 +17,16 @@
 //! entry point returns its operands back (`Err`) when it does not apply.
 
 pub mod adamw;
-pub mod decode_attention;
+pub(crate) mod decode_attention;
 pub(crate) mod exp;
-pub mod geglu;
-pub mod linear;
+pub(crate) mod geglu;
+pub(crate) mod linear;
 pub mod log_softmax;
-pub mod matmul;
-pub mod rms_norm;
-pub mod rope;
+pub(crate) mod matmul;
+pub(crate) mod rms_norm;
+pub(crate) mod rope;
 pub mod scale;
-pub mod softmax;
+pub(crate) mod softmax;
 pub mod sum_squares;
 #[cfg(test)]
 mod testing;
