@@ -411,12 +411,14 @@ fn bench_reward_step(c: &Gemma2Config, a: &BenchArgs, device: &Device) -> Result
     Ok(line)
 }
 
-pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
-    let (device, backend) = (env.device()?, env.backend());
+/// The matmul peak (measured unless `--peak-gflops`) with where it came from,
+/// and the read bandwidth (measured when `sample` or `bandwidth` needs it
+/// and `--peak-gbs` is absent); the `matmul` and `bandwidth` cases' lines.
+fn peaks(args: &BenchArgs, device: &Device, backend: &str) -> Result<(f64, String, Option<f64>)> {
     const PEAK_N: usize = 2048;
     let wants_matmul = args.case.contains(&BenchCase::Matmul);
     let measured =
-        (wants_matmul || args.peak_gflops.is_none()).then(|| matmul_gflops(PEAK_N, 10, &device));
+        (wants_matmul || args.peak_gflops.is_none()).then(|| matmul_gflops(PEAK_N, 10, device));
     if let (true, Some((best, median))) = (wants_matmul, measured) {
         let line = json!({
             "bench": "matmul", "backend": backend, "n": PEAK_N, "reps": 10,
@@ -443,7 +445,12 @@ pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
         });
         crate::print_stdout(&format!("{line}\n"))?;
     }
-    let gbs = args.peak_gbs.or(measured_gbs);
+    Ok((peak, peak_src, args.peak_gbs.or(measured_gbs)))
+}
+
+pub fn run(args: BenchArgs, env: &Env) -> Result<()> {
+    let (device, backend) = (env.device()?, env.backend());
+    let (peak, peak_src, gbs) = peaks(&args, &device, backend)?;
     // a checkpoint is one shape
     let shapes = match &args.model {
         Some(_) => &args.shape[..1],

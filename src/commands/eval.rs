@@ -12,6 +12,72 @@ fn cell(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.3}"))
 }
 
+/// A row of the printed table after its checkpoint.
+fn cells(e: &posttrain_rlhf::PolicyEval) -> String {
+    format!(
+        "{:>8} {:>8} {:>7} {:>8} {:>8} {:>7.1}",
+        cell(e.reward),
+        cell(e.score),
+        cell(e.score_se),
+        cell(e.accuracy),
+        cell(e.kl),
+        e.length
+    )
+}
+
+/// One checkpoint's samples on the prompts, scored, with the KL to the reference.
+fn evaluate_one(
+    dir: &std::path::Path,
+    args: &EvalArgs,
+    prompts: &[posttrain_datasets::Prompt],
+    (reference, judge): (Option<&posttrain_model::Gemma2ForCausalLM>, Option<&Judge>),
+    device: &burn::tensor::Device,
+) -> Result<posttrain_rlhf::PolicyEval> {
+    let m = ChatModel::load(dir, device, args.frozen.weights_dtype)?;
+    let max_len = m.config.max_position_embeddings;
+    let set = PromptSet::new(prompts, &m.tokenizer, max_len, &args.prompts)?
+        .with_scorer(super::task_scorer);
+    let vocab = super::vocab(&m.config, &m.tokenizer);
+    let sampling = SamplingConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        stop_ids: m.stop_ids(),
+        ..SamplingConfig::default()
+    };
+    let (samples, batch) = (args.samples, args.batch_size);
+    Ok(evaluate(
+        &m.model, reference, judge, &set, samples, &sampling, &vocab, batch,
+    )?)
+}
+
+/// The table as `--out` (JSONL or Parquet) with its provenance beside it.
+fn write_table(
+    args: &EvalArgs,
+    out: &std::path::Path,
+    rows: &[JsonRow],
+    backend: &str,
+) -> Result<()> {
+    write_records(out, rows, args.overwrite)?;
+    let settings = json!({
+        "samples": args.samples,
+        "temperature": args.temperature,
+        "max_new_tokens": args.max_new_tokens,
+    });
+    let mut provenance = posttrain_model::Provenance::new("eval", backend, settings);
+    provenance.seed = Some(args.seed);
+    let inputs = args.checkpoints.iter().chain([&args.prompts]);
+    for parent in inputs
+        .chain(args.reward.iter())
+        .chain(args.reference.iter())
+    {
+        provenance = provenance.with_parent(parent)?;
+    }
+    provenance.write_beside(out)?;
+    eprintln!("eval: {} checkpoints -> {}", rows.len(), out.display());
+    Ok(())
+}
+
 pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
     let (device, backend) = (env.device()?, env.backend());
     super::check_table_output(args.out.as_deref(), args.overwrite)?;
@@ -19,28 +85,26 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
         anyhow::bail!("--temperature must be positive, got {}", args.temperature);
     }
     let prompts = read_prompts(&args.prompts)?;
-    let rm = match &args.reward {
-        Some(dir) => Some(super::load_reward(dir, &device, args.frozen.weights_dtype)?),
-        None => None,
-    };
+    let dtype = args.frozen.weights_dtype;
+    let rm = args
+        .reward
+        .as_deref()
+        .map(|d| super::load_reward(d, &device, dtype));
+    let rm = rm.transpose()?;
     let judge = rm.as_ref().map(|(config, model, tokenizer)| Judge {
         model,
         tokenizer,
         max_len: config.max_position_embeddings,
         batch_size: args.batch_size,
     });
-    let reference = match &args.reference {
-        Some(dir) => Some(ChatModel::load(dir, &device, args.frozen.weights_dtype)?.model),
-        None => None,
-    };
+    let reference = args
+        .reference
+        .as_deref()
+        .map(|d| ChatModel::load(d, &device, dtype));
+    let reference = reference.transpose()?.map(|m| m.model);
     let mut rows = Vec::new();
-    let width = args
-        .checkpoints
-        .iter()
-        .map(|d| d.display().to_string().chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(10);
+    let names = args.checkpoints.iter().map(|d| d.display().to_string());
+    let width = names.map(|n| n.chars().count()).max().unwrap_or(0).max(10);
     // the table goes to stdout as rows are done; a reader that closes the
     // pipe early (`| head`) stops the printing, not the evaluation
     let mut stdout_open = true;
@@ -54,42 +118,9 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
         "checkpoint", "reward", "score", "± se", "accuracy", "kl", "length"
     ));
     for dir in &args.checkpoints {
-        let m = ChatModel::load(dir, &device, args.frozen.weights_dtype)?;
-        let max_len = m.config.max_position_embeddings;
-        let set = PromptSet::new(&prompts, &m.tokenizer, max_len, &args.prompts)?
-            .with_scorer(super::task_scorer);
-        let vocab = posttrain_train::Vocab {
-            tokenizer: &m.tokenizer,
-            stop_ids: m.stop_ids(),
-            max_len,
-        };
-        let sampling = SamplingConfig {
-            max_new_tokens: args.max_new_tokens,
-            temperature: args.temperature,
-            seed: args.seed,
-            stop_ids: m.stop_ids(),
-            ..SamplingConfig::default()
-        };
-        let e = evaluate(
-            &m.model,
-            reference.as_ref(),
-            judge.as_ref(),
-            &set,
-            args.samples,
-            &sampling,
-            &vocab,
-            args.batch_size,
-        )?;
-        print(format!(
-            "{:<width$} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7.1}\n",
-            dir.display(),
-            cell(e.reward),
-            cell(e.score),
-            cell(e.score_se),
-            cell(e.accuracy),
-            cell(e.kl),
-            e.length
-        ));
+        let models = (reference.as_ref(), judge.as_ref());
+        let e = evaluate_one(dir, &args, &prompts, models, &device)?;
+        print(format!("{:<width$} {}\n", dir.display(), cells(&e)));
         let Value::Object(mut row) = json!({ "checkpoint": dir.display().to_string() }) else {
             unreachable!()
         };
@@ -99,28 +130,7 @@ pub fn run(args: EvalArgs, env: &Env) -> Result<()> {
         rows.push(JsonRow(row));
     }
     if let Some(out) = &args.out {
-        write_records(out, &rows, args.overwrite)?;
-        let mut provenance = posttrain_model::Provenance::new(
-            "eval",
-            backend,
-            json!({
-                "samples": args.samples,
-                "temperature": args.temperature,
-                "max_new_tokens": args.max_new_tokens,
-            }),
-        );
-        provenance.seed = Some(args.seed);
-        for parent in args
-            .checkpoints
-            .iter()
-            .chain([&args.prompts])
-            .chain(args.reward.iter())
-            .chain(args.reference.iter())
-        {
-            provenance = provenance.with_parent(parent)?;
-        }
-        provenance.write_beside(out)?;
-        eprintln!("eval: {} checkpoints -> {}", rows.len(), out.display());
+        write_table(&args, out, &rows, backend)?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use posttrain_model::checkpoint::TOKENIZER_FILE;
 use posttrain_model::provenance::content_hash;
-use posttrain_model::{Weights, load_config};
+use posttrain_model::{Gemma2Config, Weights, load_config};
 use serde_json::{Value, json};
 
 use crate::cli::InspectArgs;
@@ -72,9 +72,8 @@ fn lineage(dir: &Path) -> Vec<Node> {
     out
 }
 
-pub fn run(args: InspectArgs) -> Result<()> {
-    let config = load_config(&args.dir)?;
-    let weights = Weights::open(&args.dir)?;
+/// Each tensor's name, dtype, shape and file, and the elements stored.
+fn tensor_list(weights: &Weights) -> (Vec<serde_json::Value>, usize) {
     let mut tensors = Vec::new();
     let mut stored = 0usize;
     for name in weights.names() {
@@ -89,30 +88,39 @@ pub fn run(args: InspectArgs) -> Result<()> {
             json!({"name": name, "dtype": format!("{dtype:?}"), "shape": shape, "file": file}),
         );
     }
+    (tensors, stored)
+}
+
+/// What the model occupies frozen in each dtype (`--weights-dtype`, `--base-dtype`).
+fn held_bytes(dir: &std::path::Path, config: &Gemma2Config) -> Result<Vec<(&'static str, u64)>> {
+    use posttrain_model::checkpoint::FrozenDtype;
+    use posttrain_model::quant::QuantFormat;
+    let other = if posttrain_model::checkpoint::stores_16_bit(dir)? {
+        2
+    } else {
+        4
+    };
+    Ok([
+        FrozenDtype::F32,
+        FrozenDtype::Bf16,
+        FrozenDtype::Quantized(QuantFormat::Int8),
+        FrozenDtype::Quantized(QuantFormat::Nf4),
+    ]
+    .into_iter()
+    .map(|d| (d.name(), d.model_bytes(config, other)))
+    .collect())
+}
+
+pub fn run(args: InspectArgs) -> Result<()> {
+    let config = load_config(&args.dir)?;
+    let weights = Weights::open(&args.dir)?;
+    let (tensors, stored) = tensor_list(&weights);
     let provenance = read_provenance(&args.dir);
     let chain = lineage(&args.dir);
     let sliding = (0..config.num_hidden_layers)
         .filter(|&l| config.is_sliding(l))
         .count();
-    // what the model occupies frozen (`--weights-dtype`, `--base-dtype`)
-    let held: Vec<(&str, u64)> = {
-        use posttrain_model::checkpoint::FrozenDtype;
-        use posttrain_model::quant::QuantFormat;
-        let other = if posttrain_model::checkpoint::stores_16_bit(&args.dir)? {
-            2
-        } else {
-            4
-        };
-        [
-            FrozenDtype::F32,
-            FrozenDtype::Bf16,
-            FrozenDtype::Quantized(QuantFormat::Int8),
-            FrozenDtype::Quantized(QuantFormat::Nf4),
-        ]
-        .into_iter()
-        .map(|d| (d.name(), d.model_bytes(&config, other)))
-        .collect()
-    };
+    let held = held_bytes(&args.dir, &config)?;
     let summary = json!({
         "dir": args.dir,
         "held_bytes": held.iter().map(|(n, b)| (n.to_string(), json!(b))).collect::<serde_json::Map<_, _>>(),
@@ -140,6 +148,25 @@ pub fn run(args: InspectArgs) -> Result<()> {
     if args.json {
         return crate::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?));
     }
+    let recorded = provenance.is_some();
+    crate::print_stdout(&text(
+        &args,
+        &config,
+        &summary,
+        (&held, &chain, recorded),
+        (sliding, stored),
+    )?)
+}
+
+/// The summary as text.
+fn text(
+    args: &InspectArgs,
+    config: &Gemma2Config,
+    summary: &serde_json::Value,
+    (held, chain, recorded): (&[(&str, u64)], &[Node], bool),
+    (sliding, stored): (usize, usize),
+) -> Result<String> {
+    let provenance = recorded.then_some(());
     let mut out = String::new();
     writeln!(out, "{}", args.dir.display())?;
     writeln!(
@@ -183,7 +210,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
             out,
             "  lineage (hash: does the parent still match what was recorded):"
         )?;
-        for n in &chain {
+        for n in chain {
             writeln!(
                 out,
                 "    {}{:<11} {}{}{}",
@@ -214,5 +241,5 @@ pub fn run(args: InspectArgs) -> Result<()> {
             t["file"].as_str().unwrap_or_default()
         )?;
     }
-    crate::print_stdout(&out)
+    Ok(out)
 }

@@ -362,6 +362,47 @@ fn stage_charts(runs: &[Run], s: usize) -> Vec<(String, Chart)> {
         .collect()
 }
 
+/// The directories given, for messages.
+fn listed(dirs: &[PathBuf]) -> String {
+    let names: Vec<String> = dirs.iter().map(|p| p.display().to_string()).collect();
+    names.join(", ")
+}
+
+/// `index.html`: every chart (drawn into `out` as PNG and SVG), then every eval table.
+fn page(
+    args: &ReportArgs,
+    (runs, charts, tables): (usize, &[(String, Chart)], &[Table]),
+    out: &Path,
+) -> Result<String> {
+    let mut html = String::from(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>posttrain report</title>\n<style>body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} td:first-child{text-align:left}</style></head><body>\n<h1>posttrain report</h1>\n",
+    );
+    let from = escape(&listed(&args.runs));
+    let _ = writeln!(
+        html,
+        "<p>{runs} runs, {} eval tables from {from}</p>",
+        tables.len()
+    );
+    for (name, chart) in charts {
+        draw(chart, out, name)?;
+        let title = escape(&chart.title);
+        let _ = writeln!(
+            html,
+            "<h2>{title}</h2>\n<img src=\"{name}.png\" alt=\"{title}\" width=\"900\"> <a href=\"{name}.svg\">SVG</a>",
+        );
+    }
+    for t in tables {
+        let _ = writeln!(
+            html,
+            "<h2>Eval table {}</h2>\n{}",
+            escape(&t.label),
+            html_table(t)
+        );
+    }
+    html.push_str("</body></html>\n");
+    Ok(html)
+}
+
 pub fn run(args: ReportArgs) -> Result<()> {
     let writer = CheckpointWriter::create(&args.out, args.overwrite)?;
     let (mut runs, mut tables) = (Vec::new(), Vec::new());
@@ -374,11 +415,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     if runs.is_empty() && tables.is_empty() {
         bail!(
             "no run found under {} (a run is a directory with posttrain.json and metrics.jsonl)",
-            args.runs
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            listed(&args.runs)
         );
     }
     let mut charts = stage_charts(&runs, args.smooth.max(1));
@@ -390,41 +427,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
             charts.push((format!("pareto_score_{}", i + 1), c));
         }
     }
-    let mut html = String::from(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>posttrain report</title>\n<style>body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} td:first-child{text-align:left}</style></head><body>\n<h1>posttrain report</h1>\n",
-    );
-    let _ = writeln!(
-        html,
-        "<p>{} runs, {} eval tables from {}</p>",
-        runs.len(),
-        tables.len(),
-        escape(
-            &args
-                .runs
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    );
-    for (name, chart) in &charts {
-        draw(chart, writer.path(), name)?;
-        let _ = writeln!(
-            html,
-            "<h2>{}</h2>\n<img src=\"{name}.png\" alt=\"{}\" width=\"900\"> <a href=\"{name}.svg\">SVG</a>",
-            escape(&chart.title),
-            escape(&chart.title)
-        );
-    }
-    for t in &tables {
-        let _ = writeln!(
-            html,
-            "<h2>Eval table {}</h2>\n{}",
-            escape(&t.label),
-            html_table(t)
-        );
-    }
-    html.push_str("</body></html>\n");
+    let html = page(&args, (runs.len(), &charts, &tables), writer.path())?;
     writer.write("index.html", html.as_bytes())?;
     let out = writer.commit()?;
     eprintln!(

@@ -29,16 +29,10 @@ impl SamplingArgs {
     }
 }
 
-pub fn run(args: SampleArgs, env: &Env) -> Result<()> {
-    let device = env.device()?;
-    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
-    let prompts = match (&args.prompts, &args.prompt) {
-        (Some(path), _) => read_prompts(path)?,
-        (None, Some(text)) => vec![Prompt::Text(text.clone())],
-        (None, None) => bail!("give --prompts FILE or --prompt TEXT"),
-    };
-    let lm = super::ChatModel::load(&args.model, &device, args.frozen.weights_dtype)?;
-    let (config, model, tokenizer) = (&lm.config, &lm.model, &lm.tokenizer);
+/// Each prompt's ids (rendered, or `<bos>` + its text with `--raw`), refused
+/// when the prompt and the new tokens exceed the model's context.
+fn encode(args: &SampleArgs, lm: &super::ChatModel, prompts: &[Prompt]) -> Result<Vec<Vec<u32>>> {
+    let (config, tokenizer) = (&lm.config, &lm.tokenizer);
     let mut encoded = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         let ids = if args.raw {
@@ -60,6 +54,20 @@ pub fn run(args: SampleArgs, env: &Env) -> Result<()> {
         }
         encoded.push(ids);
     }
+    Ok(encoded)
+}
+
+pub fn run(args: SampleArgs, env: &Env) -> Result<()> {
+    let device = env.device()?;
+    super::refuse_existing(args.out.as_deref(), args.overwrite)?;
+    let prompts = match (&args.prompts, &args.prompt) {
+        (Some(path), _) => read_prompts(path)?,
+        (None, Some(text)) => vec![Prompt::Text(text.clone())],
+        (None, None) => bail!("give --prompts FILE or --prompt TEXT"),
+    };
+    let lm = super::ChatModel::load(&args.model, &device, args.frozen.weights_dtype)?;
+    let (config, model, tokenizer) = (&lm.config, &lm.model, &lm.tokenizer);
+    let encoded = encode(&args, &lm, &prompts)?;
     let sampling = args.sampling.config(lm.stop_ids())?;
 
     let mut lines = Vec::new();
