@@ -1,8 +1,7 @@
-//! The reward model's training loop: pairs in seeded, length-bucketed
-//! batches; chosen and rejected rows go through the model as one batch of
-//! 2·B sequences; Bradley-Terry loss; AdamW with the shared schedule,
-//! clipping and accumulation; held-out pairwise accuracy and reward-gap
-//! statistics every `eval_every` steps.
+//! The reward model's stage in the shared loop (`train::train`): pairs in
+//! seeded, length-bucketed batches; chosen and rejected rows go through the
+//! model as one batch of 2·B sequences; Bradley-Terry loss; held-out
+//! pairwise accuracy and reward-gap statistics every `eval_every` steps.
 
 use posttrain_datasets::Epochs;
 use posttrain_model::{Gemma2ForSequenceClassification, Padding, TokenBatch};

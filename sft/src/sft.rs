@@ -1,6 +1,6 @@
-//! The training loop of `sft` and `pretrain`: one flat loop that reads top to
-//! bottom. Each optimizer step takes `accumulation` micro-batches from a
-//! seeded, length-bucketed epoch stream. A micro-batch is either data
+//! The `sft` and `pretrain` stage in the shared loop (`train::train`): its
+//! loss on one share of a micro-batch of the seeded, length-bucketed epoch
+//! stream. A micro-batch is either data
 //! (cross-entropy on the completion, optionally mixed with distillation from
 //! stored top-k or a live teacher) or, with probability λ, on-policy: the
 //! student samples the completions and the loss is GKD's JSD_β against the
