@@ -102,7 +102,13 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+        Err(e) => match e.downcast_ref::<commands::training::Stopped>() {
+            Some(stopped) => {
+                eprintln!("{}", stopped.line);
+                ExitCode::from(stopped.code)
+            }
+            None => fail(e),
+        },
     }
 }
 

@@ -21,6 +21,22 @@ use serde_json::Value;
 use crate::backend::Env;
 use crate::cli::{CheckpointOut, MemoryArgs, TrainArgs};
 
+/// A run a signal stopped after saving its state: the line to print and the
+/// exit code (128 + the signal).
+#[derive(Debug)]
+pub struct Stopped {
+    pub line: String,
+    pub code: u8,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.line)
+    }
+}
+
+impl std::error::Error for Stopped {}
+
 pub struct Training<'a> {
     pub stage: &'static str,
     pub backend: &'a str,
@@ -62,6 +78,7 @@ impl<'a> Training<'a> {
     ) -> Result<Self> {
         let run = run.into();
         let lora = run.memory.lora.config()?;
+        posttrain_train::stop::install()?;
         Ok(Self {
             stage,
             backend: env.backend(),
@@ -183,7 +200,20 @@ impl<'a> Training<'a> {
         }
         let saver = state.saver(self.run.save_state_every);
         let resume = resume.as_ref().map(|r| (r, &state));
-        let (out, report) = train(model, &mut log, resume, Some(saver))?;
+        let (out, report) = train(model, &mut log, resume, Some(saver)).map_err(|e| {
+            match posttrain_train::stop::stopped() {
+                Some((signal, step)) => anyhow::Error::new(Stopped {
+                    line: format!(
+                        "{}: stopped by {} at step {step}; state saved to {}; rerun with --resume",
+                        self.stage,
+                        posttrain_train::stop::name(signal),
+                        state.path.display()
+                    ),
+                    code: 128 + signal as u8,
+                }),
+                None => e,
+            }
+        })?;
         Ok((out, report, state))
     }
 

@@ -283,3 +283,107 @@ fn killed_and_resumed_lora_sft_equals_the_uninterrupted_run() {
     assert_eq!(adapter(&cut), adapter(&whole), "resumed adapters differ");
     assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
 }
+
+/// Waits until the run writing `out` has logged a step (its staging
+/// directory holds a metrics row), then sends it SIGTERM; returns its exit
+/// status and stderr.
+fn terminate_after_a_step(
+    child: std::process::Child,
+    out: &std::path::Path,
+) -> (std::process::ExitStatus, String) {
+    let parent = out.parent().unwrap();
+    let prefix = format!(".{}.tmp-", out.file_name().unwrap().to_str().unwrap());
+    let start = Instant::now();
+    let logged = || {
+        std::fs::read_dir(parent).unwrap().flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with(&prefix)
+                && std::fs::metadata(e.path().join("metrics.jsonl")).is_ok_and(|m| m.len() > 0)
+        })
+    };
+    while !logged() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no step was logged"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn sigterm_saves_the_state_and_resume_equals_the_unbroken_run() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let data = m.task.join("train.jsonl");
+    // no periodic state: what the resume finds is what the signal saved
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let args = [
+            "sft",
+            "--model",
+            s(&policy),
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--steps",
+            "400",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "0",
+            "--save-state-every",
+            "0",
+        ];
+        args.map(String::from).to_vec()
+    };
+    let whole = m.path("whole");
+    run(&args(&whole));
+    let cut = m.path("cut");
+    let child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
+        .args(args(&cut))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, stderr) = terminate_after_a_step(child, &cut);
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("stopped by SIGTERM"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("sft: stopped by SIGTERM at step ") && line.contains("--resume"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(!cut.exists(), "no output after a stop");
+    assert!(
+        m.path("cut.state").join("state.json").is_file(),
+        "the stop saved the state"
+    );
+    let staged = std::fs::read_dir(m.path("")).unwrap().flatten();
+    let left: Vec<_> = staged
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".cut.tmp-"))
+        .collect();
+    assert!(left.is_empty(), "a staging directory was left: {left:?}");
+    let mut resumed = args(&cut);
+    resumed.push("--resume".into());
+    run(&resumed);
+    assert_eq!(
+        std::fs::read(cut.join("model.safetensors")).unwrap(),
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        "resumed weights differ"
+    );
+    assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
+}

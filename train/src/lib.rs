@@ -14,6 +14,7 @@ pub mod progress;
 pub mod rollout;
 pub mod schedule;
 pub mod state;
+pub mod stop;
 pub mod train_loop;
 
 pub use batch::{Vocab, make_batch};

@@ -84,6 +84,19 @@ impl<M: Module> Saver<'_, M> {
         if !self.due(done, total) {
             return Ok(());
         }
+        self.save_now(done, (epoch, next), report, model, optim, extra)
+    }
+
+    /// Saves whatever the schedule (a stop on a signal).
+    pub fn save_now(
+        &mut self,
+        done: usize,
+        (epoch, next): (u64, usize),
+        report: serde_json::Value,
+        model: &M,
+        optim: &Optimizer<M>,
+        extra: &[(&str, &M)],
+    ) -> Result<(), StateError> {
         let state = LoopState {
             step: done,
             epoch,

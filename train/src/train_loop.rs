@@ -32,6 +32,8 @@ pub enum LoopError {
     Io(#[from] std::io::Error),
     #[error("resumable state")]
     State(#[from] StateError),
+    #[error("stopped by {} after step {step}", crate::stop::name(*signal))]
+    Stopped { signal: i32, step: usize },
 }
 
 /// First and last step loss of a run (NaN before the first step).
@@ -598,14 +600,27 @@ pub fn train<M: Module, S: Stage<M>>(
             stage.after_log(step + 1, &model)?;
         }
 
-        // resumable state when due
+        // resumable state when due, or now when a signal asks the run to stop
+        let signal = (step + 1 < steps).then(crate::stop::agreed).flatten();
         if let Some(s) = saver.as_mut() {
             let saved = serde_json::to_value(&report).map_err(StateError::from);
             let saved = saved.map_err(LoopError::from)?;
             let position = (data.epoch, data.next);
             let extra = stage.extra();
-            s.after_step(step + 1, steps, position, saved, &model, &optim, &extra)
-                .map_err(LoopError::from)?;
+            match signal {
+                Some(_) => s.save_now(step + 1, position, saved, &model, &optim, &extra),
+                None => s.after_step(step + 1, steps, position, saved, &model, &optim, &extra),
+            }
+            .map_err(LoopError::from)?;
+        }
+        if let Some(signal) = signal {
+            progress.finish();
+            crate::stop::mark_stopped(step + 1);
+            return Err(LoopError::Stopped {
+                signal,
+                step: step + 1,
+            }
+            .into());
         }
         if let Some(why) = stop {
             progress.println(&why);
