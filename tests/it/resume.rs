@@ -322,6 +322,57 @@ fn terminate_after_a_step(
     )
 }
 
+/// The run of `args` into `whole`, and into `cut` stopped by SIGTERM after
+/// its first logged step and resumed; `files` of both compared byte for byte.
+fn sigterm_and_resume(
+    m: &Micro,
+    stage: &str,
+    args: impl Fn(&std::path::Path) -> Vec<String>,
+    files: &[&str],
+) {
+    let whole = m.path("whole");
+    run(&args(&whole));
+    let cut = m.path("cut");
+    let child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
+        .args(args(&cut))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, stderr) = terminate_after_a_step(child, &cut);
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("stopped by SIGTERM"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with(&format!("{stage}: stopped by SIGTERM at step "))
+            && line.contains("--resume"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(!cut.exists(), "no output after a stop");
+    assert!(
+        m.path("cut.state").join("state.json").is_file(),
+        "the stop saved the state"
+    );
+    let staged = std::fs::read_dir(m.path("")).unwrap().flatten();
+    let left: Vec<_> = staged
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".cut.tmp-"))
+        .collect();
+    assert!(left.is_empty(), "a staging directory was left: {left:?}");
+    let mut resumed = args(&cut);
+    resumed.push("--resume".into());
+    run(&resumed);
+    for f in files {
+        assert_eq!(
+            std::fs::read(cut.join(f)).unwrap(),
+            std::fs::read(whole.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
+}
+
 #[test]
 fn sigterm_saves_the_state_and_resume_equals_the_unbroken_run() {
     let m = Micro::new("200", "8", "200");
@@ -348,42 +399,43 @@ fn sigterm_saves_the_state_and_resume_equals_the_unbroken_run() {
         ];
         args.map(String::from).to_vec()
     };
-    let whole = m.path("whole");
-    run(&args(&whole));
-    let cut = m.path("cut");
-    let child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
-        .args(args(&cut))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (status, stderr) = terminate_after_a_step(child, &cut);
-    assert_eq!(status.code(), Some(143), "{stderr}");
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("stopped by SIGTERM"))
-        .unwrap_or_default();
-    assert!(
-        line.starts_with("sft: stopped by SIGTERM at step ") && line.contains("--resume"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("error:"), "{stderr}");
-    assert!(!cut.exists(), "no output after a stop");
-    assert!(
-        m.path("cut.state").join("state.json").is_file(),
-        "the stop saved the state"
-    );
-    let staged = std::fs::read_dir(m.path("")).unwrap().flatten();
-    let left: Vec<_> = staged
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".cut.tmp-"))
-        .collect();
-    assert!(left.is_empty(), "a staging directory was left: {left:?}");
-    let mut resumed = args(&cut);
-    resumed.push("--resume".into());
-    run(&resumed);
-    assert_eq!(
-        std::fs::read(cut.join("model.safetensors")).unwrap(),
-        std::fs::read(whole.join("model.safetensors")).unwrap(),
-        "resumed weights differ"
-    );
-    assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
+    sigterm_and_resume(&m, "sft", args, &["model.safetensors"]);
+}
+
+#[test]
+fn sigterm_stops_rlhf_with_its_anchor_and_snapshots_and_resume_equals_the_unbroken_run() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let prompts = m.task.join("train_prompts.jsonl");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let args = [
+            "rlhf",
+            "--policy",
+            s(&policy),
+            "--task-reward",
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--steps",
+            "60",
+            "--prompts-per-step",
+            "8",
+            "--max-new-tokens",
+            "12",
+            "--lr",
+            "3e-3",
+            "--save-state-every",
+            "0",
+            "--snapshot-every",
+            "2",
+        ];
+        args.map(String::from).to_vec()
+    };
+    let files = [
+        "model.safetensors",
+        "snapshots/step-000002/model.safetensors",
+        "snapshots/step-000058/model.safetensors",
+    ];
+    sigterm_and_resume(&m, "rlhf", args, &files);
 }
