@@ -439,3 +439,58 @@ fn sigterm_stops_rlhf_with_its_anchor_and_snapshots_and_resume_equals_the_unbrok
     ];
     sigterm_and_resume(&m, "rlhf", args, &files);
 }
+
+#[test]
+fn a_truncated_or_corrupt_state_is_refused_in_one_line_naming_the_file() {
+    let m = Micro::new("200", "8", "200");
+    let policy = m.policy();
+    let data = m.task.join("train.jsonl");
+    let out = m.path("out");
+    let args: Vec<String> = [
+        "sft",
+        "--model",
+        s(&policy),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--steps",
+        "400",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "0",
+        "--save-state-every",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
+        .args(&args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, _) = terminate_after_a_step(child, &out);
+    assert_eq!(status.code(), Some(143));
+    let state = m.path("out.state");
+    let saved = m.path("saved.state");
+    std::fs::rename(&state, &saved).unwrap();
+    let mut resume: Vec<&str> = args.iter().map(String::as_str).collect();
+    resume.push("--resume");
+    for (file, needle) in [
+        ("state.json", "EOF while parsing"),
+        ("model.safetensors", "not a readable safetensors file"),
+        ("optimizer.bpk", "not a readable optimizer state"),
+    ] {
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir(&state).unwrap();
+        for e in std::fs::read_dir(&saved).unwrap().flatten() {
+            std::fs::copy(e.path(), state.join(e.file_name())).unwrap();
+        }
+        let broken = state.join(file);
+        let bytes = std::fs::read(&broken).unwrap();
+        std::fs::write(&broken, &bytes[..bytes.len().min(40)]).unwrap();
+        crate::error_line(&resume, &[&format!("out.state/{file}"), needle]);
+        assert!(!out.exists());
+    }
+}

@@ -110,7 +110,7 @@ impl<M: Module> Optimizer<M> {
     pub fn load_state(&mut self, path: &std::path::Path) -> Result<(), StateError> {
         let record = burn::optim::OptimizerRecord::load(path).map_err(|e| StateError::File {
             path: path.to_path_buf(),
-            reason: format!("{e:?}"),
+            reason: format!("not a readable optimizer state, truncated or corrupt ({e})"),
         })?;
         let fresh = adamw(&self.cfg);
         self.adamw = std::mem::replace(&mut self.adamw, fresh).load_record(record);
