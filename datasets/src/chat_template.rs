@@ -5,6 +5,7 @@
 //! roles `user` / `assistant`, the tokenizer's special-token strings.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use minijinja::{Environment, Error, ErrorKind, context};
 
@@ -20,7 +21,8 @@ pub enum TemplateError {
 
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
-    source: String,
+    /// The template parsed once, with the functions and settings it renders with.
+    env: Arc<Environment<'static>>,
     bos: String,
     eos: String,
     pad: String,
@@ -31,7 +33,9 @@ impl Default for ChatTemplate {
     /// Gemma's template with Gemma's token strings.
     fn default() -> Self {
         Self {
-            source: GEMMA_CHAT_TEMPLATE.to_string(),
+            env: Arc::new(
+                environment(GEMMA_CHAT_TEMPLATE.to_string()).expect("Gemma's template parses"),
+            ),
             bos: BOS.into(),
             eos: EOS.into(),
             pad: PAD.into(),
@@ -80,35 +84,21 @@ impl ChatTemplate {
                 )));
             }
         };
-        let default = Self::default();
-        let template = Self {
-            source: source.unwrap_or(default.source),
+        // a template that does not parse is named at load, not at the first row
+        let env = match source {
+            Some(source) => Arc::new(
+                environment(source)
+                    .map_err(|e| err(format!("chat_template does not parse: {e}")))?,
+            ),
+            None => Self::default().env,
+        };
+        Ok(Self {
+            env,
             bos: token(&config, "bos_token", BOS),
             eos: token(&config, "eos_token", EOS),
             pad: token(&config, "pad_token", PAD),
             unk: token(&config, "unk_token", UNK),
-        };
-        // a template that does not parse is named at load, not at the first row
-        template
-            .environment()
-            .map_err(|e| err(format!("chat_template does not parse: {e}")))?;
-        Ok(template)
-    }
-
-    fn environment(&self) -> Result<Environment<'_>, Error> {
-        let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |message: String| -> Result<String, Error> {
-                Err(Error::new(ErrorKind::InvalidOperation, message))
-            },
-        );
-        env.add_template("chat", &self.source)?;
-        Ok(env)
+        })
     }
 
     /// `messages` as text; with `add_generation_prompt` it ends with the
@@ -119,7 +109,6 @@ impl ChatTemplate {
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
         let fail = |e: Error| TemplateError::Render(e.to_string());
-        let env = self.environment().map_err(fail)?;
         let messages: Vec<_> = messages
             .iter()
             .map(|m| {
@@ -130,7 +119,8 @@ impl ChatTemplate {
                 context! { role => role, content => m.content }
             })
             .collect();
-        env.get_template("chat")
+        self.env
+            .get_template("chat")
             .map_err(fail)?
             .render(context! {
                 messages => messages,
@@ -142,6 +132,23 @@ impl ChatTemplate {
             })
             .map_err(fail)
     }
+}
+
+/// `source` as the template `chat`, rendered as `transformers` renders chat templates.
+fn environment(source: String) -> Result<Environment<'static>, Error> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
+    env.add_template_owned("chat", source)?;
+    Ok(env)
 }
 
 #[cfg(test)]

@@ -360,7 +360,8 @@ impl ChatTokenizer {
         messages: &[Message],
         reply: &str,
     ) -> Result<(Vec<u32>, usize), TokenizerError> {
-        let prompt = self.render_prompt(messages)?;
+        let (prompt_text, prompt_literal) = self.rendered(messages, true)?;
+        let prompt = self.encode_rendered((&prompt_text, &prompt_literal), true)?;
         let prompt_len = prompt.len();
         let mut all = messages.to_vec();
         all.push(Message {
@@ -369,7 +370,6 @@ impl ChatTokenizer {
         });
         let (text, literal) = self.rendered(&all, false)?;
         let mut ids = self.encode_rendered((&text, &literal), true)?;
-        let prompt_text = self.template.render(messages, true)?;
         if !ids.starts_with(&prompt) && text.starts_with(&prompt_text) {
             let at = prompt_text.len();
             ids = prompt;

@@ -13,7 +13,6 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_sigmoid;
-use posttrain_datasets::Epochs;
 use posttrain_model::Gemma2ForCausalLM;
 use posttrain_train::logprobs::mean_logprobs;
 use posttrain_train::{
@@ -141,12 +140,8 @@ pub fn train_orpo(
         pad,
         cfg,
     };
-    let schedule = Schedule {
-        optim: &cfg.optim,
-        data: Epochs::new(pair_lengths(train), cfg.batch_size, cfg.seed),
-        eval_every: cfg.eval_every,
-        seed: cfg.seed,
-    };
+    let data = (pair_lengths(train), cfg.batch_size);
+    let schedule = Schedule::new(&cfg.optim, data, cfg.eval_every, cfg.seed);
     train_loop(&mut stage, model, schedule, log, resume, saver)
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use posttrain_datasets::{ChatTokenizer, DataError, Epochs, Example, Preference};
+use posttrain_datasets::{ChatTokenizer, DataError, Example, Preference};
 use posttrain_model::Gemma2ForCausalLM;
 use posttrain_train::logprobs::{batch_of, logprob_sums, sequence_logprobs};
 use posttrain_train::{
@@ -338,11 +338,7 @@ pub fn train_dpo(
         cfg,
         device: model.model.embed_tokens.weight.device(),
     };
-    let schedule = Schedule {
-        optim: &cfg.optim,
-        data: Epochs::new(pair_lengths(train), cfg.batch_size, cfg.seed),
-        eval_every: cfg.eval_every,
-        seed: cfg.seed,
-    };
+    let data = (pair_lengths(train), cfg.batch_size);
+    let schedule = Schedule::new(&cfg.optim, data, cfg.eval_every, cfg.seed);
     train_loop(&mut stage, model, schedule, log, resume, saver)
 }

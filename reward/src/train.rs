@@ -3,7 +3,6 @@
 //! model as one batch of 2·B sequences; Bradley-Terry loss; held-out
 //! pairwise accuracy and reward-gap statistics every `eval_every` steps.
 
-use posttrain_datasets::Epochs;
 use posttrain_model::{Gemma2ForSequenceClassification, Padding, TokenBatch};
 use posttrain_train::{
     At, LoopError, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step,
@@ -178,11 +177,11 @@ pub fn train_reward(
         pad,
         cfg,
     };
-    let schedule = Schedule {
-        optim: &cfg.optim,
-        data: Epochs::new(lengths, cfg.batch_size, cfg.seed),
-        eval_every: cfg.eval_every,
-        seed: cfg.seed,
-    };
+    let schedule = Schedule::new(
+        &cfg.optim,
+        (lengths, cfg.batch_size),
+        cfg.eval_every,
+        cfg.seed,
+    );
     train_loop(&mut stage, model, schedule, log, resume, saver)
 }

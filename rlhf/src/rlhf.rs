@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use posttrain_datasets::{Epochs, Example};
+use posttrain_datasets::Example;
 use posttrain_model::params::{ParamMap, param_map, trainable_param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::logprobs::{
@@ -196,6 +196,8 @@ struct RlhfStage<'a> {
 /// A step's samples with what the update needs of them, and its timings.
 struct StepParts {
     rollouts: Rollouts,
+    /// Each sample's completion tokens.
+    lengths: Vec<usize>,
     rewards: Vec<f64>,
     /// The task scorer's (score, correct) of every sample, when it has one.
     true_scores: Option<Vec<(f64, bool)>>,
@@ -287,6 +289,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             .then(|| token_logprobs(&self.anchor, &rollouts.examples, pad, cfg.batch_size));
         self.step = Some(StepParts {
             true_scores: rollouts.true_scores(prompts),
+            lengths: rollouts.lengths(),
             rollouts,
             rewards,
             anchor_lp,
@@ -313,7 +316,7 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         let p = self.step.as_ref().expect("prepared");
         let (at, n) = (rows[0], rows.len());
         let chunk = &p.rollouts.examples[at..at + n];
-        let lengths = &p.rollouts.lengths()[at..at + n];
+        let lengths = &p.lengths[at..at + n];
         let reward_beta = if cfg.kl_in == KlIn::Reward {
             cfg.beta
         } else {
@@ -531,16 +534,8 @@ pub fn train_rlhf(
         device: policy.model.embed_tokens.weight.device(),
         step: None,
     };
-    let schedule = Schedule {
-        optim: &cfg.optim,
-        data: Epochs::new(
-            prompts.ids.iter().map(Vec::len).collect(),
-            cfg.prompts_per_step,
-            cfg.seed,
-        ),
-        eval_every: 0,
-        seed: cfg.seed,
-    };
+    let lengths = prompts.ids.iter().map(Vec::len).collect();
+    let schedule = Schedule::new(&cfg.optim, (lengths, cfg.prompts_per_step), 0, cfg.seed);
     let resume = resume.as_ref().map(|(r, _)| *r);
     let (policy, report) = train(&mut stage, policy, schedule, log, resume, saver)?;
     Ok((policy, stage.anchor, report))

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use posttrain_datasets::{Epochs, Example};
+use posttrain_datasets::Example;
 use posttrain_model::lm_head::{RowTerms, Slots, target_ids, target_logprobs};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig, TokenBatch};
 use posttrain_train::rollout::complete;
@@ -567,16 +567,13 @@ pub fn train_lm(
         device: model.model.embed_tokens.weight.device(),
         start: Instant::now(),
     };
-    let schedule = Schedule {
-        optim: &cfg.optim,
-        data: Epochs::new(
-            train.iter().map(|e| e.ids.len()).collect(),
-            cfg.batch_size,
-            cfg.seed,
-        ),
-        eval_every: cfg.eval_every,
-        seed: cfg.seed,
-    };
+    let lengths = train.iter().map(|e| e.ids.len()).collect();
+    let schedule = Schedule::new(
+        &cfg.optim,
+        (lengths, cfg.batch_size),
+        cfg.eval_every,
+        cfg.seed,
+    );
     train_loop(&mut lm, model, schedule, log, resume, saver)
 }
 

@@ -193,6 +193,38 @@ pub fn train_device(
     }
 }
 
+/// What the loop of `pretrain` and `sft` returns.
+type LmRun = Result<
+    (
+        posttrain_model::Gemma2ForCausalLM,
+        posttrain_train::Run<posttrain_sft::SftReport>,
+    ),
+    posttrain_sft::SftError,
+>;
+
+/// The loop of `pretrain` and `sft` on `data`, as [`training::Training::run`]
+/// takes it.
+pub fn lm_loop<'a>(
+    stage: &'a str,
+    teacher: Option<&'a posttrain_model::Gemma2ForCausalLM>,
+    data: &'a TrainData,
+    vocab: &'a posttrain_train::Vocab<'a>,
+    cfg: &'a posttrain_sft::SftConfig,
+) -> impl FnOnce(
+    posttrain_model::Gemma2ForCausalLM,
+    &mut posttrain_train::MetricsLog,
+    Option<&posttrain_train::Resume>,
+    Option<posttrain_train::Saver<posttrain_model::Gemma2ForCausalLM>>,
+) -> LmRun
++ 'a {
+    move |model, log, resume, saver| {
+        let (train, eval) = (&data.train, &data.eval);
+        posttrain_sft::train_lm(
+            stage, model, teacher, train, eval, vocab, cfg, log, resume, saver,
+        )
+    }
+}
+
 /// The tokenizer side of a run on `config`.
 pub fn vocab<'a>(
     config: &posttrain_model::Gemma2Config,

@@ -1,7 +1,7 @@
 use anyhow::{Result, bail};
 use posttrain_datasets::{ChatTokenizer, LossOn};
 use posttrain_model::{Gemma2Config, Gemma2ForCausalLM, Provenance, RandomInit};
-use posttrain_sft::{Distill, SftConfig, train_lm};
+use posttrain_sft::{Distill, SftConfig};
 use posttrain_train::OptimConfig;
 use serde_json::json;
 
@@ -98,12 +98,8 @@ pub fn run(args: PretrainArgs, env: &Env) -> Result<()> {
     let vocab = super::vocab(config, tokenizer);
     let settings = json!({"train": cfg, "config": args.config, "data": args.data, "eval": args.eval,
         "teacher": args.teacher, "tokenizer": args.tokenizer});
-    let (model, report, state) = t.run(settings, config, model, |m, log, resume, saver| {
-        let (teacher, examples) = (teacher.as_ref(), &data.train);
-        train_lm(
-            "pretrain", m, teacher, examples, &data.eval, &vocab, &cfg, log, resume, saver,
-        )
-    })?;
+    let train = super::lm_loop("pretrain", teacher.as_ref(), &data, &vocab, &cfg);
+    let (model, report, state) = t.run(settings, config, model, train)?;
     let loss_on = format!("{:?}", args.loss_on).to_lowercase();
     let settings = json!({"train": cfg, "loss_on": loss_on, "config": config});
     let provenance = Provenance::new("pretrain", t.backend, settings)

@@ -1,7 +1,7 @@
 use anyhow::{Context, Result, bail};
 use posttrain_datasets::LossOn;
 use posttrain_model::{Gemma2Config, Provenance};
-use posttrain_sft::{Distill, OnPolicy, SftConfig, check_topk, train_lm};
+use posttrain_sft::{Distill, OnPolicy, SftConfig, check_topk};
 use serde_json::json;
 
 use super::training::Training;
@@ -96,12 +96,8 @@ pub fn run(args: SftArgs, env: &Env) -> Result<()> {
     let vocab = super::vocab(config, tokenizer);
     let settings = json!({"train": cfg, "lora": t.lora, "model": args.model, "data": args.data,
         "eval": args.eval, "teacher": args.teacher});
-    let (model, report, state) = t.run(settings, config, student, |m, log, resume, saver| {
-        let (teacher, examples) = (teacher.as_ref(), &data.train);
-        train_lm(
-            "sft", m, teacher, examples, &data.eval, &vocab, &cfg, log, resume, saver,
-        )
-    })?;
+    let train = super::lm_loop("sft", teacher.as_ref(), &data, &vocab, &cfg);
+    let (model, report, state) = t.run(settings, config, student, train)?;
     let mut provenance = Provenance::new("sft", t.backend, json!({"train": cfg}))
         .with_parent(&args.model)?
         .with_parent(&args.data)?

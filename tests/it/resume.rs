@@ -63,6 +63,17 @@ fn whole_and_resumed(
     (whole, cut)
 }
 
+/// `files` of `cut` equal `whole`'s byte for byte.
+fn assert_same_files(whole: &std::path::Path, cut: &std::path::Path, files: &[&str]) {
+    for f in files {
+        assert_eq!(
+            std::fs::read(cut.join(f)).unwrap(),
+            std::fs::read(whole.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+}
+
 /// Metrics rows without the timing fields (`*_s`), which differ run to run.
 fn rows_without_timings(dir: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -109,17 +120,15 @@ fn killed_and_resumed_rlhf_equals_the_uninterrupted_run() {
     };
     let (whole, cut) = whole_and_resumed(&m, args);
     // the policy, its snapshots (kept with the state) and the metrics
-    for f in [
-        "model.safetensors",
-        "snapshots/step-000010/model.safetensors",
-        "snapshots/step-000030/model.safetensors",
-    ] {
-        assert_eq!(
-            std::fs::read(cut.join(f)).unwrap(),
-            std::fs::read(whole.join(f)).unwrap(),
-            "{f} differs"
-        );
-    }
+    assert_same_files(
+        &whole,
+        &cut,
+        &[
+            "model.safetensors",
+            "snapshots/step-000010/model.safetensors",
+            "snapshots/step-000030/model.safetensors",
+        ],
+    );
     assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
 }
 
@@ -152,11 +161,7 @@ fn killed_and_resumed_reward_equals_the_uninterrupted_run() {
         .to_vec()
     };
     let (whole, cut) = whole_and_resumed(&m, args);
-    assert_eq!(
-        std::fs::read(cut.join("model.safetensors")).unwrap(),
-        std::fs::read(whole.join("model.safetensors")).unwrap(),
-        "resumed reward model differs"
-    );
+    assert_same_files(&whole, &cut, &["model.safetensors"]);
 }
 
 #[test]
@@ -188,11 +193,7 @@ fn killed_and_resumed_orpo_equals_the_uninterrupted_run() {
         .to_vec()
     };
     let (whole, cut) = whole_and_resumed(&m, args);
-    assert_eq!(
-        std::fs::read(cut.join("model.safetensors")).unwrap(),
-        std::fs::read(whole.join("model.safetensors")).unwrap(),
-        "resumed orpo policy differs"
-    );
+    assert_same_files(&whole, &cut, &["model.safetensors"]);
     assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
 }
 
@@ -231,11 +232,7 @@ fn killed_and_resumed_sft_equals_the_uninterrupted_run() {
     m.policy();
     let args = sft_args(&m, &[]);
     let (whole, cut) = whole_and_resumed(&m, &args);
-    assert_eq!(
-        std::fs::read(cut.join("model.safetensors")).unwrap(),
-        std::fs::read(whole.join("model.safetensors")).unwrap(),
-        "resumed weights differ"
-    );
+    assert_same_files(&whole, &cut, &["model.safetensors"]);
     let state = m.path("cut.state");
     assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
     assert!(
@@ -363,13 +360,7 @@ fn sigterm_and_resume(
     let mut resumed = args(&cut);
     resumed.push("--resume".into());
     run(&resumed);
-    for f in files {
-        assert_eq!(
-            std::fs::read(cut.join(f)).unwrap(),
-            std::fs::read(whole.join(f)).unwrap(),
-            "{f} differs"
-        );
-    }
+    assert_same_files(&whole, &cut, files);
     assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
 }
 

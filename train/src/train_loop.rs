@@ -300,6 +300,24 @@ pub struct Schedule<'a> {
     pub seed: u64,
 }
 
+impl<'a> Schedule<'a> {
+    /// Length-bucketed batches of `batch_size` rows of `lengths` tokens, in
+    /// an order seeded by `seed` as the step's random streams are.
+    pub fn new(
+        optim: &'a OptimConfig,
+        (lengths, batch_size): (Vec<usize>, usize),
+        eval_every: usize,
+        seed: u64,
+    ) -> Self {
+        Self {
+            optim,
+            data: Epochs::new(lengths, batch_size, seed),
+            eval_every,
+            seed,
+        }
+    }
+}
+
 /// Back-propagates a step's micro-batch losses; refuses a non-finite loss
 /// before it reaches the gradients.
 struct Backward<'a, M> {
