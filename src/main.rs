@@ -34,33 +34,62 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// The command's name when it runs data-parallel under `mpirun`.
-fn data_parallel(command: &Command) -> Option<&'static str> {
-    use crate::cli::DataCommand;
-    Some(match command {
+/// The command's name, as its lines on stderr start.
+fn name(command: &Command) -> &'static str {
+    use crate::cli::{DataCommand, TokenizerCommand, WarpCommand};
+    match command {
+        Command::Data(DataCommand::Synth(_)) => "data synth",
+        Command::Data(DataCommand::Score(_)) => "data score",
+        Command::Data(DataCommand::Prefs(_)) => "data prefs",
+        Command::Init(_) => "init",
         Command::Pretrain(_) => "pretrain",
         Command::Sft(_) => "sft",
         Command::Reward(_) => "reward",
         Command::Dpo(_) => "dpo",
         Command::Orpo(_) => "orpo",
-        Command::Rlhf(_) => "rlhf",
-        Command::Generate(_) => "generate",
-        Command::Data(DataCommand::Prefs(_)) => "data prefs",
         Command::Score(_) => "score",
-        Command::Eval(_) => "eval",
+        Command::Generate(_) => "generate",
+        Command::Inspect(_) => "inspect",
         Command::Sample(_) => "sample",
-        _ => return None,
-    })
+        Command::Convert(_) => "convert",
+        Command::Logits(_) => "logits",
+        Command::Rlhf(_) => "rlhf",
+        Command::Warp(WarpCommand::Merge(_)) => "warp merge",
+        Command::Warp(WarpCommand::Ema(_)) => "warp ema",
+        Command::Warp(WarpCommand::Average(_)) => "warp average",
+        Command::Eval(_) => "eval",
+        Command::Report(_) => "report",
+        Command::Tokenizer(TokenizerCommand::Train(_)) => "tokenizer train",
+        Command::Tokenizer(TokenizerCommand::Encode(_)) => "tokenizer encode",
+        Command::Bench(_) => "bench",
+    }
 }
 
+/// The commands that run data-parallel under `mpirun`.
+const DATA_PARALLEL: [&str; 11] = [
+    "pretrain",
+    "sft",
+    "reward",
+    "dpo",
+    "orpo",
+    "rlhf",
+    "generate",
+    "data prefs",
+    "score",
+    "eval",
+    "sample",
+];
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let name = name(&cli.command);
+    posttrain_train::stop::install(name)?;
     let size = posttrain_dist::world().size();
     if size > 1 {
-        let Some(name) = data_parallel(&cli.command) else {
+        if !DATA_PARALLEL.contains(&name) {
             anyhow::bail!(
                 "this command does not run data-parallel: run it as one process (without mpirun/srun)"
             );
-        };
+        }
         eprintln!("{name}: data-parallel over {size} processes");
     }
     let env = &backend::Env::new(cli.backend);

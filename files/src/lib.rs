@@ -2,6 +2,8 @@
 //! file in the same directory, flushed to disk, then renamed over the final
 //! name; and the one check that refuses to replace an output silently.
 
+pub mod staging;
+
 use std::io::{Error, ErrorKind, Write};
 use std::path::Path;
 
@@ -46,10 +48,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> std::io::Resu
         .prefix(".posttrain-")
         .tempfile_in(parent)
         .map_err(|e| Error::new(e.kind(), format!("{}: cannot write: {e}", parent.display())))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .map_err(|e| Error::new(e.error.kind(), format!("{}: {}", path.display(), e.error)))?;
+    let registration = staging::register(tmp.path(), path);
+    // the OS's reason alone: the temporary file's name means nothing to a reader
+    let cannot = |e: Error| Error::new(e.kind(), format!("{}: cannot write: {e}", path.display()));
+    tmp.as_file_mut().write_all(bytes).map_err(cannot)?;
+    tmp.as_file().sync_all().map_err(cannot)?;
+    registration
+        .commit(|| tmp.persist(path))
+        .map_err(|e| cannot(e.error))?;
     Ok(())
 }
 

@@ -321,6 +321,7 @@ pub fn load_reward_trunk_as(
 pub struct CheckpointWriter {
     target: PathBuf,
     tmp: tempfile::TempDir,
+    registration: posttrain_files::staging::Registration,
 }
 
 impl CheckpointWriter {
@@ -344,8 +345,24 @@ impl CheckpointWriter {
                 reason: format!("cannot create a temporary directory: {e}"),
             })?;
         Ok(Self {
+            registration: posttrain_files::staging::register(tmp.path(), target),
             target: target.to_path_buf(),
             tmp,
+        })
+    }
+
+    /// `r` with its error naming the final path instead of the staging one.
+    fn named<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            let staging = self.path().to_string_lossy().into_owned();
+            let message = e.to_string();
+            if !message.contains(&staging) {
+                return e;
+            }
+            ModelError::Output {
+                path: self.target.clone(),
+                reason: message.replace(&staging, &self.target.to_string_lossy()),
+            }
         })
     }
 
@@ -355,10 +372,8 @@ impl CheckpointWriter {
     }
 
     pub fn write(&self, file: &str, bytes: &[u8]) -> Result<()> {
-        Ok(posttrain_files::write_synced(
-            &self.path().join(file),
-            bytes,
-        )?)
+        let written = posttrain_files::write_synced(&self.path().join(file), bytes);
+        self.named(written.map_err(ModelError::from))
     }
 
     /// A LoRA adapter directory's two files: `tensors` under PEFT's keys and
@@ -405,7 +420,7 @@ impl CheckpointWriter {
             config.to_json_with_dtype(dtype.torch_name()).as_bytes(),
         )?;
         if shards > 1 {
-            write_shards(self.path(), tensors, shards, dtype)
+            self.named(write_shards(self.path(), tensors, shards, dtype))
         } else {
             self.write(SINGLE_FILE, &to_safetensors_bytes(tensors, dtype))
         }
@@ -427,20 +442,35 @@ impl CheckpointWriter {
         if !posttrain_dist::world().is_root() {
             return Ok(self.target);
         }
-        let tmp = self.tmp.keep();
-        if self.target.exists() {
-            // unique like `tmp`: a run killed between the renames leaves its
-            // `.old` behind, which must not block the next commit
-            let mut old = tmp.clone().into_os_string();
-            old.push(".old");
-            let old = PathBuf::from(old);
-            fs_err::rename(&self.target, &old)?;
-            fs_err::rename(&tmp, &self.target)?;
-            fs_err::remove_dir_all(&old)?;
-        } else {
-            fs_err::rename(&tmp, &self.target)?;
+        let Self {
+            target,
+            tmp,
+            registration,
+        } = self;
+        let tmp = tmp.keep();
+        let renamed = registration.commit(|| {
+            if target.exists() {
+                // unique like `tmp`: a run killed between the renames leaves
+                // its `.old` behind, which must not block the next commit
+                let mut old = tmp.clone().into_os_string();
+                old.push(".old");
+                let old = PathBuf::from(old);
+                fs_err::rename(&target, &old)?;
+                fs_err::rename(&tmp, &target)?;
+                Ok(Some(old))
+            } else {
+                fs_err::rename(&tmp, &target).map(|()| None)
+            }
+        });
+        match renamed {
+            Ok(Some(old)) => fs_err::remove_dir_all(&old)?,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = fs_err::remove_dir_all(&tmp);
+                return Err(e.into());
+            }
         }
-        Ok(self.target)
+        Ok(target)
     }
 }
 

@@ -27,10 +27,15 @@ pub fn task_scorer(prompt: &str, answer: &str) -> Option<(f64, bool)> {
     posttrain_datasets::task::score(prompt, answer).map(|s| (s.score, s.correct))
 }
 
-/// Checks, before any work, that an output will not silently replace a file.
+/// Checks, before any work, that an output will not silently replace a
+/// file, and claims it (a signal before it is written names it).
 pub fn refuse_existing(out: Option<&std::path::Path>, overwrite: bool) -> anyhow::Result<()> {
     match out {
-        Some(path) => Ok(posttrain_files::refuse_existing(path, overwrite)?),
+        Some(path) => {
+            posttrain_files::refuse_existing(path, overwrite)?;
+            posttrain_files::staging::claim(path);
+            Ok(())
+        }
         None => Ok(()),
     }
 }

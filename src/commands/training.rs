@@ -78,7 +78,6 @@ impl<'a> Training<'a> {
     ) -> Result<Self> {
         let run = run.into();
         let lora = run.memory.lora.config()?;
-        posttrain_train::stop::install()?;
         Ok(Self {
             stage,
             backend: env.backend(),

@@ -14,6 +14,7 @@ mod pipeline;
 mod quantized;
 mod resume;
 mod rlhf;
+pub(crate) mod signals;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -281,37 +281,55 @@ fn killed_and_resumed_lora_sft_equals_the_uninterrupted_run() {
     assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
 }
 
-/// Waits until the run writing `out` has logged a step (its staging
-/// directory holds a metrics row), then sends it SIGTERM; returns its exit
-/// status and stderr.
-fn terminate_after_a_step(
+/// When the signals go to a run.
+#[derive(Clone, Copy)]
+enum When {
+    /// After its first logged step (its staging directory holds a metrics
+    /// row): in the step that follows, or its eval.
+    AfterAStep,
+    /// While `OUT.state` is being written (its staging directory exists).
+    DuringAStateSave,
+}
+
+/// Waits for `when` in the run writing `out`, then sends it `signals`
+/// SIGTERMs 20 ms apart; returns its exit status and stderr.
+fn terminate(
     child: std::process::Child,
     out: &std::path::Path,
+    when: When,
+    signals: usize,
 ) -> (std::process::ExitStatus, String) {
     let parent = out.parent().unwrap();
-    let prefix = format!(".{}.tmp-", out.file_name().unwrap().to_str().unwrap());
-    let start = Instant::now();
-    let logged = || {
+    let name = out.file_name().unwrap().to_str().unwrap();
+    let staging = |prefix: &str, file: Option<&str>| {
         std::fs::read_dir(parent).unwrap().flatten().any(|e| {
-            e.file_name().to_string_lossy().starts_with(&prefix)
-                && std::fs::metadata(e.path().join("metrics.jsonl")).is_ok_and(|m| m.len() > 0)
+            e.file_name().to_string_lossy().starts_with(prefix)
+                && file
+                    .is_none_or(|f| std::fs::metadata(e.path().join(f)).is_ok_and(|m| m.len() > 0))
         })
     };
-    while !logged() {
+    let ready = || match when {
+        When::AfterAStep => staging(&format!(".{name}.tmp-"), Some("metrics.jsonl")),
+        When::DuringAStateSave => staging(&format!(".{name}.state.tmp-"), None),
+    };
+    let start = Instant::now();
+    while !ready() {
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "no step was logged"
+            "the moment to signal never came"
         );
-        std::thread::sleep(Duration::from_millis(2));
+        if let When::AfterAStep = when {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
     let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    for i in 0..signals {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.unwrap().success());
+    }
     let out = child.wait_with_output().unwrap();
     (
         out.status,
@@ -319,13 +337,16 @@ fn terminate_after_a_step(
     )
 }
 
-/// The run of `args` into `whole`, and into `cut` stopped by SIGTERM after
-/// its first logged step and resumed; `files` of both compared byte for byte.
+/// The run of `args` into `whole`, and into `cut` stopped by SIGTERM (sent
+/// `signals` times at `when`) and resumed; `files` of both compared byte for
+/// byte. One signal saves the state at the step it stops after; a second
+/// one ends the process at once, leaving the state of the last save.
 fn sigterm_and_resume(
     m: &Micro,
     stage: &str,
     args: impl Fn(&std::path::Path) -> Vec<String>,
     files: &[&str],
+    (when, signals): (When, usize),
 ) {
     let whole = m.path("whole");
     run(&args(&whole));
@@ -335,28 +356,30 @@ fn sigterm_and_resume(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (status, stderr) = terminate_after_a_step(child, &cut);
+    let (status, stderr) = terminate(child, &cut, when, signals);
     assert_eq!(status.code(), Some(143), "{stderr}");
     let line = stderr
         .lines()
-        .find(|l| l.contains("stopped by SIGTERM"))
+        .find(|l| l.contains("stopped "))
         .unwrap_or_default();
+    let expected = match signals {
+        1 => format!("{stage}: stopped by SIGTERM at step "),
+        _ => format!("{stage}: stopped at once by SIGTERM at "),
+    };
     assert!(
-        line.starts_with(&format!("{stage}: stopped by SIGTERM at step "))
-            && line.contains("--resume"),
+        line.starts_with(&expected) && line.contains("--resume"),
         "{stderr}"
     );
     assert!(!stderr.contains("error:"), "{stderr}");
     assert!(!cut.exists(), "no output after a stop");
-    assert!(
-        m.path("cut.state").join("state.json").is_file(),
-        "the stop saved the state"
-    );
-    let staged = std::fs::read_dir(m.path("")).unwrap().flatten();
-    let left: Vec<_> = staged
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".cut.tmp-"))
-        .collect();
-    assert!(left.is_empty(), "a staging directory was left: {left:?}");
+    if signals == 1 {
+        assert!(
+            m.path("cut.state").join("state.json").is_file(),
+            "the stop saved the state"
+        );
+    }
+    let left = crate::signals::staging_left(&m.path(""));
+    assert!(left.is_empty(), "staging was left: {left:?}");
     let mut resumed = args(&cut);
     resumed.push("--resume".into());
     run(&resumed);
@@ -364,13 +387,15 @@ fn sigterm_and_resume(
     assert_eq!(rows_without_timings(&cut), rows_without_timings(&whole));
 }
 
-#[test]
-fn sigterm_saves_the_state_and_resume_equals_the_unbroken_run() {
-    let m = Micro::new("200", "8", "200");
+fn sft_to_stop(m: &Micro, steps: &str, extra: &[&str]) -> impl Fn(&std::path::Path) -> Vec<String> {
     let policy = m.policy();
     let data = m.task.join("train.jsonl");
-    // no periodic state: what the resume finds is what the signal saved
-    let args = |out: &std::path::Path| -> Vec<String> {
+    let steps = steps.to_string();
+    let mut extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    if extra.iter().any(|a| a == "--eval-every") {
+        extra.extend(["--eval".into(), s(&m.task.join("eval.jsonl")).into()]);
+    }
+    move |out: &std::path::Path| -> Vec<String> {
         let args = [
             "sft",
             "--model",
@@ -380,17 +405,43 @@ fn sigterm_saves_the_state_and_resume_equals_the_unbroken_run() {
             "--out",
             s(out),
             "--steps",
-            "400",
+            &steps,
             "--batch-size",
             "8",
-            "--eval-every",
-            "0",
-            "--save-state-every",
-            "0",
         ];
-        args.map(String::from).to_vec()
-    };
-    sigterm_and_resume(&m, "sft", args, &["model.safetensors"]);
+        let mut args: Vec<String> = args.map(String::from).to_vec();
+        args.extend(extra.iter().cloned());
+        args
+    }
+}
+
+#[test]
+fn sigterm_saves_the_state_and_resume_equals_the_unbroken_run() {
+    let m = Micro::new("200", "8", "200");
+    // no periodic state: what the resume finds is what the signal saved
+    let args = sft_to_stop(&m, "400", &["--eval-every", "0", "--save-state-every", "0"]);
+    let stop = (When::AfterAStep, 1);
+    sigterm_and_resume(&m, "sft", args, &["model.safetensors"], stop);
+}
+
+#[test]
+fn sigterm_during_an_eval_or_a_state_save_and_resume_equals_the_unbroken_run() {
+    // an eval of 400 pairs each step: most of a step is its eval
+    let m = Micro::new("200", "400", "200");
+    let args = sft_to_stop(&m, "30", &["--eval-every", "1", "--save-state-every", "0"]);
+    let files = ["model.safetensors"];
+    sigterm_and_resume(&m, "sft", args, &files, (When::AfterAStep, 1));
+    let m = Micro::new("200", "8", "200");
+    let args = sft_to_stop(&m, "400", &["--eval-every", "0", "--save-state-every", "1"]);
+    sigterm_and_resume(&m, "sft", args, &files, (When::DuringAStateSave, 1));
+}
+
+#[test]
+fn a_second_sigterm_ends_the_run_at_once_and_resume_continues_from_the_last_save() {
+    let m = Micro::new("200", "400", "200");
+    let args = sft_to_stop(&m, "30", &["--eval-every", "1", "--save-state-every", "3"]);
+    let stop = (When::AfterAStep, 2);
+    sigterm_and_resume(&m, "sft", args, &["model.safetensors"], stop);
 }
 
 #[test]
@@ -428,7 +479,7 @@ fn sigterm_stops_rlhf_with_its_anchor_and_snapshots_and_resume_equals_the_unbrok
         "snapshots/step-000002/model.safetensors",
         "snapshots/step-000058/model.safetensors",
     ];
-    sigterm_and_resume(&m, "rlhf", args, &files);
+    sigterm_and_resume(&m, "rlhf", args, &files, (When::AfterAStep, 1));
 }
 
 #[test]
@@ -461,7 +512,7 @@ fn a_truncated_or_corrupt_state_is_refused_in_one_line_naming_the_file() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (status, _) = terminate_after_a_step(child, &out);
+    let (status, _) = terminate(child, &out, When::AfterAStep, 1);
     assert_eq!(status.code(), Some(143));
     let state = m.path("out.state");
     let saved = m.path("saved.state");

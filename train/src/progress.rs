@@ -32,6 +32,7 @@ impl Progress {
             bar
         });
         let now = Instant::now();
+        crate::stop::set_position(0, total, unit);
         Self {
             label: label.to_string(),
             unit,
@@ -52,6 +53,7 @@ impl Progress {
     pub fn advance(&mut self, n: u64, tokens: u64) {
         self.done += n;
         self.tokens += tokens;
+        crate::stop::set_position(self.done, self.total, self.unit);
         let rate = format!("{:.0} tok/s", self.tokens_per_s());
         match &self.bar {
             Some(bar) => {

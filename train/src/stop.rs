@@ -1,29 +1,75 @@
-//! SIGTERM and SIGINT during training: the loop finishes the step it is in,
-//! saves the resumable state and stops (`stopped` tells where); a second
-//! signal ends the process at once with 128 + its number. Under `mpirun` the
-//! ranks agree through one sum per step, so every rank stops after the same
-//! step.
+//! SIGTERM and SIGINT. While a training loop runs, the first signal asks it
+//! to finish the step in progress, save the resumable state and stop
+//! (`stopped` tells where). Anywhere else (a data stage, loading, a second
+//! signal) the process removes what it was writing, prints one line and
+//! exits at once with 128 + the signal: outputs are whole or absent. Under
+//! `mpirun` the ranks of a training loop agree through one sum per step, so
+//! every rank stops after the same step.
 
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+static GRACEFUL: AtomicBool = AtomicBool::new(false);
 static STOPPED_AT: AtomicUsize = AtomicUsize::new(usize::MAX);
+static COMMAND: Mutex<&'static str> = Mutex::new("posttrain");
+/// Where the work stands: (done, total, unit), from [`crate::Progress`].
+static POSITION: Mutex<Option<(u64, u64, &'static str)>> = Mutex::new(None);
 
-/// Catches SIGTERM and SIGINT from now on.
-pub fn install() -> std::io::Result<()> {
-    for signal in [SIGTERM, SIGINT] {
-        let action = move || {
-            if SIGNAL.swap(signal, Ordering::SeqCst) != 0 {
-                signal_hook::low_level::exit(128 + signal);
+/// Catches SIGTERM and SIGINT from now on, for `command` (its name in the
+/// line printed when a signal stops it).
+pub fn install(command: &'static str) -> std::io::Result<()> {
+    *COMMAND.lock().unwrap_or_else(|e| e.into_inner()) = command;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let first = SIGNAL.swap(signal, Ordering::SeqCst) == 0;
+                if !(first && GRACEFUL.load(Ordering::SeqCst)) {
+                    exit_now(signal, !first);
+                }
             }
-        };
-        // SAFETY: the action only swaps an atomic and calls `_exit`, both
-        // async-signal-safe.
-        unsafe { signal_hook::low_level::register(signal, action) }?;
-    }
+        })?;
     Ok(())
+}
+
+/// From now on the first signal asks the training loop to stop after its
+/// step instead of ending the process.
+pub(crate) fn stop_after_the_step() {
+    GRACEFUL.store(true, Ordering::SeqCst);
+}
+
+/// Removes what is being written, says so in one line and exits with
+/// 128 + `signal`.
+fn exit_now(signal: i32, second: bool) -> ! {
+    let targets = posttrain_files::staging::abandon();
+    let command = *COMMAND.lock().unwrap_or_else(|e| e.into_inner());
+    let mut line = format!(
+        "{command}: stopped {}by {}",
+        if second { "at once " } else { "" },
+        name(signal)
+    );
+    if let Some((done, total, unit)) = *POSITION.lock().unwrap_or_else(|e| e.into_inner()) {
+        line += &format!(" at {done}/{total} {unit}");
+    }
+    let targets: Vec<String> = targets.iter().map(|t| t.display().to_string()).collect();
+    match targets.is_empty() {
+        true => line += "; nothing was being written",
+        false => line += &format!("; not written: {}", targets.join(", ")),
+    }
+    if GRACEFUL.load(Ordering::SeqCst) {
+        line += "; --resume continues from the last saved state";
+    }
+    eprintln!("{line}");
+    signal_hook::low_level::exit(128 + signal)
+}
+
+/// Records how far the work is, for the line a signal prints.
+pub(crate) fn set_position(done: u64, total: u64, unit: &'static str) {
+    *POSITION.lock().unwrap_or_else(|e| e.into_inner()) = Some((done, total, unit));
 }
 
 /// The signal this process received, if any.

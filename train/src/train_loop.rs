@@ -505,6 +505,7 @@ pub fn train<M: Module, S: Stage<M>>(
         progress.advance(first_step as u64, 0);
     }
 
+    crate::stop::stop_after_the_step();
     let devices = model.devices();
     let names = [S::MEANS, S::COUNTS, S::VALUES];
     let w = world();
