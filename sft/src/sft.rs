@@ -331,7 +331,7 @@ fn sample_completions(
     examples: &[&Example],
     vocab: &Vocab,
     op: &OnPolicy,
-    seed: u64,
+    (seed, first): (u64, u64),
 ) -> Vec<Example> {
     let prompts: Vec<Vec<u32>> = examples
         .iter()
@@ -344,7 +344,7 @@ fn sample_completions(
         stop_ids: vocab.stop_ids.clone(),
         ..SamplingConfig::default()
     };
-    complete(&model.valid(), prompts, &sampling, vocab, true).examples
+    complete(&model.valid(), prompts, &sampling, vocab, true, first).examples
 }
 
 /// The target tokens of `examples`: the units their loss is a mean over.
@@ -431,10 +431,10 @@ impl Stage<Gemma2ForCausalLM> for LmStage<'_> {
         let on_policy = self.on_policy(at);
         let examples: Vec<&Example> = match on_policy {
             Some(op) => {
-                // ranks sample their own rows from their own streams
-                let seed =
-                    (cfg.seed ^ at.index().wrapping_mul(0x9E37_79B9)).wrapping_add(at.rank as u64);
-                sampled = sample_completions(model, &examples, self.vocab, op, seed);
+                // a row's stream is its place in the micro-batch, whichever rank samples it
+                let seed = cfg.seed ^ at.index().wrapping_mul(0x9E37_79B9);
+                let streams = (seed, at.first as u64);
+                sampled = sample_completions(model, &examples, self.vocab, op, streams);
                 sampled.iter().collect()
             }
             None => examples,
@@ -889,7 +889,11 @@ mod tests {
             &vocab,
             &cfg,
             &mut log("c"),
-            Some(&Resume { state, optimizer }),
+            Some(&Resume {
+                state,
+                optimizer,
+                ranks: 1,
+            }),
             None,
         )
         .unwrap()

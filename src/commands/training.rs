@@ -193,6 +193,9 @@ impl<'a> Training<'a> {
         let metrics = self.writer.path().join("metrics.jsonl");
         let mut state = StateDir::new(self.out, settings, config, &metrics);
         state.carry = carry.map(|dir| self.writer.path().join(dir));
+        if self.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+            state.per_rank = Some("its --lora-dropout masks are drawn per rank");
+        }
         let (model, resume, mut log) = state.start(self.stage, self.run.resume, model)?;
         if resume.is_some() {
             state.restore_carried()?;

@@ -1,6 +1,7 @@
 //! `mpirun -np 2 posttrain …` (feature `mpi`): two ranks train the weights
-//! one process trains, write the data files one process writes, and stop
-//! together when one of them dies.
+//! one process trains, write the data files one process writes, stop
+//! together when one of them dies or mpirun is told to stop, and a state
+//! saved by one number of processes resumes on another.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -124,6 +125,9 @@ fn two_ranks_distill_like_one_process() {
             "0",
             "--lr",
             "3e-3",
+            // a row's samples come from its own stream, whichever rank draws them
+            "--on-policy-fraction",
+            "0.5",
         ])
     });
 }
@@ -433,14 +437,7 @@ fn a_killed_rank_stops_the_run_and_two_ranks_resume_it() {
     }
     std::thread::sleep(Duration::from_millis(30));
     // the ranks are mpirun's children: kill one of them
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", run.id()))
-        .unwrap_or_default();
-    let rank: u32 = children
-        .split_whitespace()
-        .last()
-        .expect("mpirun started its ranks")
-        .parse()
-        .unwrap();
+    let rank = last_rank(&run);
     Command::new("kill")
         .args(["-9", &rank.to_string()])
         .status()
@@ -450,10 +447,8 @@ fn a_killed_rank_stops_the_run_and_two_ranks_resume_it() {
     assert!(!cut.exists(), "the run finished before the kill");
     assert!(state.is_dir());
 
-    // one process cannot continue what two started
     let mut alone: Vec<&str> = cut_args.clone();
     alone.push("--resume");
-    crate::error_line(&alone, &["cut.state", "2 process(es)", "mpirun -np 2"]);
     mpirun_ok(&alone);
     assert!(
         !state.exists(),
@@ -499,4 +494,171 @@ fn ranks_refuse_what_they_cannot_split_and_commands_that_do_not_split() {
     let bad = mpirun(&["inspect", s(&policy)]);
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("does not run data-parallel"));
+}
+
+/// Waits until the run writing `out` has logged a step, then sends SIGTERM
+/// to the process `pid(child)` names; returns the exit code and stderr.
+fn terminate_after_a_step(
+    child: std::process::Child,
+    out: &Path,
+    pid: impl Fn(&std::process::Child) -> u32,
+) -> (Option<i32>, String) {
+    let parent = out.parent().unwrap();
+    let prefix = format!(".{}.tmp-", out.file_name().unwrap().to_str().unwrap());
+    let start = Instant::now();
+    let logged = || {
+        std::fs::read_dir(parent).unwrap().flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with(&prefix)
+                && std::fs::metadata(e.path().join("metrics.jsonl")).is_ok_and(|m| m.len() > 0)
+        })
+    };
+    while !logged() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no step logged");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pid = pid(&child).to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(sent.unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The last rank mpirun started.
+fn last_rank(mpirun: &std::process::Child) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", mpirun.id()))
+        .unwrap_or_default();
+    let last = children.split_whitespace().last();
+    last.expect("mpirun started its ranks").parse().unwrap()
+}
+
+/// The steps the "stopped by SIGTERM at step N" lines of `stderr` name.
+fn stopped_steps(stderr: &str) -> Vec<usize> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split("stopped by SIGTERM at step ").nth(1))
+        .map(|rest| rest.split(';').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn assert_within_1e5(a: &Path, b: &Path) {
+    let (worst, bitwise) = relative_difference(a, b);
+    eprintln!(
+        "{}: largest relative difference {worst:e}, bitwise equal: {bitwise}",
+        a.display()
+    );
+    assert!(worst < 1e-5, "{}: differs by {worst:e}", a.display());
+}
+
+/// A LoRA sft of `m`'s policy into `out`, long enough to be stopped.
+fn lora_sft(m: &Micro) -> impl Fn(&Path, &str) -> Vec<String> {
+    let (policy, data) = (m.policy(), m.task.join("train.jsonl"));
+    move |out: &Path, dropout: &str| {
+        strings(&[
+            "sft",
+            "--model",
+            s(&policy),
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--steps",
+            "80",
+            "--batch-size",
+            "8",
+            "--grad-accum",
+            "2",
+            "--lora-rank",
+            "4",
+            "--lora-dropout",
+            dropout,
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "0",
+            "--save-state-every",
+            "0",
+        ])
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+const ADAPTER: &str = "adapter_model.safetensors";
+
+#[test]
+fn sigterm_to_one_rank_stops_both_after_one_step_and_one_process_resumes_it() {
+    let m = Micro::new("200", "8", "200");
+    let args = lora_sft(&m);
+    let (whole, cut) = (m.path("whole"), m.path("cut"));
+    mpirun_ok(&strs(&args(&whole, "0")));
+    let cut_args = args(&cut, "0");
+    let run = mpirun_command(&strs(&cut_args))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the signal reaches one rank; the other learns of it in the step's sum
+    let (code, err) = terminate_after_a_step(run, &cut, last_rank);
+    assert_ne!(code, Some(0), "{err}");
+    // mpirun ends the job when the first rank exits: the other's line may
+    // not come, its state is saved before either exits
+    let steps = stopped_steps(&err);
+    assert!(!steps.is_empty(), "no stop line: {err}");
+    assert!(steps.iter().all(|&s| s == steps[0]), "{err}");
+    assert!(!cut.exists());
+    assert!(m.path("cut.state").join("state.json").is_file());
+    assert!(crate::signals::staging_left(&m.path("")).is_empty());
+
+    let mut alone = cut_args.clone();
+    alone.push("--resume".into());
+    let out = crate::posttrain(&strs(&alone));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("saved by 2 process(es), continued by 1"),
+        "{said}"
+    );
+    assert_within_1e5(&whole.join(ADAPTER), &cut.join(ADAPTER));
+}
+
+#[test]
+fn a_state_of_one_process_resumes_on_two_ranks_unless_lora_dropout_draws_per_rank() {
+    let m = Micro::new("200", "8", "200");
+    let args = lora_sft(&m);
+    let stop = |out: &Path, dropout: &str| {
+        let child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
+            .args(args(out, dropout))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (code, stderr) = terminate_after_a_step(child, out, std::process::Child::id);
+        assert_eq!(code, Some(143), "{stderr}");
+        assert_eq!(stopped_steps(&stderr).len(), 1, "{stderr}");
+    };
+    let (whole, cut) = (m.path("whole"), m.path("cut"));
+    crate::ok(&strs(&args(&whole, "0")));
+    stop(&cut, "0");
+    let mut resumed = args(&cut, "0");
+    resumed.push("--resume".into());
+    mpirun_ok(&strs(&resumed));
+    assert_within_1e5(&whole.join(ADAPTER), &cut.join(ADAPTER));
+
+    let dropped = m.path("dropped");
+    stop(&dropped, "0.1");
+    let mut resumed = args(&dropped, "0.1");
+    resumed.push("--resume".into());
+    let out = mpirun(&strs(&resumed));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("dropped.state")
+            && err.contains("written by a run of 1 process(es), this one has 2")
+            && err.contains("--lora-dropout"),
+        "{err}"
+    );
 }

@@ -192,15 +192,17 @@ struct Rows {
 /// sampled tokens (the sampling budget cut to fit the context). With
 /// `close_cut`, a completion cut by the budget gets a closing
 /// `<end_of_turn>` target when there is room, so that stopping is learnt too.
+/// Row `r` draws from random stream `first + r`.
 pub fn complete(
     model: &Gemma2ForCausalLM,
     prompts: Vec<Vec<u32>>,
     sampling: &SamplingConfig,
     vocab: &Vocab,
     close_cut: bool,
+    first: u64,
 ) -> Rollouts {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let rows = Rows { first: 0, longest };
+    let rows = Rows { first, longest };
     complete_rows(model, prompts, sampling, vocab, close_cut, rows)
 }
 

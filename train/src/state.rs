@@ -39,6 +39,8 @@ pub struct Resume {
     pub state: LoopState,
     /// What `Optimizer::save_state` wrote.
     pub optimizer: PathBuf,
+    /// The number of processes of the run that saved it.
+    pub ranks: usize,
 }
 
 impl Resume {
@@ -120,6 +122,9 @@ pub struct StateDir {
     /// A directory of the output in progress to keep with the state (RLHF's
     /// snapshots), as `carried/`.
     pub carry: Option<std::path::PathBuf>,
+    /// Why the run's random draws depend on the ranks, when they do: its
+    /// state then resumes only on as many processes as saved it.
+    pub per_rank: Option<&'static str>,
 }
 
 /// Hard-links (or copies) every file under `from` to the same place under `to`.
@@ -156,6 +161,7 @@ impl StateDir {
             config: config.clone(),
             metrics: metrics.to_path_buf(),
             carry: None,
+            per_rank: None,
         }
     }
 
@@ -241,11 +247,11 @@ impl StateDir {
             v["world_size"].as_u64().unwrap_or(1) as usize,
             posttrain_dist::world().size(),
         );
-        if ranks != size {
+        if let Some(why) = self.per_rank.filter(|_| ranks != size) {
             return Err(StateError::File {
                 path: self.path.clone(),
                 reason: format!(
-                    "written by a run of {ranks} process(es), this one has {size}: resume with the same `mpirun -np {ranks}` (or delete it to start afresh)"
+                    "written by a run of {ranks} process(es), this one has {size}, and {why}: resume with the same `mpirun -np {ranks}` (or delete it to start afresh)"
                 ),
             });
         }
@@ -263,6 +269,7 @@ impl StateDir {
         let resume = Resume {
             state,
             optimizer: self.path.join(OPTIMIZER_STATE),
+            ranks,
         };
         Ok(Ok((model, resume, metrics)))
     }
@@ -308,8 +315,13 @@ impl StateDir {
         };
         Ok(match saved {
             Ok((model, r, rows)) => {
+                let size = posttrain_dist::world().size();
+                let on = match r.ranks == size {
+                    true => String::new(),
+                    false => format!(" (saved by {} process(es), continued by {size})", r.ranks),
+                };
                 eprintln!(
-                    "{stage}: resuming from {} at step {}",
+                    "{stage}: resuming from {} at step {}{on}",
                     self.path.display(),
                     r.state.step
                 );

@@ -129,8 +129,11 @@ pub struct At {
     /// The micro-batch within the step.
     pub micro: usize,
     pub micro_batches: usize,
-    /// This process's rank (its own random streams).
+    /// This process's rank.
     pub rank: usize,
+    /// The share's first row (or unit) within the micro-batch: where its
+    /// rows' random streams start, so that they do not depend on the ranks.
+    pub first: usize,
 }
 
 impl At {
@@ -527,18 +530,20 @@ pub fn train<M: Module, S: Stage<M>>(
             fraction: 1.0,
         };
         let mut sums = Sums::new(names);
-        let at = |micro| At {
+        let at = |micro, first| At {
             step,
             micro,
             micro_batches,
             rank: w.rank(),
+            first,
         };
         match stage.units_per_row() {
             None => {
                 for micro in 0..micro_batches {
                     let all = data.next_batch();
-                    let rows = &all[w.share(all.len())];
-                    run_share(stage, at(micro), rows, &model, &mut backward, &mut sums)?;
+                    let share = w.share(all.len());
+                    let (at, rows) = (at(micro, share.start), &all[share]);
+                    run_share(stage, at, rows, &model, &mut backward, &mut sums)?;
                 }
             }
             Some(k) => {
@@ -546,6 +551,7 @@ pub fn train<M: Module, S: Stage<M>>(
                 let all = data.next_batch();
                 let share = w.share(all.len());
                 let units = share.len() * k;
+                let draw_first = share.start * k;
                 let draw = Draw { all: &all, share };
                 stage.prepare(step, draw, &model)?;
                 let per_micro = k * (units / k.max(1)).div_ceil(micro_batches).max(1);
@@ -558,7 +564,8 @@ pub fn train<M: Module, S: Stage<M>>(
                 for micro in 0..rounds {
                     let rows: Vec<usize> =
                         (micro * per_micro..((micro + 1) * per_micro).min(units)).collect();
-                    run_share(stage, at(micro), &rows, &model, &mut backward, &mut sums)?;
+                    let at = at(micro, draw_first + micro * per_micro);
+                    run_share(stage, at, &rows, &model, &mut backward, &mut sums)?;
                 }
             }
         }
@@ -633,6 +640,8 @@ pub fn train<M: Module, S: Stage<M>>(
             .map_err(LoopError::from)?;
         }
         if let Some(signal) = signal {
+            // no rank ends (and has mpirun end the others) before rank 0 saved
+            w.sum_f64(&mut [0.0]);
             progress.finish();
             crate::stop::mark_stopped(step + 1);
             return Err(LoopError::Stopped {
