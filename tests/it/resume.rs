@@ -446,40 +446,43 @@ fn a_second_sigterm_ends_the_run_at_once_and_resume_continues_from_the_last_save
 
 #[test]
 fn sigterm_stops_rlhf_with_its_anchor_and_snapshots_and_resume_equals_the_unbroken_run() {
-    let m = Micro::new("200", "8", "200");
-    let policy = m.policy();
-    let prompts = m.task.join("train_prompts.jsonl");
-    let args = |out: &std::path::Path| -> Vec<String> {
-        let args = [
-            "rlhf",
-            "--policy",
-            s(&policy),
-            "--task-reward",
-            "--prompts",
-            s(&prompts),
-            "--out",
-            s(out),
-            "--steps",
-            "60",
-            "--prompts-per-step",
-            "8",
-            "--max-new-tokens",
-            "12",
-            "--lr",
-            "3e-3",
-            "--save-state-every",
-            "0",
-            "--snapshot-every",
-            "2",
-        ];
-        args.map(String::from).to_vec()
-    };
     let files = [
         "model.safetensors",
         "snapshots/step-000002/model.safetensors",
         "snapshots/step-000058/model.safetensors",
     ];
-    sigterm_and_resume(&m, "rlhf", args, &files, (When::AfterAStep, 1));
+    // within a step, then while a state save (every step) is being written
+    for (save_every, when) in [("0", When::AfterAStep), ("1", When::DuringAStateSave)] {
+        let m = Micro::new("200", "8", "200");
+        let policy = m.policy();
+        let prompts = m.task.join("train_prompts.jsonl");
+        let args = |out: &std::path::Path| -> Vec<String> {
+            let args = [
+                "rlhf",
+                "--policy",
+                s(&policy),
+                "--task-reward",
+                "--prompts",
+                s(&prompts),
+                "--out",
+                s(out),
+                "--steps",
+                "60",
+                "--prompts-per-step",
+                "8",
+                "--max-new-tokens",
+                "12",
+                "--lr",
+                "3e-3",
+                "--save-state-every",
+                save_every,
+                "--snapshot-every",
+                "2",
+            ];
+            args.map(String::from).to_vec()
+        };
+        sigterm_and_resume(&m, "rlhf", args, &files, (when, 1));
+    }
 }
 
 #[test]
