@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::pipeline::Micro;
-use crate::{ok, s, safetensors_f32, stderr};
+use crate::{ok, relative_difference, s, stderr};
 
 /// `posttrain args` on two ranks.
 fn mpirun(args: &[&str]) -> Output {
@@ -39,28 +39,6 @@ fn mpirun_ok(args: &[&str]) {
         "mpirun posttrain {args:?} failed: {}",
         stderr(&out)
     );
-}
-
-/// The largest difference of two runs' tensors relative to the tensor's
-/// largest magnitude; also whether every bit is equal.
-fn relative_difference(a: &Path, b: &Path) -> (f64, bool) {
-    let (a, b) = (safetensors_f32(a), safetensors_f32(b));
-    assert_eq!(
-        a.iter().map(|t| &t.0).collect::<Vec<_>>(),
-        b.iter().map(|t| &t.0).collect::<Vec<_>>()
-    );
-    let mut worst = 0f64;
-    for ((name, x), (_, y)) in a.iter().zip(&b) {
-        let scale = x
-            .iter()
-            .fold(0f64, |m, v| m.max(f64::from(v.abs())))
-            .max(1e-12);
-        for (p, q) in x.iter().zip(y) {
-            assert!(p.is_finite() && q.is_finite(), "{name}");
-            worst = worst.max(f64::from((p - q).abs()) / scale);
-        }
-    }
-    (worst, a == b)
 }
 
 /// One process into `one`, two ranks into `two`, same arguments; the
