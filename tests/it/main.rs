@@ -12,7 +12,7 @@ mod mpi;
 mod orpo;
 mod pipeline;
 mod quantized;
-mod resume;
+pub(crate) mod resume;
 mod rlhf;
 pub(crate) mod signals;
 

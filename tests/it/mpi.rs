@@ -475,33 +475,15 @@ fn ranks_refuse_what_they_cannot_split_and_commands_that_do_not_split() {
 }
 
 /// Waits until the run writing `out` has logged a step, then sends SIGTERM
-/// to the process `pid(child)` names; returns the exit code and stderr.
+/// to the process `to(child)` names; returns the exit code and stderr.
 fn terminate_after_a_step(
     child: std::process::Child,
     out: &Path,
-    pid: impl Fn(&std::process::Child) -> u32,
+    to: impl Fn(&std::process::Child) -> u32,
 ) -> (Option<i32>, String) {
-    let parent = out.parent().unwrap();
-    let prefix = format!(".{}.tmp-", out.file_name().unwrap().to_str().unwrap());
-    let start = Instant::now();
-    let logged = || {
-        std::fs::read_dir(parent).unwrap().flatten().any(|e| {
-            e.file_name().to_string_lossy().starts_with(&prefix)
-                && std::fs::metadata(e.path().join("metrics.jsonl")).is_ok_and(|m| m.len() > 0)
-        })
-    };
-    while !logged() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no step logged");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let pid = pid(&child).to_string();
-    let sent = Command::new("kill").args(["-TERM", &pid]).status();
-    assert!(sent.unwrap().success());
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let once = (crate::resume::When::AfterAStep, 1);
+    let (status, stderr) = crate::resume::terminate(child, out, once, to);
+    (status.code(), stderr)
 }
 
 /// The last rank mpirun started.

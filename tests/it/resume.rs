@@ -1,7 +1,7 @@
 //! A training run killed with SIGKILL at a random moment and resumed ends
 //! with the checkpoint of the run that was never interrupted, bit for bit.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::pipeline::Micro;
@@ -283,7 +283,7 @@ fn killed_and_resumed_lora_sft_equals_the_uninterrupted_run() {
 
 /// When the signals go to a run.
 #[derive(Clone, Copy)]
-enum When {
+pub(crate) enum When {
     /// After its first logged step (its staging directory holds a metrics
     /// row): in the step that follows, or its eval.
     AfterAStep,
@@ -291,13 +291,14 @@ enum When {
     DuringAStateSave,
 }
 
-/// Waits for `when` in the run writing `out`, then sends it `signals`
-/// SIGTERMs 20 ms apart; returns its exit status and stderr.
-fn terminate(
+/// Waits for `when` in the run writing `out`, then sends `signals`
+/// SIGTERMs 20 ms apart to the process `to(child)` names (the child itself,
+/// or one of mpirun's ranks); returns the child's exit status and stderr.
+pub(crate) fn terminate(
     child: std::process::Child,
     out: &std::path::Path,
-    when: When,
-    signals: usize,
+    (when, signals): (When, usize),
+    to: impl Fn(&std::process::Child) -> u32,
 ) -> (std::process::ExitStatus, String) {
     let parent = out.parent().unwrap();
     let name = out.file_name().unwrap().to_str().unwrap();
@@ -322,7 +323,7 @@ fn terminate(
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-    let pid = child.id().to_string();
+    let pid = to(&child).to_string();
     for i in 0..signals {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(20));
@@ -356,7 +357,7 @@ fn sigterm_and_resume(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (status, stderr) = terminate(child, &cut, when, signals);
+    let (status, stderr) = terminate(child, &cut, (when, signals), Child::id);
     assert_eq!(status.code(), Some(143), "{stderr}");
     let line = stderr
         .lines()
@@ -515,7 +516,7 @@ fn a_truncated_or_corrupt_state_is_refused_in_one_line_naming_the_file() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (status, _) = terminate(child, &out, When::AfterAStep, 1);
+    let (status, _) = terminate(child, &out, (When::AfterAStep, 1), Child::id);
     assert_eq!(status.code(), Some(143));
     let state = m.path("out.state");
     let saved = m.path("saved.state");

@@ -94,21 +94,20 @@ fn sigterm_stops_a_data_stage_at_once_and_leaves_its_old_output() {
         .map(String::from)
         .to_vec()
     };
-    data_stage_stops_at_once(&m, "generate", |out| {
-        let mut a = vec!["generate".into(), "--model".into(), s(&policy).into()];
-        a.extend(common(out));
-        a
-    });
-    data_stage_stops_at_once(&m, "data prefs", |out| {
-        let mut a = vec![
-            "data".into(),
-            "prefs".into(),
-            "--policy".into(),
-            s(&policy).into(),
-        ];
-        a.extend(common(out));
-        a
-    });
+    let commands: [(&str, &[&str]); 4] = [
+        ("generate", &["generate", "--model"]),
+        ("data prefs", &["data", "prefs", "--policy"]),
+        ("sample", &["sample", "--model"]),
+        ("eval", &["eval", "--checkpoints"]),
+    ];
+    for (stage, head) in commands {
+        data_stage_stops_at_once(&m, stage, |out| {
+            let mut a: Vec<String> = head.iter().map(|h| h.to_string()).collect();
+            a.push(s(&policy).into());
+            a.extend(common(out));
+            a
+        });
+    }
 }
 
 /// `posttrain args` with writes limited to `kib` KiB and SIGXFSZ ignored,
