@@ -16,8 +16,21 @@ pub struct Cli {
     #[arg(long, global = true, env = "POSTTRAIN_BACKEND", value_enum, default_value_t = Backend::Flex)]
     pub backend: Backend,
 
+    /// Pad every batch to a multiple of N tokens (masked: results do not change). GPU backends
+    /// compile and autotune kernels per shape, so a few lengths bound their number
+    /// [default: 1 on CPU backends, 32 on GPU backends]
+    #[arg(long, global = true, env = "POSTTRAIN_LENGTH_MULTIPLE", value_parser = clap::value_parser!(u64).range(1..))]
+    pub length_multiple: Option<u64>,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Backend {
+    /// Whether kernels are compiled per shape at run time.
+    pub fn compiles_kernels(self) -> bool {
+        !matches!(self, Backend::Flex | Backend::Ndarray)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -92,6 +92,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         eprintln!("{name}: data-parallel over {size} processes");
     }
+    let multiple = match (cli.length_multiple, cli.backend.compiles_kernels()) {
+        (Some(n), _) => n as usize,
+        (None, true) => 32,
+        (None, false) => 1,
+    };
+    posttrain_model::pad_lengths_to(multiple);
     let env = &backend::Env::new(cli.backend);
     match cli.command {
         Command::Data(command) => commands::data::run(command, env),

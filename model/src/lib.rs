@@ -50,4 +50,4 @@ pub use init::{CheckpointSource, RandomInit};
 pub use lora::{Adapter, LoraConfig};
 pub use provenance::Provenance;
 pub use safetensors_io::{HostTensor, SaveDtype, Weights};
-pub use tokens::{Padding, TokenBatch};
+pub use tokens::{Padding, TokenBatch, distinct_shapes, pad_lengths_to};

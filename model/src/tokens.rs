@@ -2,6 +2,10 @@
 //! ids (pads do not advance the position, as in `transformers`' generate) and
 //! the attention masks.
 
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -20,9 +24,29 @@ pub enum Padding {
     Right,
 }
 
+static LENGTH_MULTIPLE: AtomicUsize = AtomicUsize::new(1);
+static SHAPES: Mutex<BTreeSet<(usize, usize)>> = Mutex::new(BTreeSet::new());
+
+/// Pads every batch made by [`TokenBatch::new`] from now on to a multiple of
+/// `n` tokens: GPU backends compile (and autotune) kernels per shape, and a
+/// few lengths bound how many. Padding is masked, so results do not change.
+pub fn pad_lengths_to(n: usize) {
+    LENGTH_MULTIPLE.store(n.max(1), Ordering::SeqCst);
+}
+
+/// How many distinct `[batch, len]` shapes [`TokenBatch::new`] has made.
+pub fn distinct_shapes() -> usize {
+    SHAPES.lock().unwrap_or_else(|e| e.into_inner()).len()
+}
+
 impl TokenBatch {
     pub fn new(rows: &[Vec<u32>], pad_id: u32, padding: Padding) -> Self {
-        let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let len = longest.next_multiple_of(LENGTH_MULTIPLE.load(Ordering::SeqCst));
+        SHAPES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((rows.len(), len));
         let mut ids = Vec::with_capacity(rows.len() * len);
         let mut valid = Vec::with_capacity(rows.len() * len);
         for row in rows {

@@ -235,6 +235,12 @@ impl<'a> Training<'a> {
     ) -> Result<PathBuf> {
         let provenance = super::lora_provenance::<M>(provenance, self.lora, base)?;
         let seed = Some(self.run.seed);
+        let mut report = report;
+        if let Some(fields) = report.as_object_mut() {
+            // each a kernel set to compile on GPU backends (see --length-multiple)
+            let shapes = posttrain_model::distinct_shapes();
+            fields.insert("batch_shapes".into(), shapes.into());
+        }
         let out = super::finish_checkpoint(
             self.writer,
             model,

@@ -10,6 +10,7 @@ mod makefile;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod orpo;
+mod padding;
 mod pipeline;
 mod quantized;
 pub(crate) mod resume;
