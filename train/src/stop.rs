@@ -6,6 +6,7 @@
 //! `mpirun` the ranks of a training loop agree through one sum per step, so
 //! every rank stops after the same step.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
@@ -61,7 +62,14 @@ fn exit_now(signal: i32, second: bool) -> ! {
         false => line += &format!("; not written: {}", targets.join(", ")),
     }
     if GRACEFUL.load(Ordering::SeqCst) {
-        line += "; --resume continues from the last saved state";
+        // a training run's state sits beside its output: OUT.state
+        let saved = targets
+            .iter()
+            .find(|t| Path::new(&format!("{t}.state")).is_dir());
+        line += &match saved {
+            Some(t) => format!("; --resume continues from {t}.state, its last save"),
+            None => "; no state was saved yet".into(),
+        };
     }
     eprintln!("{line}");
     signal_hook::low_level::exit(128 + signal)
