@@ -16,6 +16,8 @@ mod quantized;
 pub(crate) mod resume;
 mod rlhf;
 pub(crate) mod signals;
+#[cfg(feature = "wgpu")]
+mod wgpu;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
