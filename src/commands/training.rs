@@ -230,12 +230,11 @@ impl<'a> Training<'a> {
         provenance: Provenance,
         base: &Path,
         parents: &[Option<&Path>],
-        report: Value,
+        mut report: Value,
         state: StateDir,
     ) -> Result<PathBuf> {
         let provenance = super::lora_provenance::<M>(provenance, self.lora, base)?;
         let seed = Some(self.run.seed);
-        let mut report = report;
         if let Some(fields) = report.as_object_mut() {
             // each a kernel set to compile on GPU backends (see --length-multiple)
             let shapes = posttrain_model::distinct_shapes();

@@ -395,10 +395,9 @@ fn sft_to_stop(m: &Micro, steps: &str, extra: &[&str]) -> impl Fn(&std::path::Pa
     let policy = m.policy();
     let data = m.task.join("train.jsonl");
     let steps = steps.to_string();
+    // the held-out pairs are read always, evaluated when `--eval-every` says
     let mut extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
-    if extra.iter().any(|a| a == "--eval-every") {
-        extra.extend(["--eval".into(), s(&m.task.join("eval.jsonl")).into()]);
-    }
+    extra.extend(["--eval".into(), s(&m.task.join("eval.jsonl")).into()]);
     move |out: &std::path::Path| -> Vec<String> {
         let args = [
             "sft",
@@ -492,28 +491,8 @@ fn sigterm_stops_rlhf_with_its_anchor_and_snapshots_and_resume_equals_the_unbrok
 #[test]
 fn a_truncated_or_corrupt_state_is_refused_in_one_line_naming_the_file() {
     let m = Micro::new("200", "8", "200");
-    let policy = m.policy();
-    let data = m.task.join("train.jsonl");
     let out = m.path("out");
-    let args: Vec<String> = [
-        "sft",
-        "--model",
-        s(&policy),
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--steps",
-        "400",
-        "--batch-size",
-        "8",
-        "--eval-every",
-        "0",
-        "--save-state-every",
-        "0",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = sft_to_stop(&m, "400", &["--eval-every", "0", "--save-state-every", "0"])(&out);
     let child = Command::new(env!("CARGO_BIN_EXE_posttrain"))
         .args(&args)
         .stderr(Stdio::piped())
