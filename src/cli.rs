@@ -22,6 +22,13 @@ pub struct Cli {
     #[arg(long, global = true, env = "POSTTRAIN_LENGTH_MULTIPLE", value_parser = clap::value_parser!(u64).range(1..))]
     pub length_multiple: Option<u64>,
 
+    /// Where sampling draws its tokens: `host` reads each step's logits back and draws from the
+    /// exact distribution; `device` draws by Gumbel-max on the device and reads back only the
+    /// token ids (same distribution, other samples for the same seed; greedy decoding is the
+    /// same) [default: host on CPU backends, device on GPU backends]
+    #[arg(long, global = true, env = "POSTTRAIN_SAMPLE_ON", value_enum)]
+    pub sample_on: Option<SampleOn>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -31,6 +38,12 @@ impl Backend {
     pub fn compiles_kernels(self) -> bool {
         !matches!(self, Backend::Flex | Backend::Ndarray)
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SampleOn {
+    Host,
+    Device,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -98,6 +98,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (None, false) => 1,
     };
     posttrain_model::pad_lengths_to(multiple);
+    let on_device = match cli.sample_on {
+        Some(place) => place == cli::SampleOn::Device,
+        None => cli.backend.compiles_kernels(),
+    };
+    posttrain_model::sample_on_device(on_device);
     let env = &backend::Env::new(cli.backend);
     match cli.command {
         Command::Data(command) => commands::data::run(command, env),

@@ -1,12 +1,17 @@
 //! Batched, KV-cached sampling: left-padded prompts, one forward pass over
 //! all prompts, then one column per step. Temperature, top-k and top-p are
-//! applied on the host to the last column's logits; each row draws from its
-//! own seeded stream, so a row's sample does not depend on its batch-mates.
+//! applied to the last column's logits on the host (CPU backends: the exact
+//! distribution in f64) or on the device ([`crate::gumbel`], GPU backends:
+//! only token ids are read back); each row draws from its own seeded stream,
+//! so a row's sample does not depend on its batch-mates.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::gemma2::{Gemma2ForCausalLM, KvCache};
+use crate::gumbel::{self, step_key};
 use crate::tokens::{Padding, TokenBatch};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +62,14 @@ impl Completion {
             FinishReason::Length => &self.tokens,
         }
     }
+}
+
+static SAMPLE_ON_DEVICE: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`generate`] draws on the device (Gumbel-max, ids read back) or
+/// on the host (logits read back); for the whole process.
+pub fn sample_on_device(on: bool) {
+    SAMPLE_ON_DEVICE.store(on, Ordering::Relaxed);
 }
 
 /// Seed of row `row`'s stream (SplitMix64 of seed and row).
@@ -155,28 +168,40 @@ pub fn generate(
     if n == 0 || config.max_new_tokens == 0 {
         return out;
     }
-    let mut rngs: Vec<StdRng> = (0..n)
-        .map(|r| StdRng::seed_from_u64(row_seed(config.seed, first_row + r as u64)))
+    let streams: Vec<u64> = (0..n)
+        .map(|r| row_seed(config.seed, first_row + r as u64))
         .collect();
+    let mut rngs: Vec<StdRng> = streams.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
+    let on_device = SAMPLE_ON_DEVICE.load(Ordering::Relaxed);
     let vocab = model.vocab_size();
     let mut batch = TokenBatch::new(prompts, pad_id, Padding::Left);
     let mut cache = KvCache::new(&model.model, n).reserving(batch.len + config.max_new_tokens);
     let mut done = vec![false; n];
-    for _ in 0..config.max_new_tokens {
-        let logits = model
-            .next_logits(&batch, &mut cache)
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .expect("f32 logits");
+    for step in 0..config.max_new_tokens {
+        let logits = model.next_logits(&batch, &mut cache);
+        let drawn: Vec<u32> = if on_device {
+            let keys: Vec<i64> = streams.iter().map(|&s| step_key(s, step as u64)).collect();
+            gumbel::draw(logits, config, &keys)
+        } else {
+            let logits = logits
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .expect("f32 logits");
+            (0..n)
+                .map(|r| match done[r] {
+                    true => pad_id,
+                    false => sample(&logits[r * vocab..(r + 1) * vocab], config, &mut rngs[r]),
+                })
+                .collect()
+        };
         let mut next = Vec::with_capacity(n);
         let mut valid = Vec::with_capacity(n);
-        for r in 0..n {
+        for (r, token) in drawn.into_iter().enumerate() {
             if done[r] {
                 next.push(pad_id);
                 valid.push(false);
                 continue;
             }
-            let token = sample(&logits[r * vocab..(r + 1) * vocab], config, &mut rngs[r]);
             out[r].tokens.push(token);
             if config.stop_ids.contains(&token) {
                 out[r].finish = FinishReason::Stop;

@@ -9,6 +9,7 @@ mod error;
 mod frozen_linear;
 pub mod gemma2;
 pub mod generate;
+mod gumbel;
 mod init;
 pub mod kernels;
 mod layers;
@@ -45,6 +46,7 @@ pub use error::ModelError;
 pub use gemma2::{Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2Model, KvCache, Trace};
 pub use generate::{
     Completion, FinishReason, SamplingConfig, generate, generate_batches, generate_batches_shared,
+    sample_on_device,
 };
 pub use init::{CheckpointSource, RandomInit};
 pub use lora::{Adapter, LoraConfig};
