@@ -73,7 +73,7 @@ pub fn sample_on_device(on: bool) {
 }
 
 /// Seed of row `row`'s stream (SplitMix64 of seed and row).
-fn row_seed(seed: u64, row: u64) -> u64 {
+pub(crate) fn row_seed(seed: u64, row: u64) -> u64 {
     let mut z = seed ^ row.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -15,7 +15,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::generate::SamplingConfig;
+use crate::generate::{SamplingConfig, row_seed};
 
 const MASK31: i64 = 0x7FFF_FFFF;
 const MUL: i64 = 0x045D_9F3B;
@@ -42,10 +42,7 @@ fn mix_host(x: i64) -> i64 {
 
 /// Row `stream`'s 31-bit key at decoding step `step`.
 pub(crate) fn step_key(stream: u64, step: u64) -> i64 {
-    let mut z = stream ^ step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 33) as i64
+    (row_seed(stream, step + 1) >> 33) as i64
 }
 
 /// Uniforms in (0, 1) for token ids `ids` `[n, w]` of rows keyed `keys` `[n, 1]`.

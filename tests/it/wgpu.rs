@@ -273,32 +273,32 @@ fn every_stage_runs_on_wgpu_as_on_flex() {
         "{out}",
     ];
     tables_close("eval", &both(&m, "eval.jsonl", &eval), 1e-3);
-    let sample = [
-        "sample",
-        "--model",
-        student,
-        "--prompts",
-        s(&eval_prompts),
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "12",
-        "--out",
-        "{out}",
-    ];
-    let sampled = both(&m, "sampled.jsonl", &sample);
+    let sample = |file: &str, how: &[&str]| {
+        let args = [
+            &[
+                "sample",
+                "--model",
+                student,
+                "--prompts",
+                s(&eval_prompts),
+                "--max-new-tokens",
+                "12",
+                "--out",
+                "{out}",
+            ][..],
+            how,
+        ]
+        .concat();
+        both(&m, file, &args)
+    };
+    let sampled = sample("sampled.jsonl", &["--temperature", "0"]);
     assert_eq!(
         std::fs::read(&sampled[0]).unwrap(),
         std::fs::read(&sampled[1]).unwrap(),
         "greedy samples differ"
     );
-    let seeded = [
-        &sample[..8],
-        &["1", "--top-k", "20", "--top-p", "0.9"],
-        &sample[9..],
-    ]
-    .concat();
-    let sampled = both(&m, "seeded.jsonl", &seeded);
+    let how = ["--temperature", "1", "--top-k", "20", "--top-p", "0.9"];
+    let sampled = sample("seeded.jsonl", &how);
     assert_eq!(
         std::fs::read(&sampled[0]).unwrap(),
         std::fs::read(&sampled[1]).unwrap(),
