@@ -9,6 +9,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use posttrain_datasets::{ChatTokenizer, DataError, Example, Preference};
 use posttrain_model::Gemma2ForCausalLM;
+use posttrain_model::params::device_of;
 use posttrain_train::logprobs::{batch_of, logprob_sums, sequence_logprobs};
 use posttrain_train::{
     At, LoopError, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step,
@@ -158,7 +159,7 @@ pub fn evaluate(
     cfg: &DpoConfig,
 ) -> PreferenceStats {
     let (c, r) = pair_logprobs(model, pairs, pad, 2 * cfg.batch_size);
-    let device = Device::default();
+    let device = device_of(model);
     let h = margins(
         tensor(&c, &device),
         tensor(&r, &device),

@@ -16,7 +16,7 @@ mod quantized;
 pub(crate) mod resume;
 mod rlhf;
 pub(crate) mod signals;
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "wgpu-tests")]
 mod wgpu;
 
 use std::path::{Path, PathBuf};

@@ -77,7 +77,7 @@ fn data_stage_stops_at_once(m: &Micro, stage: &str, args: impl Fn(&Path) -> Vec<
 
 #[test]
 fn sigterm_stops_a_data_stage_at_once_and_leaves_its_old_output() {
-    let m = Micro::new("3000", "8", "200");
+    let m = Micro::new("30000", "8", "200");
     let policy = m.policy();
     let prompts = m.task.join("train_prompts.jsonl");
     let common = |out: &Path| -> Vec<String> {
