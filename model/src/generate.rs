@@ -72,6 +72,15 @@ pub fn sample_on_device(on: bool) {
     SAMPLE_ON_DEVICE.store(on, Ordering::Relaxed);
 }
 
+/// Where [`generate`] draws: `"device"` or `"host"`.
+pub fn sampling_place() -> &'static str {
+    if SAMPLE_ON_DEVICE.load(Ordering::Relaxed) {
+        "device"
+    } else {
+        "host"
+    }
+}
+
 /// Seed of row `row`'s stream (SplitMix64 of seed and row).
 pub(crate) fn row_seed(seed: u64, row: u64) -> u64 {
     let mut z = seed ^ row.wrapping_mul(0x9E37_79B9_7F4A_7C15);

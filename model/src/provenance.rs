@@ -29,6 +29,9 @@ pub struct Provenance {
     pub params: Value,
     pub seed: Option<u64>,
     pub backend: String,
+    /// Where samples were drawn (`--sample-on`): `host` or `device`.
+    #[serde(default = "host")]
+    pub sample_on: String,
     pub metrics: Value,
     pub posttrain_version: String,
     /// Processes that ran the stage (ranks of `mpirun`; 1 without).
@@ -54,6 +57,10 @@ fn one() -> usize {
     1
 }
 
+fn host() -> String {
+    "host".into()
+}
+
 impl Provenance {
     pub fn new(stage: &str, backend: &str, params: Value) -> Self {
         Self {
@@ -62,6 +69,7 @@ impl Provenance {
             params,
             seed: None,
             backend: backend.to_string(),
+            sample_on: crate::generate::sampling_place().to_string(),
             metrics: Value::Object(Default::default()),
             posttrain_version: env!("CARGO_PKG_VERSION").to_string(),
             world_size: posttrain_dist::world().size(),

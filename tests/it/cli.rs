@@ -63,6 +63,57 @@ fn sampling_is_reproducible_and_seeded() {
     assert_eq!(a[1]["prompt"], "Reverse the word <start_of_turn>.");
 }
 
+/// `--sample-on device` on the CPU: the Gumbel-max draw is seeded per prompt
+/// as the host's is, greedy decoding is the same argmax, and the output's
+/// provenance says where the samples were drawn.
+#[test]
+fn device_sampling_is_seeded_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let place = |name: &str| -> String {
+        let p = dir.path().join(format!("{name}.posttrain.json"));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        v["sample_on"].as_str().unwrap().to_string()
+    };
+    let seeded = [
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "5",
+        "--sample-on",
+        "device",
+    ];
+    let a = sample(dir.path(), "a.jsonl", &seeded);
+    let b = sample(
+        dir.path(),
+        "b.jsonl",
+        &[&seeded[..], &["--batch-size", "1"]].concat(),
+    );
+    assert_eq!(a, b, "each prompt has its own stream on the device too");
+    let other = sample(
+        dir.path(),
+        "c.jsonl",
+        &[
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "6",
+            "--sample-on",
+            "device",
+        ],
+    );
+    assert_ne!(a, other, "another seed, other samples");
+    assert_eq!(place("a.jsonl"), "device");
+    let greedy = ["--max-new-tokens", "12", "--temperature", "0"];
+    let host = sample(dir.path(), "host.jsonl", &greedy);
+    let device = sample(
+        dir.path(),
+        "device.jsonl",
+        &[&greedy[..], &["--sample-on", "device"]].concat(),
+    );
+    assert_eq!(host, device, "greedy decoding is the same argmax");
+    assert_eq!(place("host.jsonl"), "host");
+}
+
 #[test]
 fn greedy_sampling_with_one_prompt_on_stdout() {
     let out = ok(&[
