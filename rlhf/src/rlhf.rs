@@ -12,7 +12,8 @@ use posttrain_datasets::Example;
 use posttrain_model::params::{ParamMap, param_map, trainable_param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::logprobs::{
-    SequenceLogprobs, batch_of, logprob_sums, per_example, sequence_logprobs, token_logprobs,
+    SequenceLogprobs, batch_of, logprob_sums, logprob_sums_and_tokens, per_example,
+    sequence_logprobs,
 };
 use posttrain_train::rollout::{PromptSet, Rollouts, roll_out_share};
 use posttrain_train::{
@@ -278,15 +279,21 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
 
         // log-probs under the anchor and the init
         let t = Instant::now();
-        let anchor_lp = logprob_sums(&self.anchor, &rollouts.examples, pad, cfg.batch_size);
+        // (per token too when the estimator or the loss needs them: one pass)
+        let per_token = cfg.kl_estimator != KlEstimator::K1 || cfg.kl_in == KlIn::Loss;
+        let (anchor_lp, anchor_tokens) = if per_token {
+            let (sums, tokens) =
+                logprob_sums_and_tokens(&self.anchor, &rollouts.examples, pad, cfg.batch_size);
+            (sums, Some(tokens))
+        } else {
+            let sums = logprob_sums(&self.anchor, &rollouts.examples, pad, cfg.batch_size);
+            (sums, None)
+        };
         let init_lp = match cfg.anchor {
             Anchor::Sft => anchor_lp.clone(),
             Anchor::Ema => logprob_sums(&self.init, &rollouts.examples, pad, cfg.batch_size),
         };
         let logprob_s = t.elapsed().as_secs_f64();
-        let per_token = cfg.kl_estimator != KlEstimator::K1 || cfg.kl_in == KlIn::Loss;
-        let anchor_tokens = per_token
-            .then(|| token_logprobs(&self.anchor, &rollouts.examples, pad, cfg.batch_size));
         self.step = Some(StepParts {
             true_scores: rollouts.true_scores(prompts),
             lengths: rollouts.lengths(),

@@ -64,45 +64,33 @@ fn sampling_is_reproducible_and_seeded() {
 }
 
 /// `--sample-on device` on the CPU: the Gumbel-max draw is seeded per prompt
-/// as the host's is, greedy decoding is the same argmax, and the output's
-/// provenance says where the samples were drawn.
+/// as the host's is, greedy decoding is the same argmax, and a data file's
+/// provenance says where its samples were drawn.
 #[test]
 fn device_sampling_is_seeded_and_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let place = |name: &str| -> String {
-        let p = dir.path().join(format!("{name}.posttrain.json"));
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
-        v["sample_on"].as_str().unwrap().to_string()
-    };
-    let seeded = [
-        "--max-new-tokens",
-        "12",
-        "--seed",
-        "5",
-        "--sample-on",
-        "device",
-    ];
-    let a = sample(dir.path(), "a.jsonl", &seeded);
-    let b = sample(
-        dir.path(),
-        "b.jsonl",
-        &[&seeded[..], &["--batch-size", "1"]].concat(),
-    );
-    assert_eq!(a, b, "each prompt has its own stream on the device too");
-    let other = sample(
-        dir.path(),
-        "c.jsonl",
-        &[
+    let on_device = |seed: &'static str| {
+        vec![
             "--max-new-tokens",
             "12",
             "--seed",
-            "6",
+            seed,
             "--sample-on",
             "device",
-        ],
+        ]
+    };
+    let a = sample(dir.path(), "a.jsonl", &on_device("5"));
+    let b = sample(
+        dir.path(),
+        "b.jsonl",
+        &[on_device("5"), vec!["--batch-size", "1"]].concat(),
     );
-    assert_ne!(a, other, "another seed, other samples");
-    assert_eq!(place("a.jsonl"), "device");
+    assert_eq!(a, b, "each prompt has its own stream on the device too");
+    assert_ne!(
+        a,
+        sample(dir.path(), "c.jsonl", &on_device("6")),
+        "another seed, other samples"
+    );
     let greedy = ["--max-new-tokens", "12", "--temperature", "0"];
     let host = sample(dir.path(), "host.jsonl", &greedy);
     let device = sample(
@@ -111,7 +99,32 @@ fn device_sampling_is_seeded_and_recorded() {
         &[&greedy[..], &["--sample-on", "device"]].concat(),
     );
     assert_eq!(host, device, "greedy decoding is the same argmax");
-    assert_eq!(place("host.jsonl"), "host");
+
+    let (model, prompts) = (fixture(), prompts(dir.path()));
+    let place = |extra: &[&str]| -> String {
+        let out = dir.path().join(format!("generated-{}.jsonl", extra.len()));
+        let args = [
+            &[
+                "generate",
+                "--model",
+                s(&model),
+                "--prompts",
+                s(&prompts),
+                "--out",
+                s(&out),
+            ][..],
+            &["--max-new-tokens", "4", "--topk", "2"],
+            extra,
+        ]
+        .concat();
+        ok(&args);
+        let mut name = out.into_os_string();
+        name.push(".posttrain.json");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(name).unwrap()).unwrap();
+        v["sample_on"].as_str().unwrap().to_string()
+    };
+    assert_eq!(place(&[]), "host");
+    assert_eq!(place(&["--sample-on", "device"]), "device");
 }
 
 #[test]

@@ -144,15 +144,7 @@ pub fn token_logprobs(
     pad: u32,
     batch_size: usize,
 ) -> Vec<Vec<f64>> {
-    let device = model.model.embed_tokens.weight.device();
-    let mut out = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let (batch, weights) = batch_of(chunk, pad, &device);
-        let tokens = sequence_logprobs(model, &batch, weights, false).tokens;
-        let values = tokens.into_data().try_into_vec_as::<f64>().expect("float");
-        out.extend(per_example(chunk, &values, batch.len));
-    }
-    out
+    logprobs_of(model, examples, pad, batch_size, true).1
 }
 
 /// Per-sequence log-probability sums under `model`, without gradients,
@@ -163,14 +155,47 @@ pub fn logprob_sums(
     pad: u32,
     batch_size: usize,
 ) -> Vec<f64> {
+    logprobs_of(model, examples, pad, batch_size, false).0
+}
+
+/// [`logprob_sums`] and [`token_logprobs`] of the same forward passes.
+pub fn logprob_sums_and_tokens(
+    model: &Gemma2ForCausalLM,
+    examples: &[Example],
+    pad: u32,
+    batch_size: usize,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    logprobs_of(model, examples, pad, batch_size, true)
+}
+
+fn logprobs_of(
+    model: &Gemma2ForCausalLM,
+    examples: &[Example],
+    pad: u32,
+    batch_size: usize,
+    per_token: bool,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
     let device = model.model.embed_tokens.weight.device();
-    let mut out = Vec::with_capacity(examples.len());
+    let (mut sums, mut tokens) = (Vec::with_capacity(examples.len()), Vec::new());
     for chunk in examples.chunks(batch_size.max(1)) {
         let (batch, weights) = batch_of(chunk, pad, &device);
-        let s = sequence_logprobs(model, &batch, weights, false).sums;
-        out.extend(s.into_data().try_into_vec_as::<f64>().expect("float sums"));
+        let lp = sequence_logprobs(model, &batch, weights, false);
+        sums.extend(
+            lp.sums
+                .into_data()
+                .try_into_vec_as::<f64>()
+                .expect("float sums"),
+        );
+        if per_token {
+            let values = lp
+                .tokens
+                .into_data()
+                .try_into_vec_as::<f64>()
+                .expect("float");
+            tokens.extend(per_example(chunk, &values, batch.len));
+        }
     }
-    out
+    (sums, tokens)
 }
 
 #[cfg(test)]
@@ -261,6 +286,34 @@ mod tests {
                 let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
                 assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale));
             }
+        }
+    }
+
+    /// One pass gives the sums and the per-token values that the two
+    /// functions give apart, and each sum is its tokens' sum.
+    #[test]
+    fn sums_and_tokens_of_one_pass_equal_the_passes_apart() {
+        let device = Device::default();
+        let m = policy(&device, None);
+        let examples: Vec<Example> = (0..5u32)
+            .map(|i| {
+                let ids: Vec<u32> = (0..3 + i as usize)
+                    .map(|j| 6 + (i * 5 + j as u32 * 3) % 23)
+                    .collect();
+                let target = (0..ids.len()).map(|j| j >= 1 + i as usize % 2).collect();
+                Example {
+                    ids,
+                    target,
+                    topk: None,
+                }
+            })
+            .collect();
+        let (sums, tokens) = logprob_sums_and_tokens(&m, &examples, 0, 2);
+        assert_eq!(sums, logprob_sums(&m, &examples, 0, 2));
+        assert_eq!(tokens, token_logprobs(&m, &examples, 0, 2));
+        for ((s, t), e) in sums.iter().zip(&tokens).zip(&examples) {
+            assert_eq!(t.len(), e.target.iter().skip(1).filter(|&&x| x).count());
+            assert!((s - t.iter().sum::<f64>()).abs() < 1e-5, "{s} vs {t:?}");
         }
     }
 }
