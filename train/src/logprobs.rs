@@ -300,7 +300,7 @@ mod tests {
                 let ids: Vec<u32> = (0..3 + i as usize)
                     .map(|j| 6 + (i * 5 + j as u32 * 3) % 23)
                     .collect();
-                let target = (0..ids.len()).map(|j| j >= 1 + i as usize % 2).collect();
+                let target = (0..ids.len()).map(|j| j > i as usize % 2).collect();
                 Example {
                     ids,
                     target,
