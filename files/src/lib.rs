@@ -59,6 +59,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> std::io::Resu
     Ok(())
 }
 
+/// Swaps what `a` and `b` name in one step (Linux `renameat2` with
+/// `RENAME_EXCHANGE`), so a process killed at any moment leaves each name
+/// holding one whole directory. `Ok(false)`: the platform or file system
+/// cannot exchange, and nothing was done.
+pub fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(Error::other);
+        let (ca, cb) = (c(a)?, c(b)?);
+        // SAFETY: both are NUL-terminated paths that outlive the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(Error::new(
+                e.kind(),
+                format!("{} <-> {}: cannot exchange: {e}", a.display(), b.display()),
+            )),
+        };
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +119,27 @@ mod tests {
         assert_eq!(fs_err::read(&path).unwrap(), b"two");
         // nothing but the output is left in the directory
         assert_eq!(fs_err::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn exchange_swaps_two_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for (d, text) in [(&a, "old"), (&b, "new")] {
+            fs_err::create_dir(d).unwrap();
+            fs_err::write(d.join("f"), text).unwrap();
+        }
+        if exchange(&a, &b).unwrap() {
+            assert_eq!(fs_err::read_to_string(a.join("f")).unwrap(), "new");
+            assert_eq!(fs_err::read_to_string(b.join("f")).unwrap(), "old");
+        } else {
+            assert_eq!(fs_err::read_to_string(a.join("f")).unwrap(), "old");
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            let missing = dir.path().join("missing");
+            let err = exchange(&a, &missing).unwrap_err();
+            assert!(err.to_string().contains("missing: cannot exchange"), "{err}");
+        }
     }
 }

@@ -450,6 +450,11 @@ impl CheckpointWriter {
         let tmp = tmp.keep();
         let renamed = registration.commit(|| {
             if target.exists() {
+                // one atomic swap where the file system has it: a kill at
+                // any moment leaves the old or the new directory at `target`
+                if posttrain_files::exchange(&tmp, &target)? {
+                    return Ok(Some(tmp.clone()));
+                }
                 // unique like `tmp`: a run killed between the renames leaves
                 // its `.old` behind, which must not block the next commit
                 let mut old = tmp.clone().into_os_string();
