@@ -139,7 +139,10 @@ mod tests {
         {
             let missing = dir.path().join("missing");
             let err = exchange(&a, &missing).unwrap_err();
-            assert!(err.to_string().contains("missing: cannot exchange"), "{err}");
+            assert!(
+                err.to_string().contains("missing: cannot exchange"),
+                "{err}"
+            );
         }
     }
 }
