@@ -279,16 +279,15 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
 
         // log-probs under the anchor and the init
         let t = Instant::now();
-        // (per token too when the estimator or the loss needs them: one pass)
+        // (per token too, from the same pass, when the estimator or the loss needs them)
         let per_token = cfg.kl_estimator != KlEstimator::K1 || cfg.kl_in == KlIn::Loss;
-        let (anchor_lp, anchor_tokens) = if per_token {
-            let (sums, tokens) =
-                logprob_sums_and_tokens(&self.anchor, &rollouts.examples, pad, cfg.batch_size);
-            (sums, Some(tokens))
-        } else {
-            let sums = logprob_sums(&self.anchor, &rollouts.examples, pad, cfg.batch_size);
-            (sums, None)
-        };
+        let (anchor_lp, anchor_tokens) = logprob_sums_and_tokens(
+            &self.anchor,
+            &rollouts.examples,
+            pad,
+            cfg.batch_size,
+            per_token,
+        );
         let init_lp = match cfg.anchor {
             Anchor::Sft => anchor_lp.clone(),
             Anchor::Ema => logprob_sums(&self.init, &rollouts.examples, pad, cfg.batch_size),

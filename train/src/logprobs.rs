@@ -136,17 +136,6 @@ pub fn per_example(examples: &[Example], values: &[f64], t: usize) -> Vec<Vec<f6
         .collect()
 }
 
-/// Per-token log-probabilities of the sampled tokens under `model`, without
-/// gradients, `batch_size` sequences per forward.
-pub fn token_logprobs(
-    model: &Gemma2ForCausalLM,
-    examples: &[Example],
-    pad: u32,
-    batch_size: usize,
-) -> Vec<Vec<f64>> {
-    logprobs_of(model, examples, pad, batch_size, true).1
-}
-
 /// Per-sequence log-probability sums under `model`, without gradients,
 /// `batch_size` sequences per forward.
 pub fn logprob_sums(
@@ -155,44 +144,29 @@ pub fn logprob_sums(
     pad: u32,
     batch_size: usize,
 ) -> Vec<f64> {
-    logprobs_of(model, examples, pad, batch_size, false).0
+    logprob_sums_and_tokens(model, examples, pad, batch_size, false).0
 }
 
-/// [`logprob_sums`] and [`token_logprobs`] of the same forward passes.
+/// [`logprob_sums`] and, when `per_token`, each example's sampled-token
+/// log-probabilities in order, from the same forward passes.
 pub fn logprob_sums_and_tokens(
     model: &Gemma2ForCausalLM,
     examples: &[Example],
     pad: u32,
     batch_size: usize,
-) -> (Vec<f64>, Vec<Vec<f64>>) {
-    logprobs_of(model, examples, pad, batch_size, true)
-}
-
-fn logprobs_of(
-    model: &Gemma2ForCausalLM,
-    examples: &[Example],
-    pad: u32,
-    batch_size: usize,
     per_token: bool,
-) -> (Vec<f64>, Vec<Vec<f64>>) {
+) -> (Vec<f64>, Option<Vec<Vec<f64>>>) {
     let device = model.model.embed_tokens.weight.device();
-    let (mut sums, mut tokens) = (Vec::with_capacity(examples.len()), Vec::new());
+    let mut sums = Vec::with_capacity(examples.len());
+    let mut tokens = per_token.then(Vec::new);
     for chunk in examples.chunks(batch_size.max(1)) {
         let (batch, weights) = batch_of(chunk, pad, &device);
         let lp = sequence_logprobs(model, &batch, weights, false);
-        sums.extend(
-            lp.sums
-                .into_data()
-                .try_into_vec_as::<f64>()
-                .expect("float sums"),
-        );
-        if per_token {
-            let values = lp
-                .tokens
-                .into_data()
-                .try_into_vec_as::<f64>()
-                .expect("float");
-            tokens.extend(per_example(chunk, &values, batch.len));
+        let lp_sums = lp.sums.into_data().try_into_vec_as::<f64>();
+        sums.extend(lp_sums.expect("float sums"));
+        if let Some(tokens) = tokens.as_mut() {
+            let values = lp.tokens.into_data().try_into_vec_as::<f64>();
+            tokens.extend(per_example(chunk, &values.expect("float"), batch.len));
         }
     }
     (sums, tokens)
@@ -233,12 +207,9 @@ mod tests {
         m
     }
 
-    /// Sums, tokens and entropy of sampled completions, and the gradient of
-    /// a DPO-like nonlinear function of the sums.
-    fn run(chunk_rows: Option<usize>) -> (Vec<f32>, Vec<f32>, f64, Vec<Vec<f32>>) {
-        let device = Device::default().autodiff();
-        let m = policy(&device, chunk_rows);
-        let examples: Vec<Example> = (0..4u32)
+    /// `n` completions of 4, 5, … tokens after a 2-token prompt.
+    fn examples(n: u32) -> Vec<Example> {
+        (0..n)
             .map(|i| {
                 let ids: Vec<u32> = (0..4 + i as usize)
                     .map(|j| 5 + (i * 3 + j as u32 * 7) % 25)
@@ -250,7 +221,15 @@ mod tests {
                     topk: None,
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// Sums, tokens and entropy of sampled completions, and the gradient of
+    /// a DPO-like nonlinear function of the sums.
+    fn run(chunk_rows: Option<usize>) -> (Vec<f32>, Vec<f32>, f64, Vec<Vec<f32>>) {
+        let device = Device::default().autodiff();
+        let m = policy(&device, chunk_rows);
+        let examples = examples(4);
         let (batch, weights) = batch_of(&examples, 0, &device);
         assert_eq!(m.chunks_head(&batch), chunk_rows.is_some());
         let out = sequence_logprobs(&m, &batch, weights, true);
@@ -289,28 +268,16 @@ mod tests {
         }
     }
 
-    /// One pass gives the sums and the per-token values that the two
-    /// functions give apart, and each sum is its tokens' sum.
+    /// One pass gives the sums that the pass without per-token values
+    /// gives, and each sum is its tokens' sum.
     #[test]
     fn sums_and_tokens_of_one_pass_equal_the_passes_apart() {
         let device = Device::default();
         let m = policy(&device, None);
-        let examples: Vec<Example> = (0..5u32)
-            .map(|i| {
-                let ids: Vec<u32> = (0..3 + i as usize)
-                    .map(|j| 6 + (i * 5 + j as u32 * 3) % 23)
-                    .collect();
-                let target = (0..ids.len()).map(|j| j > i as usize % 2).collect();
-                Example {
-                    ids,
-                    target,
-                    topk: None,
-                }
-            })
-            .collect();
-        let (sums, tokens) = logprob_sums_and_tokens(&m, &examples, 0, 2);
+        let examples = examples(5);
+        let (sums, tokens) = logprob_sums_and_tokens(&m, &examples, 0, 2, true);
+        let tokens = tokens.expect("asked for");
         assert_eq!(sums, logprob_sums(&m, &examples, 0, 2));
-        assert_eq!(tokens, token_logprobs(&m, &examples, 0, 2));
         for ((s, t), e) in sums.iter().zip(&tokens).zip(&examples) {
             assert_eq!(t.len(), e.target.iter().skip(1).filter(|&&x| x).count());
             assert!((s - t.iter().sum::<f64>()).abs() < 1e-5, "{s} vs {t:?}");
