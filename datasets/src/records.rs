@@ -5,10 +5,13 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use polars::prelude::{
-    JsonFormat, JsonReader, JsonWriter, ParquetReader, ParquetWriter, SerReader, SerWriter,
-};
+use arrow_json::writer::{LineDelimited, WriterBuilder};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value, json};
 
 use crate::tokenizer::{Message, Role};
@@ -268,22 +271,50 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// JSONL text of a Parquet file, one line per row.
+/// JSONL text of a Parquet file, one line per row (nulls written as `null`).
 fn parquet_to_jsonl(path: &Path) -> Result<String, DataError> {
     let err = |reason: String| DataError::File {
         path: path.to_path_buf(),
         reason,
     };
+    let unreadable = |e: &dyn std::fmt::Display| err(format!("not a readable Parquet file: {e}"));
     let file = fs_err::File::open(path)?;
-    let mut df = ParquetReader::new(file.into_parts().0)
-        .finish()
-        .map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
+    let batches = ParquetRecordBatchReaderBuilder::try_new(file.into_parts().0)
+        .and_then(|b| b.build())
+        .map_err(|e| unreadable(&e))?;
     let mut out = Vec::new();
-    JsonWriter::new(&mut out)
-        .with_json_format(JsonFormat::JsonLines)
-        .finish(&mut df)
-        .map_err(|e| err(e.to_string()))?;
+    let mut writer = WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, LineDelimited>(&mut out);
+    for batch in batches {
+        let batch = batch.map_err(|e| unreadable(&e))?;
+        writer.write(&batch).map_err(|e| err(e.to_string()))?;
+    }
+    writer.finish().map_err(|e| err(e.to_string()))?;
+    drop(writer);
     String::from_utf8(out).map_err(|e| err(e.to_string()))
+}
+
+/// Parquet bytes (zstd) of JSONL text, the schema inferred from every row.
+fn jsonl_to_parquet(text: &str) -> Result<Vec<u8>, String> {
+    let (schema, _) = arrow_json::reader::infer_json_schema(Cursor::new(text), None)
+        .map_err(|e| e.to_string())?;
+    let schema = Arc::new(schema);
+    let batches = arrow_json::ReaderBuilder::new(schema.clone())
+        .build(Cursor::new(text))
+        .map_err(|e| e.to_string())?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut out = Vec::new();
+    let mut writer =
+        ArrowWriter::try_new(&mut out, schema, Some(properties)).map_err(|e| e.to_string())?;
+    for batch in batches {
+        let batch = batch.map_err(|e| e.to_string())?;
+        writer.write(&batch).map_err(|e| e.to_string())?;
+    }
+    writer.close().map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// A JSONL file's text, without the byte-order mark that spreadsheet
@@ -366,20 +397,10 @@ pub fn write_records<T: Record>(path: &Path, rows: &[T], overwrite: bool) -> Res
     }
     let bytes = match Format::of(path)? {
         Format::Jsonl => text.into_bytes(),
-        Format::Parquet => {
-            let err = |e: polars::error::PolarsError| DataError::File {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            };
-            let mut df = JsonReader::new(Cursor::new(text.into_bytes()))
-                .with_json_format(JsonFormat::JsonLines)
-                .infer_schema_len(None)
-                .finish()
-                .map_err(err)?;
-            let mut out = Vec::new();
-            ParquetWriter::new(&mut out).finish(&mut df).map_err(err)?;
-            out
-        }
+        Format::Parquet => jsonl_to_parquet(&text).map_err(|reason| DataError::File {
+            path: path.to_path_buf(),
+            reason,
+        })?,
     };
     Ok(write_atomic(path, &bytes, overwrite)?)
 }
@@ -555,20 +576,10 @@ mod tests {
     fn bad_parquet_rows_name_file_and_row() {
         let dir = tempfile::tempdir().unwrap();
         // a Parquet file whose `chosen` column holds numbers
-        let jsonl = dir.path().join("src.jsonl");
-        fs_err::write(
-            &jsonl,
-            "{\"prompt\": \"a\", \"chosen\": 1, \"rejected\": \"x\"}\n",
-        )
-        .unwrap();
-        let mut df = JsonReader::new(fs_err::File::open(&jsonl).unwrap().into_parts().0)
-            .with_json_format(JsonFormat::JsonLines)
-            .finish()
-            .unwrap();
+        let bytes =
+            jsonl_to_parquet("{\"prompt\": \"a\", \"chosen\": 1, \"rejected\": \"x\"}\n").unwrap();
         let parquet = dir.path().join("prefs.parquet");
-        ParquetWriter::new(fs_err::File::create(&parquet).unwrap().into_parts().0)
-            .finish(&mut df)
-            .unwrap();
+        fs_err::write(&parquet, bytes).unwrap();
         let err = read_records::<Preference>(&parquet)
             .unwrap_err()
             .to_string();

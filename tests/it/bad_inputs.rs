@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::checkpoints::{edit_config, rewrite};
 use crate::{big_tokenizer, error_line, fixture, ok, s};
@@ -22,13 +23,13 @@ fn snapshot(path: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-fn parquet(path: &Path, prompt: polars::prelude::Column, other: Option<polars::prelude::Column>) {
-    use polars::prelude::*;
-    let mut cols = vec![prompt];
-    cols.extend(other);
-    let mut df = DataFrame::new_infer_height(cols).unwrap();
+/// A Parquet file of the given columns, written by arrow-rs directly.
+fn parquet(path: &Path, columns: Vec<(&str, arrow_array::ArrayRef)>) {
+    let batch = arrow_array::RecordBatch::try_from_iter(columns).unwrap();
     let file = std::fs::File::create(path).unwrap();
-    ParquetWriter::new(file).finish(&mut df).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
 }
 
 /// A test's directory: good inputs, outputs that exist before the case
@@ -254,19 +255,21 @@ bad_inputs! {
     } => ["latin1.jsonl:1", "not valid UTF-8"];
 
     parquet_with_a_missing_column: |b| {
-        use polars::prelude::Column;
+        use arrow_array::StringArray;
         let path = b.path("missing_col.parquet");
-        parquet(&path, Column::new("prompt".into(), ["Hi.", "Bye."]), None);
+        parquet(&path, vec![("prompt", Arc::new(StringArray::from(vec!["Hi.", "Bye."])) as _)]);
         b.sft(s(&path))
     } => ["missing_col.parquet", "row 1", "completion"];
 
     parquet_with_a_wrong_typed_column: |b| {
-        use polars::prelude::Column;
+        use arrow_array::{Int64Array, StringArray};
         let path = b.path("wrong_type.parquet");
         parquet(
             &path,
-            Column::new("prompt".into(), [1i64, 2]),
-            Some(Column::new("completion".into(), ["a", "b"])),
+            vec![
+                ("prompt", Arc::new(Int64Array::from(vec![1, 2])) as _),
+                ("completion", Arc::new(StringArray::from(vec!["a", "b"])) as _),
+            ],
         );
         b.sft(s(&path))
     } => ["wrong_type.parquet", "row 1", "prompt"];
