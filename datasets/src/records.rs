@@ -11,6 +11,7 @@ use arrow_json::writer::{LineDelimited, WriterBuilder};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value, json};
 
@@ -282,39 +283,31 @@ fn parquet_to_jsonl(path: &Path) -> Result<String, DataError> {
     let batches = ParquetRecordBatchReaderBuilder::try_new(file.into_parts().0)
         .and_then(|b| b.build())
         .map_err(|e| unreadable(&e))?;
-    let mut out = Vec::new();
     let mut writer = WriterBuilder::new()
         .with_explicit_nulls(true)
-        .build::<_, LineDelimited>(&mut out);
+        .build::<_, LineDelimited>(Vec::new());
     for batch in batches {
         let batch = batch.map_err(|e| unreadable(&e))?;
         writer.write(&batch).map_err(|e| err(e.to_string()))?;
     }
     writer.finish().map_err(|e| err(e.to_string()))?;
-    drop(writer);
+    let out = writer.into_inner();
     String::from_utf8(out).map_err(|e| err(e.to_string()))
 }
 
 /// Parquet bytes (zstd) of JSONL text, the schema inferred from every row.
-fn jsonl_to_parquet(text: &str) -> Result<Vec<u8>, String> {
-    let (schema, _) = arrow_json::reader::infer_json_schema(Cursor::new(text), None)
-        .map_err(|e| e.to_string())?;
+fn jsonl_to_parquet(text: &str) -> Result<Vec<u8>, ParquetError> {
+    let (schema, _) = arrow_json::reader::infer_json_schema(Cursor::new(text), None)?;
     let schema = Arc::new(schema);
-    let batches = arrow_json::ReaderBuilder::new(schema.clone())
-        .build(Cursor::new(text))
-        .map_err(|e| e.to_string())?;
+    let batches = arrow_json::ReaderBuilder::new(schema.clone()).build(Cursor::new(text))?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .build();
-    let mut out = Vec::new();
-    let mut writer =
-        ArrowWriter::try_new(&mut out, schema, Some(properties)).map_err(|e| e.to_string())?;
+    let mut writer = ArrowWriter::try_new(Vec::new(), schema, Some(properties))?;
     for batch in batches {
-        let batch = batch.map_err(|e| e.to_string())?;
-        writer.write(&batch).map_err(|e| e.to_string())?;
+        writer.write(&batch?)?;
     }
-    writer.close().map_err(|e| e.to_string())?;
-    Ok(out)
+    writer.into_inner()
 }
 
 /// A JSONL file's text, without the byte-order mark that spreadsheet
@@ -397,9 +390,9 @@ pub fn write_records<T: Record>(path: &Path, rows: &[T], overwrite: bool) -> Res
     }
     let bytes = match Format::of(path)? {
         Format::Jsonl => text.into_bytes(),
-        Format::Parquet => jsonl_to_parquet(&text).map_err(|reason| DataError::File {
+        Format::Parquet => jsonl_to_parquet(&text).map_err(|e| DataError::File {
             path: path.to_path_buf(),
-            reason,
+            reason: e.to_string(),
         })?,
     };
     Ok(write_atomic(path, &bytes, overwrite)?)
