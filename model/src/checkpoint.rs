@@ -86,7 +86,7 @@ fn load<M>(
     let weights = Weights::open(dir)?;
     let mut source = CheckpointSource::new(&weights);
     set_holding(&mut source, dir, dtype)?;
-    let model = build(&config, &mut source, device)?;
+    let model = build(&config, &mut source, device).map_err(|e| e.in_dir(dir))?;
     source.finish()?;
     Ok((config, model))
 }

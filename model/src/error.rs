@@ -26,6 +26,28 @@ pub enum ModelError {
     Index { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Output { path: PathBuf, reason: String },
+    #[error(
+        "tensor {tensor}: {shape:?} in f32 is {bytes} bytes, more than the {limit} bytes this device binds to one kernel (wgpu's max_storage_buffer_binding_size); use --backend flex or a CUDA build (--features cuda)"
+    )]
+    OverDeviceLimit {
+        tensor: String,
+        shape: Vec<usize>,
+        bytes: u64,
+        limit: u64,
+    },
+}
+
+impl ModelError {
+    /// The error with the checkpoint directory it concerns, where it names none.
+    pub(crate) fn in_dir(self, dir: &std::path::Path) -> Self {
+        match self {
+            Self::OverDeviceLimit { .. } => Self::Output {
+                path: dir.to_path_buf(),
+                reason: self.to_string(),
+            },
+            other => other,
+        }
+    }
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

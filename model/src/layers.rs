@@ -4,13 +4,40 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::init::{Init, ParamSource};
 use crate::lora::Factor;
 use crate::quant::SharedQuant;
 use crate::skinny_matmul::matmul_transposed;
 
 pub(crate) const INIT_STD: f64 = 0.02;
+
+/// The largest buffer `device` binds to one kernel, where it has such a
+/// limit: a wgpu device binds at most `max_storage_buffer_binding_size`
+/// (2 GiB − 4 on the drivers seen), and CubeCL panics beyond it.
+pub fn max_binding_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "wgpu")]
+    if let burn::backend::DispatchDevice::Cube(cube) = device.as_dispatch().clone().inner() {
+        return Some(cube.client().properties().memory.max_page_size);
+    }
+    let _ = device;
+    None
+}
+
+/// Refuses an f32 parameter of `shape` larger than `limit` bytes, before
+/// anything of it is read or allocated.
+pub(crate) fn fits_device(name: &str, shape: &[usize], limit: Option<u64>) -> Result<()> {
+    let bytes = 4 * shape.iter().map(|&d| d as u64).product::<u64>();
+    match limit {
+        Some(limit) if bytes > limit => Err(ModelError::OverDeviceLimit {
+            tensor: name.to_string(),
+            shape: shape.to_vec(),
+            bytes,
+            limit,
+        }),
+        _ => Ok(()),
+    }
+}
 
 pub(crate) fn param<const D: usize>(
     source: &mut dyn ParamSource,
@@ -19,6 +46,7 @@ pub(crate) fn param<const D: usize>(
     init: Init,
     device: &Device,
 ) -> Result<Param<Tensor<D>>> {
+    fits_device(name, &shape, max_binding_bytes(device))?;
     let t = source.tensor(name, &shape, init)?;
     // a reward model's head stays f32 beside a quantized trunk
     let head = name == "score.weight" && source.quantize().is_some();
@@ -326,6 +354,35 @@ pub(crate) fn soft_cap_unfused<const D: usize>(x: Tensor<D>, cap: Option<f64>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parameter_over_the_binding_limit_is_refused() {
+        // wgpu's limit on the drivers seen; a Gemma-2 2B's embedding is 256000 × 2304 × 4 B
+        let limit = Some(2_147_483_644);
+        let err = fits_device("model.embed_tokens.weight", &[256_000, 2304], limit).unwrap_err();
+        assert!(matches!(
+            err,
+            ModelError::OverDeviceLimit {
+                bytes: 2_359_296_000,
+                limit: 2_147_483_644,
+                ..
+            }
+        ));
+        let line = err.to_string();
+        assert!(
+            line.starts_with(
+                "tensor model.embed_tokens.weight: [256000, 2304] in f32 is 2359296000 bytes"
+            ),
+            "{line}"
+        );
+        // a 9B's largest projection (gate: 14336 × 3584) fits, and so does exactly the limit
+        fits_device("mlp.gate_proj.weight", &[14_336, 3584], limit).unwrap();
+        fits_device("w", &[536_870_911], limit).unwrap();
+        assert!(fits_device("w", &[536_870_912], limit).is_err());
+        // no limit: the CPU
+        fits_device("model.embed_tokens.weight", &[256_000, 2304], None).unwrap();
+        assert_eq!(max_binding_bytes(&Device::flex()), None);
+    }
 
     /// Values and gradients of `f` at `xs` (sum of outputs as the loss).
     fn value_and_grad(f: fn(Tensor<1>) -> Tensor<1>, xs: &[f32]) -> (Vec<f32>, Vec<f32>) {

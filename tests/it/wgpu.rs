@@ -305,3 +305,39 @@ fn every_stage_runs_on_wgpu_as_on_flex() {
         "seeded samples differ"
     );
 }
+
+/// A weight larger than the largest buffer wgpu binds (a Gemma-2 2B's f32
+/// embedding is 2.36 GB) is refused in one line before anything is
+/// allocated, and no output is left behind; it used to panic inside CubeCL.
+#[test]
+fn a_weight_over_the_binding_limit_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = crate::fixture();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
+    // 2^24 + 1 rows of 64: 4 GiB + 256 B, over any 32-bit binding limit
+    config["vocab_size"] = (1u64 << 24 | 1).into();
+    let file = dir.path().join("config.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    let out = dir.path().join("big");
+    let tokenizer = fixture.join("tokenizer.json");
+    let args = [
+        "init",
+        "--config",
+        s(&file),
+        "--tokenizer",
+        s(&tokenizer),
+        "--out",
+        s(&out),
+        "--backend",
+        "wgpu",
+    ];
+    crate::fails(
+        &args,
+        &[
+            "tensor model.embed_tokens.weight: [16777217, 64] in f32 is 4294967552 bytes",
+            "--backend flex",
+        ],
+    );
+    assert!(!out.exists());
+}
