@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use posttrain_datasets::{ChatTokenizer, DataError, Example, Preference};
 use posttrain_model::Gemma2ForCausalLM;
 use posttrain_model::params::device_of;
-use posttrain_train::logprobs::{batch_of, logprob_sums, sequence_logprobs};
+use posttrain_train::logprobs::{batch_of, sequence_logprobs, shared_prompt_logprobs};
 use posttrain_train::{
     At, LoopError, MetricsLog, OptimConfig, Resume, Run, Saver, Schedule, Share, Stage, Step,
     StepLog, train as train_loop,
@@ -127,7 +127,8 @@ impl DpoConfig {
 }
 
 /// Completion log-prob sums of every pair's chosen and rejected side under
-/// `model`, without gradients.
+/// `model`, without gradients; the two sides of a pair share one pass over
+/// their prompt.
 pub fn pair_logprobs(
     model: &Gemma2ForCausalLM,
     pairs: &[PairExamples],
@@ -135,12 +136,12 @@ pub fn pair_logprobs(
     batch_size: usize,
 ) -> (Vec<f64>, Vec<f64>) {
     let model = model.valid();
-    let chosen: Vec<Example> = pairs.iter().map(|p| p.chosen.clone()).collect();
-    let rejected: Vec<Example> = pairs.iter().map(|p| p.rejected.clone()).collect();
-    (
-        logprob_sums(&model, &chosen, pad, batch_size),
-        logprob_sums(&model, &rejected, pad, batch_size),
-    )
+    let sides: Vec<Example> = pairs
+        .iter()
+        .flat_map(|p| [p.chosen.clone(), p.rejected.clone()])
+        .collect();
+    let (sums, _) = shared_prompt_logprobs(&model, &sides, pad, 2 * batch_size.max(1), false);
+    sums.chunks(2).map(|s| (s[0], s[1])).unzip()
 }
 
 fn tensor(v: &[f64], device: &Device) -> Tensor<1> {

@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::config::Gemma2Config;
 use crate::error::Result;
@@ -247,6 +247,16 @@ impl LayerCache {
         );
         (self.k, self.v) = (Some(kb), Some(vb));
         views
+    }
+
+    /// The cache of `rows` of this one's batch (a row may repeat).
+    pub(crate) fn select_rows(&self, rows: &Tensor<1, Int>) -> Self {
+        let select = |t: &Option<Tensor<4>>| t.clone().map(|t| t.select(0, rows.clone()));
+        Self {
+            k: select(&self.k),
+            v: select(&self.v),
+            ..*self
+        }
     }
 
     /// Room for `columns` columns when the first buffer is made.

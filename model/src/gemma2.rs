@@ -12,7 +12,7 @@ use crate::init::{Init, ParamSource};
 use crate::layers::{Embedding, Linear, Mlp, RmsNorm, param, soft_cap};
 use crate::rope::Rope;
 use crate::skinny_matmul::matmul_transposed;
-use crate::tokens::{MaskSpec, TokenBatch};
+use crate::tokens::{MaskSpec, Padding, TokenBatch};
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
@@ -133,6 +133,20 @@ impl KvCache {
         self.columns
     }
 
+    /// The cache of `rows` of this one's batch, in that order (a row may
+    /// repeat: the samples of one prompt continue from its keys and values).
+    pub fn select_rows(&self, rows: &[usize], device: &Device) -> Self {
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), device);
+        Self {
+            layers: self.layers.iter().map(|l| l.select_rows(&idx)).collect(),
+            valid: rows.iter().map(|&r| self.valid[r].clone()).collect(),
+            positions: rows.iter().map(|&r| self.positions[r]).collect(),
+            columns: self.columns,
+            sliding_start: self.sliding_start,
+        }
+    }
+
     /// Columns held by the layer (for tests of the window).
     pub fn layer_columns(&self, layer: usize) -> usize {
         self.layers[layer].columns()
@@ -175,6 +189,31 @@ impl Gemma2Model {
     pub fn forward_cached(&self, batch: &TokenBatch, cache: &mut KvCache) -> Tensor<3> {
         let device = self.embed_tokens.weight.device();
         self.run(batch, cache, true, None, &device)
+    }
+
+    /// Rows that continue shared prefixes (the K samples of one prompt):
+    /// each of `prefixes` runs once, left-padded so that all end in the
+    /// same column, then row `i` continues prefix `of[i]` with `rest[i]`
+    /// (right-padded) from a copy of its keys and values. The prefixes' last
+    /// hidden rows `[prefixes, hidden]`, the continuations' hidden states
+    /// `[rows, len, hidden]` and their batch; the same values as whole rows
+    /// up to rounding.
+    pub fn forward_shared(
+        &self,
+        prefixes: &[Vec<u32>],
+        of: &[usize],
+        rest: &[Vec<u32>],
+        pad: u32,
+    ) -> (Tensor<2>, Tensor<3>, TokenBatch) {
+        let device = self.embed_tokens.weight.device();
+        let first = TokenBatch::new(prefixes, pad, Padding::Left);
+        let then = TokenBatch::new(rest, pad, Padding::Right);
+        let mut cache = KvCache::new(self, first.batch).reserving(first.len + then.len);
+        let hidden = self.forward_cached(&first, &mut cache);
+        let [u, len, h] = hidden.dims();
+        let last = hidden.narrow(1, len - 1, 1).reshape([u, h]);
+        let mut cache = cache.select_rows(of, &device);
+        (last, self.forward_cached(&then, &mut cache), then)
     }
 
     /// The pad row gets no gradient through the lookup, as with
@@ -376,7 +415,24 @@ impl Gemma2ForSequenceClassification {
 
     /// One scalar per row, `[batch]`.
     pub fn forward(&self, batch: &TokenBatch) -> Tensor<1> {
-        let hidden = self.model.forward(batch, None);
+        self.score_last(self.model.forward(batch, None), batch)
+    }
+
+    /// [`Self::forward`] of rows that continue shared prefixes (see
+    /// [`Gemma2Model::forward_shared`]); every `rest[i]` holds a token.
+    pub fn forward_shared(
+        &self,
+        prefixes: &[Vec<u32>],
+        of: &[usize],
+        rest: &[Vec<u32>],
+        pad: u32,
+    ) -> Tensor<1> {
+        let (_, hidden, batch) = self.model.forward_shared(prefixes, of, rest, pad);
+        self.score_last(hidden, &batch)
+    }
+
+    /// The score of each row's last real token.
+    fn score_last(&self, hidden: Tensor<3>, batch: &TokenBatch) -> Tensor<1> {
         let [b, _, h] = hidden.dims();
         let device = hidden.device();
         let last: Vec<i64> = batch.last_valid().iter().map(|&c| c as i64).collect();

@@ -10,7 +10,7 @@
 use burn::module::Module;
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::Vocab;
-use posttrain_train::logprobs::logprob_sums;
+use posttrain_train::logprobs::shared_prompt_logprobs;
 use posttrain_train::rollout::{PromptSet, gather_true_scores, roll_out};
 
 use crate::rollout::Judge;
@@ -79,8 +79,9 @@ pub fn evaluate(
             rewards.extend(judge.rewards(set, &r)?);
         }
         if let Some(reference) = &reference {
-            let own = logprob_sums(&model, &r.examples, pad, batch_size);
-            let other = logprob_sums(reference, &r.examples, pad, batch_size);
+            let (examples, n) = (&r.examples, batch_size);
+            let own = shared_prompt_logprobs(&model, examples, pad, n, false).0;
+            let other = shared_prompt_logprobs(reference, examples, pad, n, false).0;
             kls.extend(own.iter().zip(other).map(|(a, b)| a - b));
         }
         scores = match (scores, r.true_scores(set)) {

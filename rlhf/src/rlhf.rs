@@ -12,8 +12,7 @@ use posttrain_datasets::Example;
 use posttrain_model::params::{ParamMap, param_map, trainable_param_map, with_params};
 use posttrain_model::{Gemma2ForCausalLM, SamplingConfig};
 use posttrain_train::logprobs::{
-    SequenceLogprobs, batch_of, logprob_sums, logprob_sums_and_tokens, per_example,
-    sequence_logprobs,
+    SequenceLogprobs, batch_of, per_example, shared_prompt_logprobs, shared_sequence_logprobs,
 };
 use posttrain_train::rollout::{PromptSet, Rollouts, roll_out_share};
 use posttrain_train::{
@@ -281,7 +280,8 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         let t = Instant::now();
         // (per token too, from the same pass, when the estimator or the loss needs them)
         let per_token = cfg.kl_estimator != KlEstimator::K1 || cfg.kl_in == KlIn::Loss;
-        let (anchor_lp, anchor_tokens) = logprob_sums_and_tokens(
+        // (each prompt once, its K samples continuing from its keys and values)
+        let (anchor_lp, anchor_tokens) = shared_prompt_logprobs(
             &self.anchor,
             &rollouts.examples,
             pad,
@@ -290,7 +290,10 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
         );
         let init_lp = match cfg.anchor {
             Anchor::Sft => anchor_lp.clone(),
-            Anchor::Ema => logprob_sums(&self.init, &rollouts.examples, pad, cfg.batch_size),
+            Anchor::Ema => {
+                let examples = &rollouts.examples;
+                shared_prompt_logprobs(&self.init, examples, pad, cfg.batch_size, false).0
+            }
         };
         let logprob_s = t.elapsed().as_secs_f64();
         self.step = Some(StepParts {
@@ -329,11 +332,12 @@ impl Stage<Gemma2ForCausalLM> for RlhfStage<'_> {
             0.0
         };
         let (batch, weights) = batch_of(chunk, pad, &self.device);
+        // each prompt once, its K samples continuing from its keys and values
         let SequenceLogprobs {
             sums,
             tokens,
             entropy,
-        } = sequence_logprobs(policy, &batch, weights.clone(), true);
+        } = shared_sequence_logprobs(policy, chunk, pad, (&batch, weights.clone()), true);
         let lp = sums.clone().inner().into_data().try_into_vec_as::<f64>();
         // the KL that shapes the reward: k1 from the sums, else per token
         let estimated = p

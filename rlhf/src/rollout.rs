@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use posttrain_datasets::{ChatTokenizer, DataError};
-use posttrain_model::{Gemma2ForSequenceClassification, Padding};
-use posttrain_reward::{encode_pairs, score_examples};
+use posttrain_model::Gemma2ForSequenceClassification;
+use posttrain_reward::{encode_pairs, score_with_shared_prompts};
 use posttrain_train::rollout::{PromptSet, Rollouts};
 
 /// Where rewards come from.
@@ -50,11 +50,11 @@ impl Judge<'_> {
             .zip(&r.answers)
             .map(|(&p, a)| (set.messages[p].clone(), a.as_str()));
         let seqs = encode_pairs(self.tokenizer, rows, self.max_len, Path::new("rollouts"))?;
-        let scores = score_examples(
+        let scores = score_with_shared_prompts(
             self.model,
             &seqs,
+            &r.prompt,
             self.tokenizer.pad,
-            Padding::Right,
             self.batch_size,
         );
         Ok(scores.into_iter().map(f64::from).collect())
