@@ -393,11 +393,21 @@ mod tests {
         let examples = examples(4);
         let (batch, weights) = batch_of(&examples, 0, &device);
         assert_eq!(m.chunks_head(&batch), chunk_rows.is_some());
-        let out = sequence_logprobs(&m, &batch, weights, true);
-        let loss = burn::tensor::activation::sigmoid(out.sums.clone().mul_scalar(0.3))
+        terms(&m, sequence_logprobs(&m, &batch, weights, true), false)
+    }
+
+    /// Sums, per-token values, entropy and every factor's gradient of a
+    /// sigmoid of the sums (plus the tokens' exp, when `tokens_in_loss`).
+    type Terms = (Vec<f32>, Vec<f32>, f64, Vec<Vec<f32>>);
+
+    fn terms(m: &Gemma2ForCausalLM, out: SequenceLogprobs, tokens_in_loss: bool) -> Terms {
+        let mut loss = burn::tensor::activation::sigmoid(out.sums.clone().mul_scalar(0.3))
             .log()
             .sum();
-        let grads = named_grads(&m, &loss.backward());
+        if tokens_in_loss {
+            loss = loss.add(out.tokens.clone().exp().sum());
+        }
+        let grads = named_grads(m, &loss.backward());
         let host = |t: Tensor<2>| t.inner().into_data().try_into_vec::<f32>().unwrap();
         (
             out.sums.inner().into_data().try_into_vec::<f32>().unwrap(),
@@ -407,25 +417,34 @@ mod tests {
         )
     }
 
+    /// Values within 1e-5 relative, every one of the 28 gradients within
+    /// 1e-5 of its largest entry.
+    fn assert_terms_close((s, t, e, g): &Terms, (sums, tokens, entropy, grads): &Terms) {
+        let close = |a: &[f32], b: &[f32]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+        };
+        assert!(close(s, sums), "{s:?} vs {sums:?}");
+        assert!(close(t, tokens), "{t:?} vs {tokens:?}");
+        assert!((e - entropy).abs() < 1e-5, "{e} vs {entropy}");
+        assert_eq!(g.len(), 28);
+        for (a, b) in g.iter().zip(grads) {
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0);
+            assert!(
+                a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale),
+                "{a:?} vs {b:?}"
+            );
+        }
+    }
+
     #[test]
     fn chunked_sequence_logprobs_equal_the_whole_logits() {
-        let (sums, tokens, entropy, grads) = run(None);
+        let whole = run(None);
         for rows in [1, 4] {
-            let (s, t, e, g) = run(Some(rows));
-            let close = |a: &[f32], b: &[f32]| {
-                a.len() == b.len()
-                    && a.iter()
-                        .zip(b)
-                        .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
-            };
-            assert!(close(&s, &sums), "{s:?} vs {sums:?}");
-            assert!(close(&t, &tokens));
-            assert!((e - entropy).abs() < 1e-5);
-            assert_eq!(g.len(), 28);
-            for (a, b) in g.iter().zip(&grads) {
-                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-                assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale));
-            }
+            assert_terms_close(&run(Some(rows)), &whole);
         }
     }
 
@@ -453,10 +472,7 @@ mod tests {
 
     /// Sums, tokens, entropy and the gradient of a nonlinear function of
     /// sums and tokens, from whole rows or with shared prompts.
-    fn shared_or_not(
-        shared: bool,
-        chunk_rows: Option<usize>,
-    ) -> (Vec<f32>, Vec<f32>, f64, Vec<Vec<f32>>) {
+    fn shared_or_not(shared: bool, chunk_rows: Option<usize>) -> Terms {
         let device = Device::default().autodiff();
         let m = policy(&device, chunk_rows);
         let examples = sampled();
@@ -466,43 +482,14 @@ mod tests {
         } else {
             sequence_logprobs(&m, &batch, weights, true)
         };
-        let loss = burn::tensor::activation::sigmoid(out.sums.clone().mul_scalar(0.3))
-            .log()
-            .sum()
-            .add(out.tokens.clone().exp().sum());
-        let grads = named_grads(&m, &loss.backward());
-        let host = |t: Tensor<2>| t.inner().into_data().try_into_vec::<f32>().unwrap();
-        (
-            out.sums.inner().into_data().try_into_vec::<f32>().unwrap(),
-            host(out.tokens),
-            out.entropy.unwrap(),
-            grads.into_values().map(|g| g.data).collect(),
-        )
+        terms(&m, out, true)
     }
 
     #[test]
     fn shared_prompts_give_the_whole_rows_values_and_gradients() {
         for chunk_rows in [None, Some(3)] {
-            let (sums, tokens, entropy, grads) = shared_or_not(false, chunk_rows);
-            let (s, t, e, g) = shared_or_not(true, chunk_rows);
-            let close = |a: &[f32], b: &[f32]| {
-                a.len() == b.len()
-                    && a.iter()
-                        .zip(b)
-                        .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
-            };
-            assert!(close(&s, &sums), "{s:?} vs {sums:?}");
-            assert!(close(&t, &tokens), "{t:?} vs {tokens:?}");
-            assert!((e - entropy).abs() < 1e-5, "{e} vs {entropy}");
-            assert_eq!(g.len(), 28);
-            for (a, b) in g.iter().zip(&grads) {
-                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-                assert!(scale > 0.0);
-                assert!(
-                    a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale),
-                    "{a:?} vs {b:?}"
-                );
-            }
+            let whole = shared_or_not(false, chunk_rows);
+            assert_terms_close(&shared_or_not(true, chunk_rows), &whole);
         }
     }
 
